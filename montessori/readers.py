@@ -1,0 +1,192 @@
+"""Read seed tasks and instruction/response sets from the shapes people actually have.
+
+Formats: JSONL, JSON (a list, or an object with a list under "data"/"train"/"rows"), Parquet, a local
+HF dataset directory (`datasets.save_to_disk`, or a folder of data files); anything else that is not a
+path is treated as a Hub dataset id and passed to `datasets.load_dataset` (needs network).
+
+Shapes (detected per record):
+  Alpaca        instruction + input + output
+  Self-Instruct instruction + instances[{input, output}]   (the first instance is used)
+  Reference     instruction + response
+  Chat          messages [{role: user, ...}, {role: assistant, ...}]
+
+A bad record raises InputError naming file, record and field; with lenient=True it is skipped and
+counted in `ReadResult.skipped`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from montessori.errors import InputError
+from montessori.records import Pair, SeedTask
+
+BUILTIN = "builtin"
+
+
+@dataclass
+class ReadResult:
+    records: list
+    skipped: list[str] = field(default_factory=list)  # one message per skipped record
+
+
+def builtin_path(name: str) -> Path:
+    return Path(str(resources.files("montessori.resources").joinpath(name)))
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (record label, row) pairs; the label is what errors print ("line 7", "row 3")."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        yield from _iter_hf_dir(path)
+    elif suffix == ".jsonl":
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {lineno}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"not valid JSON ({err.msg})", file=path, record=f"line {lineno}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"not valid JSON ({err.msg} at line {err.lineno})", file=path) from None
+        if isinstance(data, dict):
+            data = next((data[k] for k in ("data", "train", "rows", "examples") if isinstance(data.get(k), list)), None)
+        if not isinstance(data, list):
+            raise InputError("expected a JSON list of records (or an object with a 'data' list)", file=path)
+        for i, row in enumerate(data):
+            yield f"item {i}", row
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for a corrupt file
+            raise InputError(f"not a readable Parquet file ({err})", file=path) from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"row {i}", row
+    else:
+        raise InputError(f"unknown file type '{suffix}' (use .jsonl, .json, .parquet or an HF dataset dir)", file=path)
+
+
+def _iter_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    else:
+        ds = datasets.load_dataset(str(path), split="train")
+    for i, row in enumerate(ds):
+        yield f"row {i}", row
+
+
+def _iter_source(source: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path), _iter_rows(path)
+    if source.startswith((".", "/", "~")) or path.suffix:
+        raise InputError("no such file or directory", file=source)
+
+    def hub() -> Iterator[tuple[str, Any]]:  # a Hub dataset id (network or HF cache needed)
+        import datasets
+        for i, row in enumerate(datasets.load_dataset(source, split="train")):
+            yield f"row {i}", row
+    return source, hub()
+
+
+def _text(row: dict, key: str, *, required: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise InputError("missing", field=key)
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise InputError(f"expected a string, got {type(value).__name__}", field=key)
+    return value
+
+
+def _chat(row: dict) -> tuple[str, str]:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise InputError("expected a non-empty list of {role, content}", field="messages")
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    answers = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    if not users or not isinstance(users[0].get("content"), str):
+        raise InputError("no user message with string content", field="messages")
+    answer = answers[0].get("content") if answers else ""
+    return users[0]["content"], answer if isinstance(answer, str) else ""
+
+
+def _instruction_and_answer(row: Any) -> tuple[str, str, str]:
+    """(instruction, input, answer) from any supported shape."""
+    if not isinstance(row, dict):
+        raise InputError(f"expected an object, got {type(row).__name__}")
+    if "messages" in row and "instruction" not in row:
+        user, answer = _chat(row)
+        return user, "", answer
+    instruction = _text(row, "instruction")
+    if "instances" in row:
+        instances = row["instances"]
+        if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            raise InputError("expected a non-empty list of {input, output}", field="instances")
+        return instruction, _text(instances[0], "input", required=False), _text(instances[0], "output", required=False)
+    answer_key = "output" if "output" in row else "response"
+    return instruction, _text(row, "input", required=False), _text(row, answer_key, required=False)
+
+
+def _read(source: str, convert, lenient: bool, limit: int | None) -> ReadResult:
+    name, rows = _iter_source(source)
+    result = ReadResult([])
+    for label, row in rows:
+        if limit is not None and len(result.records) >= limit:
+            break
+        try:
+            record = convert(label, row)
+        except InputError as err:
+            message = str(InputError(str(err), file=name, record=label))
+            if not lenient:
+                raise InputError(str(err), file=name, record=label) from None
+            result.skipped.append(message)
+            continue
+        result.records.append(record)
+    if not result.records:
+        raise InputError("no usable records", file=name)
+    return result
+
+
+def read_seeds(source: str = BUILTIN, *, lenient: bool = False, limit: int | None = None) -> ReadResult:
+    """Seed tasks; the instruction must be non-empty."""
+    source = str(builtin_path("seeds.jsonl")) if source == BUILTIN else source
+
+    def convert(label: str, row: Any) -> SeedTask:
+        instruction, inp, answer = _instruction_and_answer(row)
+        if not instruction.strip():
+            raise InputError("empty", field="instruction")
+        rid = str(row.get("id", label.replace(" ", "-"))) if isinstance(row, dict) else label
+        return SeedTask(id=rid, instruction=instruction.strip(), input=inp.strip(), output=answer)
+
+    return _read(source, convert, lenient, limit)
+
+
+def read_pairs(source: str = BUILTIN, *, lenient: bool = False, limit: int | None = None) -> ReadResult:
+    """Instruction/response pairs with trusted answers (reference and evaluation sets)."""
+    source = str(builtin_path("reference.jsonl")) if source == BUILTIN else source
+
+    def convert(label: str, row: Any) -> Pair:
+        instruction, inp, answer = _instruction_and_answer(row)
+        if not instruction.strip():
+            raise InputError("empty", field="instruction")
+        if not answer.strip():
+            raise InputError("missing or empty answer", field="response" if "response" in row else "output")
+        prompt = f"{instruction.strip()}\n\n{inp.strip()}" if inp.strip() else instruction.strip()
+        rid = str(row.get("id", label.replace(" ", "-")))
+        return Pair(id=rid, instruction=prompt, response=answer)
+
+    return _read(source, convert, lenient, limit)

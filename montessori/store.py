@@ -1,0 +1,200 @@
+"""The run store: a run directory with one folder per round and stage, each with a manifest.
+
+Layout (a public contract; README documents it):
+
+    RUN/config.yaml                 the resolved config of the latest `montessori run`
+    RUN/montessori.log              the run's log
+    RUN/round-R/STAGE/manifest.json written last: config hash, input hashes, counts, timings, version
+    RUN/round-R/STAGE/*.jsonl       the stage's records
+
+Files are written atomically (temp file + rename) or append-only, flushed per record and resumed by
+record id, so an interrupted stage loses at most the record in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from montessori import __version__
+from montessori.errors import InputError
+from montessori.records import Record, R
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: Path, records: Iterable[Record | dict]) -> int:
+    lines = [json.dumps(r.to_dict() if isinstance(r, Record) else r, ensure_ascii=False) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: Path, cls: type[R] | None = None) -> list:
+    """Read records; a torn last line (a crash mid-write) is ignored, any other bad line is an error."""
+    out = []
+    if not path.exists():
+        return out
+    lines = path.read_text().splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            if lineno == len(lines):  # torn tail from an interrupted append
+                break
+            raise InputError(f"not valid JSON ({err.msg})", file=path, record=f"line {lineno}") from None
+        if cls is None:
+            out.append(data)
+            continue
+        try:
+            out.append(cls.from_dict(data))
+        except InputError as err:
+            raise InputError(str(err), file=path, record=f"line {lineno}") from None
+    return out
+
+
+class JsonlAppender:
+    """Append-only record file, flushed per record, resumable by id."""
+
+    def __init__(self, path: Path, cls: type[R] | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existing = read_jsonl(path, cls)
+        self.records = existing
+        self.ids = {r.id if isinstance(r, Record) else r["id"] for r in existing}
+        # Rewrite without a torn tail so appends start on a clean line.
+        if path.exists() and len(existing) != _count_lines(path):
+            write_jsonl(path, existing)
+        self._f = open(path, "a")
+
+    def __contains__(self, record_id: str) -> bool:
+        return record_id in self.ids
+
+    def append(self, record: Record | dict) -> None:
+        data = record.to_dict() if isinstance(record, Record) else record
+        self._f.write(json.dumps(data, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.records.append(record)
+        self.ids.add(data["id"])
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and p.name != MANIFEST:
+                h.update(str(p.relative_to(path)).encode())
+                h.update(file_hash(p).encode())
+        return h.hexdigest()[:16]
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class StageDir:
+    """One stage of one round: its folder, manifest and records."""
+
+    root: Path
+    round: int
+    stage: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / f"round-{self.round}" / self.stage
+
+    def file(self, name: str) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def manifest(self) -> dict | None:
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def is_done(self, fingerprint: str | None = None) -> bool:
+        m = self.manifest()
+        return m is not None and (fingerprint is None or m.get("fingerprint") == fingerprint)
+
+    def has_output(self) -> bool:
+        return self.path.exists() and any(p.name != MANIFEST for p in self.path.iterdir())
+
+    def write_manifest(self, *, fingerprint: str, config_hash: str, inputs: dict[str, str],
+                       counts: dict[str, Any], started: float, extra: dict | None = None) -> dict:
+        manifest = {
+            "stage": self.stage,
+            "round": self.round,
+            "fingerprint": fingerprint,
+            "config_hash": config_hash,
+            "inputs": inputs,
+            "counts": counts,
+            "started": started,
+            "finished": time.time(),
+            "seconds": round(time.time() - started, 3),
+            "version": __version__,
+            **(extra or {}),
+        }
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    def invalidate(self) -> None:
+        if self.manifest_path.exists():
+            self.manifest_path.unlink()
+
+
+class RunStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage(self, round: int, stage: str) -> StageDir:
+        return StageDir(self.root, round, stage)
+
+    def rounds(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        return sorted(int(p.name.split("-")[1]) for p in self.root.glob("round-*") if p.is_dir())
+
+    def iter_stages(self, stages: Iterable[str]) -> Iterator[StageDir]:
+        for r in self.rounds():
+            for s in stages:
+                yield self.stage(r, s)
