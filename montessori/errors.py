@@ -14,8 +14,14 @@ class InputError(MontessoriError):
         if file is not None:
             where.append(str(file))
         if record is not None:
-            where.append(f"record {record}")
+            label = str(record)
+            where.append(label if label.split(" ")[0] in ("line", "row", "item") else f"record {label}")
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(", ".join(where) + (": " if where else "") + message)
-        self.file, self.record, self.field = file, record, field
+        self.message, self.file, self.record, self.field = message, file, record, field
+
+    def at(self, file=None, record=None) -> "InputError":
+        """The same problem, located in a file and record (keeps the field)."""
+        return InputError(self.message, file=file if file is not None else self.file,
+                          record=record if record is not None else self.record, field=self.field)

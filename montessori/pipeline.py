@@ -136,6 +136,7 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
     for flag, name in (("--only", only), ("--until", until)):
         if name is not None and name not in STAGE_NAMES:
             raise InputError(f"{flag} {name}: unknown stage (stages: {', '.join(STAGE_NAMES)})")
+    preflight(config)
     store = RunStore(run_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(store.root / "config.yaml", config.to_yaml())
@@ -157,6 +158,20 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
             if until == stage.name and round_ == config.rounds:
                 return store
     return store
+
+
+def preflight(config: Config) -> None:
+    """Read every input data file before any stage runs: a bad record fails in seconds (exit 2), not
+    after an hour of generation."""
+    from montessori.readers import read_pairs, read_seeds
+    lenient = config.data.lenient
+    active = {s.name for s in stages_for(config)}
+    if active & {"instructions", "data"}:
+        read_seeds(config.data.seeds, lenient=lenient)
+    if "influence" in active:
+        read_pairs(config.data.reference, lenient=lenient)
+    if "eval" in active:
+        read_pairs(config.eval.prompts, lenient=lenient)
 
 
 def _run_stage(stage: Stage, ctx: StageContext, fingerprint: str, inputs: dict) -> None:

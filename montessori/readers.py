@@ -49,9 +49,10 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    yield f"line {lineno}", json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise InputError(f"not valid JSON ({err.msg})", file=path, record=f"line {lineno}") from None
+                    row = InputError(f"not valid JSON ({err.msg})")
+                yield f"line {lineno}", row
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text())
@@ -148,12 +149,14 @@ def _read(source: str, convert, lenient: bool, limit: int | None) -> ReadResult:
         if limit is not None and len(result.records) >= limit:
             break
         try:
+            if isinstance(row, InputError):
+                raise row
             record = convert(label, row)
         except InputError as err:
-            message = str(InputError(str(err), file=name, record=label))
+            located = err.at(file=name, record=label)
             if not lenient:
-                raise InputError(str(err), file=name, record=label) from None
-            result.skipped.append(message)
+                raise located from None
+            result.skipped.append(str(located))
             continue
         result.records.append(record)
     if not result.records:

@@ -70,7 +70,7 @@ def read_jsonl(path: Path, cls: type[R] | None = None) -> list:
         try:
             out.append(cls.from_dict(data))
         except InputError as err:
-            raise InputError(str(err), file=path, record=f"line {lineno}") from None
+            raise err.at(file=path, record=f"line {lineno}") from None
     return out
 
 

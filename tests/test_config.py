@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from montessori.cli import main
+from montessori.config import PRESETS, Config, load_config, load_preset
+from montessori.errors import InputError
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_validates(name):
+    assert isinstance(load_preset(name), Config)
+
+
+def test_defaults_are_the_papers_numbers():
+    c = Config()
+    assert (c.generation.instructions.n, c.generation.instructions.temperature, c.generation.instructions.top_p) == (4, 1.0, 0.9)
+    assert (c.generation.responses.n, c.generation.responses.temperature) == (1, 0.6)
+    assert c.generation.instructions.presence_penalty == 1.0 and c.generation.instructions.max_new_tokens == 1024
+    assert c.generation.rouge_threshold == 0.7 and (c.generation.min_chars, c.generation.max_chars) == (6, 400)
+    assert (c.warmup.lr, c.warmup.weight_decay) == (5e-6, 0.0)
+    assert (c.dpo.beta, c.dpo.lr, c.dpo.min_lr, c.dpo.batch_size) == (0.1, 1e-6, 1e-9, 2)
+    assert (c.dpo.warmup_ratio, c.dpo.stable_ratio, c.dpo.decay_ratio) == (0.1, 0.5, 0.4)
+    assert (c.sft.lr, c.sft.min_lr, c.sft.global_batch_size, c.sft.num_pairs) == (5e-6, 5e-9, 32, 10000)
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "x"}))
+    c = load_config(path, ["generation.num_prompts=4", "dpo.lr=1e-5", "generation.prompt_style=list",
+                           "generation.instructions.n=2", "data.lenient=true"])
+    assert c.generation.num_prompts == 4 and c.dpo.lr == 1e-5 and c.generation.prompt_style == "list"
+    assert c.generation.instructions.n == 2 and c.data.lenient is True
+
+
+@pytest.mark.parametrize("content, override, expected", [
+    ({"generation": {"num_promts": 3}}, [], "unknown key 'generation.num_promts'"),
+    ({"dpo": {"beta": "high"}}, [], "key 'dpo.beta'"),
+    ({}, ["rounds=two"], "key 'rounds'"),
+    ({}, ["nonsense"], "expected key=value"),
+    ({}, ["influence.estimator=quadratic"], "key 'influence.estimator'"),
+])
+def test_bad_config_names_the_key(tmp_path, content, override, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(InputError, match=expected):
+        load_config(path, override)
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("generation:\n  num_promts: 3\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "generation.num_promts" in err
+    path.write_text("generation: [unclosed\n")
+    assert main(["run", str(path)]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+def test_init_writes_preset_and_refuses_overwrite(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "d"), "--preset", "tiny"]) == 0
+    assert load_config(tmp_path / "d" / "config.yaml").name == "tiny"
+    assert main(["init", str(tmp_path / "d"), "--preset", "tiny"]) == 2
+    assert main(["init", str(tmp_path / "d"), "--preset", "tiny", "--force"]) == 0
