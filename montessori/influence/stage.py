@@ -1,0 +1,58 @@
+"""Stage `influence`: score every probing pair from the in-memory warm-up state.
+
+Reads responses/pairs.jsonl, warmup/{split.json, model/, optimizer.pt} and the reference set
+(data.reference, at most data.max_reference examples, cut to data.reference_max_length tokens).
+Writes influence/influence.jsonl (InfluenceResult), one line per candidate as soon as it is scored;
+a re-run skips ids already there. A candidate whose loss is not finite, or that has no response
+token, is recorded with that status and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from montessori.errors import InputError
+from montessori.influence.engine import compute_influence
+from montessori.influence.warmup import load_warmup
+from montessori.readers import read_pairs
+from montessori.records import InfluenceResult, Pair
+from montessori.store import JsonlAppender, read_jsonl
+
+
+def probing_pairs(ctx) -> list[Pair]:
+    source = ctx.input("responses").path / "pairs.jsonl"
+    split_file = ctx.input("warmup").path / "split.json"
+    by_id = {p.id: p for p in read_jsonl(source, Pair)}
+    ids = json.loads(split_file.read_text())["probing"]
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise InputError(f"probing id not in {source}", file=split_file, record=missing[0])
+    return [by_id[i] for i in ids]
+
+
+def run_influence(ctx) -> dict:
+    cfg, icfg = ctx.config, ctx.config.influence
+    candidates = probing_pairs(ctx)
+    with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as out:
+        todo = [c for c in candidates if c.id not in out]
+        if todo:
+            ctx.log.info("%d of %d candidates to score (%s, precision %s)", len(todo), len(candidates),
+                         icfg.estimator, icfg.precision)
+            reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
+            model, tokenizer, state = load_warmup(ctx.input("warmup").path, cfg.models.device)
+            if icfg.compile:
+                model.base_model.compile(dynamic=True)
+            compute_influence(model, state, todo, reference.records, tokenizer=tokenizer,
+                              estimator=icfg.estimator, precision=icfg.precision,
+                              grad_precision=icfg.grad_precision, eval_batch_size=icfg.eval_batch_size,
+                              max_length=icfg.max_length, reference_max_length=cfg.data.reference_max_length,
+                              lr=icfg.lr, on_result=out.append, progress=ctx.progress)
+        results = [r for r in out.records if r.id in {c.id for c in candidates}]
+    ok = [r for r in results if r.status == "ok"]
+    timed = [r.seconds for r in results if r.seconds is not None]
+    return {"candidates": len(results), "ok": len(ok), "invalid": len(results) - len(ok),
+            "positive": sum(r.influence > 0 for r in ok), "negative": sum(r.influence < 0 for r in ok),
+            "seconds_per_candidate": round(sum(timed) / len(timed), 4) if timed else math.nan,
+            "_extra": {"estimator": icfg.estimator, "precision": icfg.precision,
+                       "grad_precision": icfg.grad_precision}}

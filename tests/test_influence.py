@@ -1,0 +1,160 @@
+"""The influence engine against the obvious method, on a tiny random Llama after a real warm-up.
+
+The obvious method: deep-copy model and torch.optim.AdamW (loaded with the warm-up state), take the
+real optimizer step on the candidate, evaluate the reference set one example at a time with the
+model's full logits. The engine must agree, never leak state between candidates, not depend on the
+evaluation batch size, and leave the warm-up state bit for bit as saved.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from montessori.config import WarmupConfig
+from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup
+from montessori.influence.engine import encode_pairs
+from montessori.influence.metrics import spearman
+from montessori.records import Pair
+
+TOPICS = ["the moon", "tea", "rivers", "prime numbers", "bicycles", "autumn", "bread", "glaciers", "chess",
+          "violins", "deserts", "owls", "copper", "the alphabet", "volcanoes", "honey", "clocks", "sailing",
+          "ants", "mirrors", "paper", "thunder", "rice", "bridges", "salt", "maps of stars", "snow", "coffee"]
+
+
+def make_pairs(prefix: str, start: int, n: int) -> list[Pair]:
+    out = []
+    for i in range(start, start + n):
+        topic = TOPICS[i % len(TOPICS)]
+        response = " ".join([f"Here is a fact about {topic}."] + [f"Point {k}: {topic} matter." for k in range(i % 4)])
+        out.append(Pair(f"{prefix}{i}", f"Tell me about {topic} in {i % 3 + 1} sentences.", response))
+    return out
+
+
+WARM, CANDIDATES, REFERENCE = make_pairs("w", 0, 6), make_pairs("c", 6, 10), make_pairs("r", 16, 9)
+
+
+@pytest.fixture(scope="module")
+def warm_dir(tmp_path_factory, tiny_spec):
+    """A real warm-up (6 AdamW steps, lr 1e-3) saved in the documented layout."""
+    from montessori.models import load_model
+    model, tokenizer = load_model(tiny_spec, device="cpu", dtype="float32")
+    optimizer, _ = train_warmup(model, encode_pairs(tokenizer, WARM, 128), WarmupConfig(lr=1e-3),
+                                pad_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("warmup")
+    save_warmup(folder, model, tokenizer, optimizer)
+    return folder
+
+
+def naive_loss_sum(model, tokenizer, pair: Pair) -> tuple[float, int]:
+    ids, labels = encode_pairs(tokenizer, [pair], 128)[0].input_ids, encode_pairs(tokenizer, [pair], 128)[0].labels
+    logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    target = torch.tensor(labels[1:])
+    keep = target != -100
+    return float(F.cross_entropy(logits[keep], target[keep], reduction="sum")), int(keep.sum())
+
+
+def naive_reference_loss(model, tokenizer) -> float:
+    with torch.no_grad():
+        sums = [naive_loss_sum(model, tokenizer, p) for p in REFERENCE]
+    return sum(s for s, _ in sums) / sum(n for _, n in sums)
+
+
+def obvious_influence(model, tokenizer, state: dict, pair: Pair) -> float:
+    model, state = copy.deepcopy(model), copy.deepcopy(state)
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
+    optimizer.load_state_dict(state)
+    before = naive_reference_loss(model, tokenizer)
+    e = encode_pairs(tokenizer, [pair], 128)[0]
+    loss = model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss  # HF's own token mean
+    loss.backward()
+    optimizer.step()
+    return before - naive_reference_loss(model, tokenizer)
+
+
+def influences(results) -> list[float]:
+    assert all(r.status == "ok" for r in results), [r.status for r in results]
+    return [r.influence for r in results]
+
+
+def test_exact_equals_deepcopy_and_real_adamw_step(warm_dir):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    assert int(state["state"][0]["step"]) == 6
+    engine = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer))
+    obvious = [obvious_influence(model, tokenizer, state, c) for c in CANDIDATES]
+    assert len(engine) >= 8
+    # influences are ~1e-1; fp32 sums of ~10-nat losses agree to ~1e-6
+    assert engine == pytest.approx(obvious, abs=2e-5, rel=1e-4)
+    assert len(set(round(x, 5) for x in engine)) > 1  # the candidates really differ
+
+
+def test_value_does_not_depend_on_order_or_company(warm_dir):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    target, others = CANDIDATES[3], CANDIDATES[:3] + CANDIDATES[4:8]
+    alone = compute_influence(model, state, [target], REFERENCE, tokenizer=tokenizer)[0].influence
+    first = compute_influence(model, state, [target] + others, REFERENCE, tokenizer=tokenizer)[0].influence
+    last = compute_influence(model, state, others + [target], REFERENCE, tokenizer=tokenizer)[-1].influence
+    twice = compute_influence(model, state, [target, target], REFERENCE, tokenizer=tokenizer)
+    assert alone == first == last == twice[0].influence == twice[1].influence
+
+
+@pytest.mark.parametrize("estimator", ["exact", "linear"])
+def test_value_does_not_depend_on_eval_batch_size(warm_dir, estimator):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    runs = [compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer, estimator=estimator,
+                              eval_batch_size=bs) for bs in (1, 4, 16)]
+    for other in runs[1:]:
+        assert other[0].ref_loss_before == pytest.approx(runs[0][0].ref_loss_before, rel=1e-6)
+        assert influences(other) == pytest.approx(influences(runs[0]), abs=2e-5, rel=1e-4)
+
+
+def test_warmup_state_in_memory_is_bit_for_bit_the_saved_one(warm_dir):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    for estimator in ("exact", "linear"):
+        compute_influence(model, state, CANDIDATES[:3], REFERENCE, tokenizer=tokenizer, estimator=estimator)
+    saved_model, _, saved_state = load_warmup(warm_dir, "cpu")
+    for (name, p), q in zip(model.named_parameters(), saved_model.parameters()):
+        assert torch.equal(p, q), name
+        assert p.grad is None, name
+    for key, s in saved_state["state"].items():
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state["state"][key][field], s[field]), (key, field)
+
+
+def test_linear_ranks_candidates_like_exact(warm_dir):
+    # The first-order error grows with the step: the tiny warm-up's lr 1e-3 moves weights ~5% per step
+    # (linear/exact ~1.1, Spearman 0.85); the probing step at 1e-4 (still 10x the paper's relative
+    # step) gives ratios ~1.01 and the same order.
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    exact = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer, lr=1e-4))
+    linear_results = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer, lr=1e-4,
+                                       estimator="linear")
+    linear = influences(linear_results)
+    assert all(r.estimator == "linear" and r.ref_loss_after is None for r in linear_results)
+    assert spearman(linear, exact) >= 0.95
+    assert linear == pytest.approx(exact, rel=0.05)  # first order: close, not equal
+    assert linear != pytest.approx(exact, rel=1e-6)
+
+
+def test_invalid_candidates_are_recorded_and_the_run_goes_on(warm_dir):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    long_prompt = Pair("long", "word " * 400, "short answer")  # prompt fills max_length: no response token
+    results = compute_influence(model, state, [long_prompt] + CANDIDATES[:2], REFERENCE, tokenizer=tokenizer,
+                                max_length=128)
+    assert [r.status for r in results] == ["empty_response", "ok", "ok"]
+    assert results[0].influence is None
+    exploded = compute_influence(model, state, CANDIDATES[:2], REFERENCE, tokenizer=tokenizer, lr=float("inf"))
+    assert [r.status for r in exploded] == ["non_finite_loss"] * 2
+    again = compute_influence(model, state, CANDIDATES[:2], REFERENCE, tokenizer=tokenizer)
+    assert influences(again) == influences(results[1:])  # the exploding step left no trace
+
+
+def test_bf16_precision_runs_and_moves_values(warm_dir):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    fp32 = influences(compute_influence(model, state, CANDIDATES[:3], REFERENCE, tokenizer=tokenizer))
+    bf16 = influences(compute_influence(model, state, CANDIDATES[:3], REFERENCE, tokenizer=tokenizer,
+                                        precision="bf16", grad_precision="bf16"))
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.05)
