@@ -90,12 +90,19 @@ class WarmupConfig(Section):
     eps: float = 1e-8
     max_length: int = 1024
     seed: int = 0
+    # Arithmetic over fp32 master weights: auto = bf16 autocast on CUDA (METHOD.md), fp32 on CPU.
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
 
 
 class InfluenceConfig(Section):
     estimator: Literal["exact", "linear"] = "exact"
-    # Arithmetic of the reference evaluation (and of the candidate step): fp32, tf32 or bf16 autocast.
+    # Arithmetic of the reference evaluation (exact: before/after losses; linear: ∇L_ref), over fp32
+    # master weights: fp32, tf32 (CUDA only, a no-op on CPU) or bf16 autocast.
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    # Arithmetic of the candidate's forward/backward (an ordinary training gradient).
+    grad_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    lr: float | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
     eval_batch_size: int = 8
     max_length: int = 1024
     compile: bool = False
