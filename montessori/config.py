@@ -129,9 +129,10 @@ class DPOConfig(Section):
     decay_ratio: float = 0.4
     max_length: int = 1024
     eval_fraction: float = 0.0
-    lora: bool = False
+    lora: bool = False  # LoRA adapters through PEFT (large teachers); merged into the weights on save
     lora_r: int = 16
     lora_alpha: int = 32
+    gradient_checkpointing: bool = False
     seed: int = 0
 
 
@@ -146,6 +147,7 @@ class SFTConfig(Section):
     stable_ratio: float = 0.5
     decay_ratio: float = 0.4
     max_length: int = 1024
+    gradient_checkpointing: bool = False
     seed: int = 0
 
 

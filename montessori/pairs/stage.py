@@ -1,0 +1,63 @@
+"""Stage `pairs`: turn influence-scored candidates into DPO preference pairs (METHOD.md step 6).
+
+Reads instructions/prompts.jsonl + candidates.jsonl and influence/influence.jsonl (status "ok" only);
+writes pairs/preferences.jsonl. A pair's prompt is the generation prompt the teacher sampled from
+(messages + assistant prefill); chosen and rejected are the raw completions, reasoning included.
+
+Zero pairs is an error, not an empty DPO run: the message says why the rule starved and names the
+alternative (pairs.rule=rank for the sign rule). Few pairs (under half the prompts) is a warning.
+"""
+
+from __future__ import annotations
+
+from montessori.errors import InputError, MontessoriError
+from montessori.pairs.rules import Scored, build_pairs, starvation_hint
+from montessori.records import Candidate, GenerationPrompt, InfluenceResult, PreferencePair
+from montessori.store import read_jsonl, write_jsonl
+
+
+def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str, Candidate],
+                     influence: list[InfluenceResult], cfg) -> tuple[list[PreferencePair], dict]:
+    scored = []
+    for res in influence:
+        if res.status != "ok" or res.influence is None:
+            continue
+        cand = candidates.get(res.id)
+        if cand is None:
+            raise InputError("no candidate with this id in instructions/candidates.jsonl",
+                             file="influence/influence.jsonl", record=res.id, field="id")
+        scored.append(Scored(cand.id, cand.prompt_id, float(res.influence)))
+    pairs, counts = build_pairs(scored, cfg)
+    prefs = []
+    for chosen, rejected in pairs:
+        c, r = candidates[chosen.id], candidates[rejected.id]
+        prompt = prompts.get(c.prompt_id)
+        # The prompt record is the authority; a candidate carries a copy for runs without prompts.jsonl.
+        messages = prompt.messages if prompt is not None else c.messages
+        prefill = prompt.prefill if prompt is not None else c.prefill
+        if not messages:
+            raise InputError("generation prompt not found (no prompts.jsonl record, no messages on the candidate)",
+                             file="instructions/candidates.jsonl", record=c.id, field="prompt_id")
+        prefs.append(PreferencePair(id=f"{c.id}>{r.id}", prompt_id=c.prompt_id, prompt=messages, prefill=prefill,
+                                    chosen=c.completion, rejected=r.completion, chosen_id=c.id, rejected_id=r.id,
+                                    chosen_influence=chosen.influence, rejected_influence=rejected.influence))
+    counts["skipped_influence"] = len(influence) - len(scored)
+    return prefs, counts
+
+
+def run_pairs(ctx) -> dict:
+    cfg = ctx.config.pairs
+    instructions, influence_dir = ctx.input("instructions"), ctx.input("influence")
+    prompts = {p.id: p for p in read_jsonl(instructions.path / "prompts.jsonl", GenerationPrompt)}
+    candidates = {c.id: c for c in read_jsonl(instructions.path / "candidates.jsonl", Candidate)}
+    influence = read_jsonl(influence_dir.path / "influence.jsonl", InfluenceResult)
+    prefs, counts = make_preferences(prompts, candidates, influence, cfg)
+    if not prefs:
+        raise MontessoriError(f"pairs: rule '{cfg.rule}' built 0 preference pairs from {counts['prompts']} prompts, "
+                              f"so DPO would train on nothing. {starvation_hint(counts, cfg)}")
+    if counts["prompts_with_pairs"] * 2 < counts["prompts"]:
+        ctx.log.warning("pairs: only %d of %d prompts gave a pair (%d pairs). %s", counts["prompts_with_pairs"],
+                        counts["prompts"], len(prefs), starvation_hint(counts, cfg))
+    write_jsonl(ctx.stage.file("preferences.jsonl"), prefs)
+    counts["rule"] = cfg.rule
+    return counts

@@ -1,0 +1,133 @@
+"""Stage `dpo`: teach the teacher to write the instructions that helped the student (METHOD.md step 7).
+
+TRL's DPOTrainer, sigmoid loss, beta 0.1, lr 1e-6, 1 epoch, batch 2, WSD 10/50/40 down to min_lr,
+max length 1024; the frozen reference is the teacher entering this round.
+
+The one departure from TRL's data path: we tokenize the pairs ourselves. TRL tokenizes prompt+chosen
+as one string, which merges tokens across the prompt/completion boundary, and the public code fed
+the prompt as plain text without the chat template. Here the prompt tokens are exactly the
+chat-templated generation prompt + prefill the teacher sampled from (`prompt_text`, no extra BOS) and
+the completion tokens follow it as generated: the same boundary as `encode_example`.
+
+Writes RUN/round-R/dpo/: model/ (the updated teacher, HF dir + tokenizer), metrics.jsonl (the
+trainer's log per step: loss, rewards/margins, rewards/accuracies, learning_rate, ...), split.json.
+Resume granularity is the stage: the model dir appears atomically and only then the manifest, so a
+killed run re-trains from the teacher with the same seed and data order, giving the same weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from functools import cache
+
+from montessori.config import DPOConfig
+from montessori.errors import MontessoriError
+from montessori.models import load_model
+from montessori.models.chat import prompt_text
+from montessori.records import PreferencePair
+from montessori.store import atomic_write_json, read_jsonl
+from montessori.training.common import (check_wsd, common_args, eval_split, last_value, mean_value,
+                                        quiet_callbacks, save_model_atomic, write_metrics)
+
+
+def preference_features(tokenizer, pref: PreferencePair) -> dict:
+    """Token ids of one pair: the exact generation prompt, then each completion + end of turn."""
+    prompt_ids = tokenizer(prompt_text(tokenizer, pref.prompt, pref.prefill), add_special_tokens=False)["input_ids"]
+
+    def completion(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id]
+
+    return {"prompt_ids": prompt_ids, "chosen_ids": completion(pref.chosen), "rejected_ids": completion(pref.rejected)}
+
+
+def preference_dataset(tokenizer, prefs: list[PreferencePair], max_length: int):
+    """A datasets.Dataset of pre-tokenized pairs. Pairs whose prompt alone fills max_length carry no
+    completion token and are dropped (TRL's rule); the collator cuts longer completions at max_length."""
+    from datasets import Dataset
+    rows = [preference_features(tokenizer, p) for p in prefs]
+    rows = [r for r in rows if len(r["prompt_ids"]) < max_length]
+    return Dataset.from_list(rows) if rows else None
+
+
+@cache
+def _trainer_class():
+    from trl import DPOTrainer
+
+    from montessori.training.schedules import WSDMixin
+
+    class PretokenizedDPOTrainer(WSDMixin, DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already tokenized by preference_features: keep our prompt/completion boundary
+
+    return PretokenizedDPOTrainer
+
+
+def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, *, ref_model=None,
+                      eval_prefs: list[PreferencePair] = (), output_dir, callbacks=(), progress: bool = False):
+    """A ready DPOTrainer over pre-tokenized pairs, WSD schedule, reference = `ref_model` (or, with
+    cfg.lora, the teacher with its adapters disabled)."""
+    from trl import DPOConfig as TRLDPOConfig
+
+    wsd = check_wsd(cfg, "dpo")
+    train = preference_dataset(tokenizer, prefs, cfg.max_length)
+    if train is None:
+        raise MontessoriError(f"dpo: every preference pair's prompt is longer than dpo.max_length={cfg.max_length}")
+    evals = preference_dataset(tokenizer, list(eval_prefs), cfg.max_length) if eval_prefs else None
+    args = TRLDPOConfig(
+        **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                      grad_accum=cfg.grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing),
+        beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length, truncation_mode="keep_start",
+    )
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                                 lora_dropout=0.0, task_type="CAUSAL_LM")
+        ref_model = None  # TRL computes the reference with the adapters disabled: the teacher as it entered
+    trainer = _trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evals,
+                               processing_class=tokenizer, callbacks=list(callbacks), peft_config=peft_config)
+    trainer.wsd = wsd
+    quiet_callbacks(trainer, progress, "dpo")
+    return trainer
+
+
+def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **kwargs):
+    """Run DPO; returns (trained model, log history). With cfg.lora the adapters are merged, so the
+    returned model is a plain transformers model either way."""
+    trainer = build_dpo_trainer(model, tokenizer, prefs, cfg, **kwargs)
+    trainer.train()
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()  # appends eval_rewards/margins, eval_rewards/accuracies to the log history
+    trained = trainer.model
+    if cfg.lora:
+        trained = trained.merge_and_unload()
+    return trained, trainer.state.log_history
+
+
+def run_dpo(ctx) -> dict:
+    cfg, models = ctx.config.dpo, ctx.config.models
+    prefs = read_jsonl(ctx.input("pairs").path / "preferences.jsonl", PreferencePair)
+    if not prefs:
+        raise MontessoriError("dpo: pairs/preferences.jsonl holds no preference pairs, nothing to train on; "
+                              "re-run the pairs stage with pairs.rule=rank")
+    train, held = eval_split(prefs, cfg.eval_fraction, cfg.seed)
+    spec = ctx.teacher_spec()
+    ctx.log.info("dpo: teacher %s, %d train / %d eval pairs", spec, len(train), len(held))
+    model, tokenizer = load_model(spec, models.device, models.dtype)
+    ref_model = None if cfg.lora else load_model(spec, models.device, models.dtype)[0].eval()
+    work = ctx.stage.path / ".trainer"
+    trained, history = train_dpo(model, tokenizer, train, cfg, ref_model=ref_model, eval_prefs=held,
+                                 output_dir=work, progress=ctx.progress)
+    shutil.rmtree(work, ignore_errors=True)
+    atomic_write_json(ctx.stage.file("split.json"), {"train": [p.id for p in train], "eval": [p.id for p in held]})
+    write_metrics(ctx.stage.file("metrics.jsonl"), history)
+    save_model_atomic(trained, tokenizer, ctx.stage.path / "model")
+    counts = {"pairs_train": len(train), "pairs_eval": len(held), "steps": last_value(history, "step") or 0,
+              "loss": mean_value(history, "loss"),
+              "reward_margin": last_value(history, "rewards/margins"),
+              "reward_accuracy": mean_value(history, "rewards/accuracies")}
+    if held:
+        counts["eval_reward_margin"] = last_value(history, "eval_rewards/margins")
+        counts["eval_reward_accuracy"] = last_value(history, "eval_rewards/accuracies")
+    return {k: v for k, v in counts.items() if v is not None} | {"_extra": {"teacher": spec}}

@@ -1,0 +1,106 @@
+"""Stage `sft`: train the student on the updated teacher's data (METHOD.md step 9).
+
+From the student entering this round (the base student in round 1, not the warmed-up copy), TRL's
+SFTTrainer, response-only loss, 1 epoch, AdamW lr 5e-6, WSD 10/50/40 down to min_lr, global batch 32
+through gradient accumulation (sft.global_batch_size = micro batch x accumulation x processes).
+
+The examples reach TRL already tokenized by `encode_example`, the one masking helper every
+response-only loss in this package uses, so TRL keeps our labels as they are (prompt tokens = -100).
+
+Writes RUN/round-R/sft/: model/ (HF dir + tokenizer) and metrics.jsonl (loss per optimizer step).
+Resume granularity is the stage, as for `dpo`: a killed run re-trains from the same start, same seed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from functools import cache
+
+from montessori.config import SFTConfig
+from montessori.errors import InputError, MontessoriError
+from montessori.models import load_model
+from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
+from montessori.records import Pair
+from montessori.store import read_jsonl
+from montessori.training.common import (check_wsd, common_args, last_value, mean_value, quiet_callbacks,
+                                        save_model_atomic, write_metrics)
+
+
+def sft_dataset(tokenizer, pairs: list[Pair], max_length: int):
+    """(dataset of input_ids/labels, number of pairs dropped because no response token fit)."""
+    from datasets import Dataset
+    rows = []
+    for pair in pairs:
+        ids, labels = encode_example(tokenizer, user_turn(pair.instruction), pair.response, max_length=max_length)
+        if any(label != IGNORE_INDEX for label in labels):
+            rows.append({"input_ids": ids, "labels": labels})
+    return (Dataset.from_list(rows) if rows else None), len(pairs) - len(rows)
+
+
+def grad_accum_steps(cfg: SFTConfig, world_size: int = 1) -> int:
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise InputError(f"sft.global_batch_size={cfg.global_batch_size} is not a multiple of sft.micro_batch_size="
+                         f"{cfg.micro_batch_size} x {world_size} process(es)")
+    return cfg.global_batch_size // per_step
+
+
+@cache
+def _trainer_class():
+    from trl import SFTTrainer
+
+    from montessori.training.schedules import WSDMixin
+
+    class WSDSFTTrainer(WSDMixin, SFTTrainer):
+        pass
+
+    return WSDSFTTrainer
+
+
+def build_sft_trainer(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, *, output_dir, callbacks=(),
+                      progress: bool = False):
+    """A ready SFTTrainer over `encode_example` tokens, WSD schedule; also returns the dropped count."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    wsd = check_wsd(cfg, "sft")
+    train, dropped = sft_dataset(tokenizer, pairs, cfg.max_length)
+    if train is None:
+        raise MontessoriError(f"sft: no training pair has a response token within sft.max_length={cfg.max_length}")
+    grad_accum = grad_accum_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    args = TRLSFTConfig(
+        **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.micro_batch_size,
+                      grad_accum=grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing),
+        max_length=cfg.max_length, packing=False, shuffle_dataset=False,
+    )
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                               callbacks=list(callbacks))
+    trainer.wsd = wsd
+    quiet_callbacks(trainer, progress, "sft")
+    return trainer, dropped
+
+
+def train_sft(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, **kwargs):
+    """Fine-tune on response tokens; returns (model, log history, pairs dropped as too long)."""
+    trainer, dropped = build_sft_trainer(model, tokenizer, pairs, cfg, **kwargs)
+    trainer.train()
+    return trainer.model, trainer.state.log_history, dropped
+
+
+def run_sft(ctx) -> dict:
+    cfg, models = ctx.config.sft, ctx.config.models
+    pairs = read_jsonl(ctx.input("data").path / "pairs.jsonl", Pair)
+    if not pairs:
+        raise MontessoriError("sft: data/pairs.jsonl holds no training pairs; re-run the data stage")
+    spec = ctx.base_student_spec()
+    ctx.log.info("sft: student %s, %d training pairs", spec, len(pairs))
+    model, tokenizer = load_model(spec, models.device, models.dtype)
+    work = ctx.stage.path / ".trainer"
+    trained, history, dropped = train_sft(model, tokenizer, pairs, cfg, output_dir=work, progress=ctx.progress)
+    shutil.rmtree(work, ignore_errors=True)
+    write_metrics(ctx.stage.file("metrics.jsonl"), history)
+    save_model_atomic(trained, tokenizer, ctx.stage.path / "model")
+    counts = {"pairs": len(pairs) - dropped, "dropped_too_long": dropped, "steps": last_value(history, "step") or 0,
+              "loss_first": next((e["loss"] for e in history if "loss" in e), None),
+              "loss_last": last_value(history, "loss"), "loss_mean": mean_value(history, "loss")}
+    return {k: v for k, v in counts.items() if v is not None} | {"_extra": {"student": spec}}
