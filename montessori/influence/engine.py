@@ -219,6 +219,20 @@ def adamw_moments(g, m, v, step: int, betas, eps):
     return m1, denom, 1 - b1 ** t
 
 
+def stepped_weights(theta, g, m, v, out, step: int, lr: float, betas, eps: float, weight_decay: float):
+    """θ_z = θ(1 - lr·wd) - lr/(1-β1^t) · m'/denom, written into `out` (torch.optim.AdamW's step)."""
+    m1, denom, bc1 = adamw_moments(g, m, v, step, betas, eps)
+    torch.mul(theta, 1 - lr * weight_decay, out=out)
+    return out.addcdiv_(m1, denom, value=-lr / bc1)
+
+
+def update_dot(ref_grad, theta, g, m, v, step: int, lr: float, betas, eps: float, weight_decay: float):
+    """∇L_ref · Δ_z with Δ_z = -lr/(1-β1^t) · m'/denom - lr·wd·θ, never forming θ_z (fp32, one scalar)."""
+    m1, denom, bc1 = adamw_moments(g, m, v, step, betas, eps)
+    delta = m1.div_(denom).mul_(-lr / bc1).add_(theta, alpha=-lr * weight_decay)
+    return torch.dot(ref_grad.flatten(), delta.flatten())
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 
@@ -228,7 +242,7 @@ class InfluenceEngine:
 
     def __init__(self, model, state: AdamWState, reference: Sequence[Example], *, pad_id: int,
                  estimator: str = "exact", precision: str = "fp32", grad_precision: str = "fp32",
-                 eval_batch_size: int = 8, lr: float | None = None):
+                 eval_batch_size: int = 8, lr: float | None = None, compile: bool = False):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: choose one of {ESTIMATORS}")
         self.model, self.state, self.estimator = model, state, estimator
@@ -246,18 +260,25 @@ class InfluenceEngine:
         else:
             self.shadow = [torch.empty_like(p) for p in self.params]
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        # torch.compile fuses each update into one elementwise kernel (no m', v', denom temporaries).
+        wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
+        self._stepped, self._update_dot = wrap(stepped_weights), wrap(update_dot)
+        self.timing = {"step": 0.0, "eval": 0.0}  # seconds of the last candidate (synchronized on CUDA)
 
     # Runs inside backward as soon as parameter p's gradient is complete; the gradient is then dropped.
     def _consume_grad(self, p: torch.nn.Parameter) -> None:
         i, g, s = self._index[id(p)], p.grad.float(), self.state
         p.grad = None
-        m1, denom, bc1 = adamw_moments(g, s.exp_avg[i], s.exp_avg_sq[i], s.step, s.betas, s.eps)
-        if self.estimator == "exact":  # θ_z = θ(1 - lr·wd) - lr/(1-β1^t) · m'/denom, into the shadow buffer
-            torch.mul(p.detach(), 1 - self.lr * s.weight_decay, out=self.shadow[i])
-            self.shadow[i].addcdiv_(m1, denom, value=-self.lr / bc1)
-        else:  # Δ_z = -lr·wd·θ - lr/(1-β1^t) · m'/denom;  accumulate ∇L_ref · Δ_z
-            delta = m1.div_(denom).mul_(-self.lr / bc1).add_(p.detach(), alpha=-self.lr * s.weight_decay)
-            self._dot += torch.dot(self.ref_grad[i].flatten(), delta.flatten()).double()
+        hyper = (s.step, self.lr, s.betas, s.eps, s.weight_decay)
+        if self.estimator == "exact":
+            self._stepped(p.detach(), g, s.exp_avg[i], s.exp_avg_sq[i], self.shadow[i], *hyper)
+        else:
+            self._dot += self._update_dot(self.ref_grad[i], p.detach(), g, s.exp_avg[i], s.exp_avg_sq[i], *hyper).double()
+
+    def _since(self, started: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     def _swap_shadow(self) -> None:
         """Exchange θ and the shadow buffers by pointer: no copy, and θ itself is never written."""
@@ -275,6 +296,7 @@ class InfluenceEngine:
             return InfluenceResult(example.id, None, self.loss_before, after, status, self.estimator)
         if example.num_targets == 0:
             return invalid("empty_response")
+        started = time.perf_counter()
         batch = length_batches([example], 1, 0, self.device)[0]
         self._dot = torch.zeros((), dtype=torch.float64, device=self.device)
         hooks = [p.register_post_accumulate_grad_hook(self._consume_grad) for p in self.params]
@@ -290,16 +312,19 @@ class InfluenceEngine:
                 h.remove()
             for p in self.params:
                 p.grad = None
+        self.timing["step"] = self._since(started)
         if self.estimator == "linear":
             influence = -float(self._dot)
             if not math.isfinite(influence):
                 return invalid("non_finite_loss")
             return InfluenceResult(example.id, influence, self.loss_before, None, "ok", "linear")
+        started = time.perf_counter()
         self._swap_shadow()
         try:
             after = reference_loss(self.model, self.batches, self.precision)
         finally:
             self._swap_shadow()
+        self.timing["eval"] = self._since(started)
         if not math.isfinite(after):
             return invalid("non_finite_loss", None)
         return InfluenceResult(example.id, self.loss_before - after, self.loss_before, after, "ok", "exact")
@@ -308,7 +333,7 @@ class InfluenceEngine:
 def compute_influence(student, optimizer_state, candidates: Sequence[Pair], reference: Sequence[Pair], *,
                       tokenizer=None, estimator: str = "exact", precision: str = "fp32",
                       grad_precision: str | None = None, eval_batch_size: int = 8, max_length: int = 1024,
-                      reference_max_length: int | None = None, lr: float | None = None,
+                      reference_max_length: int | None = None, lr: float | None = None, compile: bool = False,
                       on_result: Callable[[InfluenceResult], None] | None = None,
                       progress: bool = False) -> list[InfluenceResult]:
     """Influence of each candidate pair on the reference set, from one warm-up state (notebook API).
@@ -327,7 +352,8 @@ def compute_influence(student, optimizer_state, candidates: Sequence[Pair], refe
         AdamWState.from_state_dict(optimizer_state, params)
     engine = InfluenceEngine(student, state, encode_pairs(tokenizer, reference, reference_max_length or max_length),
                              pad_id=tokenizer.pad_token_id or 0, estimator=estimator, precision=precision,
-                             grad_precision=grad_precision or precision, eval_batch_size=eval_batch_size, lr=lr)
+                             grad_precision=grad_precision or precision, eval_batch_size=eval_batch_size, lr=lr,
+                             compile=compile)
     results = []
     for example in tqdm(encode_pairs(tokenizer, candidates, max_length), desc=f"influence ({estimator})",
                         unit="cand", disable=not progress):

@@ -41,13 +41,13 @@ def run_influence(ctx) -> dict:
                          icfg.estimator, icfg.precision)
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
             model, tokenizer, state = load_warmup(ctx.input("warmup").path, cfg.models.device)
-            if icfg.compile:
+            if icfg.compile:  # the forward passes; the engine compiles its elementwise update itself
                 model.base_model.compile(dynamic=True)
             compute_influence(model, state, todo, reference.records, tokenizer=tokenizer,
                               estimator=icfg.estimator, precision=icfg.precision,
                               grad_precision=icfg.grad_precision, eval_batch_size=icfg.eval_batch_size,
                               max_length=icfg.max_length, reference_max_length=cfg.data.reference_max_length,
-                              lr=icfg.lr, on_result=out.append, progress=ctx.progress)
+                              lr=icfg.lr, compile=icfg.compile, on_result=out.append, progress=ctx.progress)
         results = [r for r in out.records if r.id in {c.id for c in candidates}]
     ok = [r for r in results if r.status == "ok"]
     timed = [r.seconds for r in results if r.seconds is not None]
