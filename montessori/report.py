@@ -1,0 +1,326 @@
+"""`montessori report RUN_DIR`: one page per run, read from the run store alone.
+
+Writes RUN_DIR/report.html (self-contained: CSS inline, plots embedded as PNG) and RUN_DIR/report.md
+(the same tables, no plots). Per round: candidates generated / filtered / duplicate / kept, the
+influence distribution, preference pairs, DPO reward margin and accuracy per step, the SFT loss
+curve, evaluation results when present, and the most and least influential instructions.
+A stage that has not run yet is simply left out, so the report works on a partial run too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from montessori.errors import InputError
+from montessori.store import RunStore, read_jsonl
+
+EXAMPLES = 5  # most / least influential instructions shown per round
+
+
+@dataclass
+class Section:
+    title: str
+    tables: list[tuple[list[str], list[list]]] = field(default_factory=list)  # (header, rows)
+    plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, base64 PNG)
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(width: float = 6.0, height: float = 3.0):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(width, height))
+
+
+def generation_table(store: RunStore, round_: int) -> Section | None:
+    rows = []
+    for name, label in (("instructions", "probing instructions"), ("data", "training data")):
+        sd = store.stage(round_, name)
+        if not (sd.path / "candidates.jsonl").exists():
+            continue
+        kept = len(read_jsonl(sd.path / "candidates.jsonl"))
+        dropped = [d.get("dropped") for d in read_jsonl(sd.path / "dropped.jsonl")]
+        duplicate = sum(reason == "duplicate" for reason in dropped)
+        rows.append([label, kept + len(dropped), len(dropped) - duplicate, duplicate, kept])
+    if not rows:
+        return None
+    section = Section("Generated candidates")
+    section.tables.append((["stage", "generated", "filtered", "duplicate", "kept"], rows))
+    reasons: dict[str, int] = {}
+    for name in ("instructions", "data"):
+        for d in read_jsonl(store.stage(round_, name).path / "dropped.jsonl"):
+            reasons[d.get("dropped") or "?"] = reasons.get(d.get("dropped") or "?", 0) + 1
+    if reasons:
+        section.notes.append("drop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    return section
+
+
+def influence_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+    path = store.stage(round_, "influence").path / "influence.jsonl"
+    results = read_jsonl(path)
+    if not results:
+        return None, {}
+    values = [r["influence"] for r in results if r.get("status") == "ok" and r.get("influence") is not None]
+    invalid = len(results) - len(values)
+    summary = {"measured": len(values), "invalid": invalid}
+    section = Section("Local data influence")
+    if values:
+        summary |= {"share_positive": sum(v > 0 for v in values) / len(values), "mean": statistics.fmean(values),
+                    "median": statistics.median(values), "min": min(values), "max": max(values)}
+        fig, ax = _figure()
+        ax.hist(values, bins=min(30, max(5, len(values) // 2)), color="#4c72b0", edgecolor="white")
+        ax.axvline(0, color="#c44e52", linewidth=1)
+        ax.set_xlabel("influence I(z) = L(ref; warm) - L(ref; after one step on z)")
+        ax.set_ylabel("candidates")
+        section.plots.append((f"Influence of {len(values)} probing candidates (red line: 0)", _png(fig)))
+    section.tables.append((list(summary), [[_fmt(v) for v in summary.values()]]))
+    return section, summary
+
+
+def examples_section(store: RunStore, round_: int) -> Section | None:
+    results = [r for r in read_jsonl(store.stage(round_, "influence").path / "influence.jsonl")
+               if r.get("status") == "ok" and r.get("influence") is not None]
+    if not results:
+        return None
+    instructions = {c["id"]: c.get("instruction") or "" for c in
+                    read_jsonl(store.stage(round_, "instructions").path / "candidates.jsonl")}
+    responses = {p.get("candidate_id") or p["id"]: p.get("instruction") or "" for p in
+                 read_jsonl(store.stage(round_, "responses").path / "pairs.jsonl")}
+    ranked = sorted(results, key=lambda r: r["influence"], reverse=True)
+    section = Section("Most and least influential instructions")
+    for label, chosen in (("most", ranked[:EXAMPLES]), ("least", ranked[::-1][:EXAMPLES])):
+        rows = [[_fmt(r["influence"]), r["id"], instructions.get(r["id"]) or responses.get(r["id"], "")]
+                for r in chosen]
+        section.tables.append(([f"influence ({label})", "candidate", "instruction"], rows))
+    return section
+
+
+def pairs_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+    manifest = store.stage(round_, "pairs").manifest()
+    if manifest is None:
+        return None, {}
+    counts = manifest["counts"]
+    keys = ["rule", "pairs", "prompts", "prompts_with_pairs", "prompts_without_pair", "candidates", "positive",
+            "negative"]
+    section = Section("Preference pairs")
+    section.tables.append((keys, [[_fmt(counts.get(k)) for k in keys]]))
+    return section, counts
+
+
+def _integer_steps(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def dpo_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+    sd = store.stage(round_, "dpo")
+    history = read_jsonl(sd.path / "metrics.jsonl")
+    if not history:
+        return None, {}
+    section = Section("Teacher DPO")
+    fig, ax = _figure()
+    steps, margins = _curve(history, "rewards/margins")
+    ax.plot(steps, margins, color="#4c72b0", marker="o" if len(steps) < 30 else None, label="reward margin")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward margin (chosen - rejected)")
+    _integer_steps(ax)
+    ax2 = ax.twinx()
+    steps_a, acc = _curve(history, "rewards/accuracies")
+    ax2.plot(steps_a, acc, color="#dd8452", linestyle="--", label="reward accuracy")
+    ax2.set_ylabel("reward accuracy")
+    ax2.set_ylim(-0.05, 1.05)
+    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)
+    section.plots.append(("DPO reward margin and accuracy per step (training batches)", _png(fig)))
+    counts = (sd.manifest() or {}).get("counts", {})
+    keys = [k for k in ("pairs_train", "pairs_eval", "steps", "loss", "reward_margin", "reward_accuracy",
+                        "eval_reward_margin", "eval_reward_accuracy") if k in counts]
+    if keys:
+        section.tables.append((keys, [[_fmt(counts[k]) for k in keys]]))
+    return section, counts
+
+
+def sft_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+    sd = store.stage(round_, "sft")
+    history = read_jsonl(sd.path / "metrics.jsonl")
+    if not history:
+        return None, {}
+    section = Section("Student SFT")
+    steps, loss = _curve(history, "loss")
+    fig, ax = _figure()
+    ax.plot(steps, loss, color="#55a868", marker="o" if len(steps) < 30 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("response-token loss")
+    _integer_steps(ax)
+    section.plots.append(("SFT training loss per step", _png(fig)))
+    counts = (sd.manifest() or {}).get("counts", {})
+    keys = [k for k in ("pairs", "steps", "loss_first", "loss_last", "loss_mean") if k in counts]
+    if keys:
+        section.tables.append((keys, [[_fmt(counts[k]) for k in keys]]))
+    return section, counts
+
+
+def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(data, dict):
+        return [kv for k, v in data.items() for kv in _flatten(v, f"{prefix}{k}.")]
+    if isinstance(data, (int, float, str, bool)) or data is None:
+        return [(prefix.rstrip("."), data)]
+    return []  # lists (per-example records) are too long for a summary table
+
+
+def eval_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+    path = store.stage(round_, "eval").path / "results.json"
+    if not path.exists():
+        return None, {}
+    results = json.loads(path.read_text())
+    section = Section("Evaluation")
+    flat = _flatten(results)
+    section.tables.append((["metric", "value"], [[k, _fmt(v)] for k, v in flat]))
+    return section, dict(flat)
+
+
+def stage_table(store: RunStore) -> Section:
+    """One row per stage, one column per round: state and seconds."""
+    from montessori.pipeline import stage_status
+    rounds = store.rounds()
+    cells: dict[str, dict[int, str]] = {}
+    for r in stage_status(store):
+        seconds = f" ({r['seconds']:.1f} s)" if r["seconds"] is not None else ""
+        cells.setdefault(r["stage"], {})[r["round"]] = r["state"] + seconds
+    section = Section("Stages")
+    section.tables.append((["stage"] + [f"round {r}" for r in rounds],
+                           [[name] + [row.get(r, "") for r in rounds] for name, row in cells.items()]))
+    return section
+
+
+def build_sections(run_dir: Path) -> tuple[list[Section], list[tuple[int, list[Section]]]]:
+    store = RunStore(run_dir)
+    overview: list[list] = []
+    rounds = []
+    for round_ in store.rounds():
+        influence, inf = influence_section(store, round_)
+        pairs, pc = pairs_section(store, round_)
+        dpo, dc = dpo_section(store, round_)
+        sft, sc = sft_section(store, round_)
+        evaluation, ec = eval_section(store, round_)
+        sections = [s for s in (generation_table(store, round_), influence, examples_section(store, round_), pairs,
+                                dpo, sft, evaluation) if s is not None]
+        rounds.append((round_, sections))
+        overview.append([round_, _fmt(inf.get("measured")), _fmt(inf.get("share_positive")), _fmt(pc.get("pairs")),
+                         _fmt(dc.get("reward_margin")), _fmt(sc.get("loss_last")),
+                         "; ".join(f"{k} {_fmt(v)}" for k, v in list(ec.items())[:4])])
+    summary = Section("Rounds at a glance")
+    summary.tables.append((["round", "influence measured", "share positive", "pairs", "DPO final margin",
+                            "SFT final loss", "evaluation"], overview))
+    return [summary, stage_table(store)], rounds
+
+
+def _config_line(run_dir: Path) -> str:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return ""
+    import yaml
+    cfg = yaml.safe_load(path.read_text()) or {}
+    models = cfg.get("models", {})
+    return (f"{cfg.get('name', '')}: method {cfg.get('method', '')}, {cfg.get('rounds', '')} round(s), "
+            f"teacher {models.get('teacher', '')}, student {models.get('student', '')}")
+
+
+def render_html(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]]) -> str:
+    e = html.escape
+
+    def section_html(s: Section, level: int) -> str:
+        parts = [f"<h{level}>{e(s.title)}</h{level}>"]
+        for header, rows in s.tables:
+            parts.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows]
+            parts.append("</table>")
+        for caption, png in s.plots:
+            parts.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{png}">'
+                         f"<figcaption>{e(caption)}</figcaption></figure>")
+        parts += [f"<p class=note>{e(n)}</p>" for n in s.notes]
+        return "\n".join(parts)
+
+    body = [f"<h1>Montessori-Instruct run report</h1><p>{e(str(run_dir))}<br>{e(_config_line(run_dir))}</p>"]
+    body += [section_html(s, 2) for s in head]
+    for round_, sections in rounds:
+        body.append(f"<h2>Round {round_}</h2>")
+        body += [section_html(s, 3) for s in sections] or ["<p>No stage of this round has output yet.</p>"]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:left;vertical-align:top;max-width:700px}th{background:#f3f3f3}h2{border-bottom:2px solid #444;"
+             "margin-top:2em}figure{margin:.5em 0}figcaption{font-size:.9em;color:#555}.note{color:#555}")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>montessori report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def render_markdown(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]]) -> str:
+    def cell(v) -> str:
+        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+
+    def section_md(s: Section, level: int) -> list[str]:
+        out = [f"{'#' * level} {s.title}", ""]
+        for header, rows in s.tables:
+            out += ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+            out.append("")
+        out += [f"_{caption}: plot in report.html_" for caption, _ in s.plots]
+        out += [n for n in s.notes]
+        return out + [""]
+
+    lines = ["# Montessori-Instruct run report", "", f"{run_dir}  ", _config_line(run_dir), ""]
+    for s in head:
+        lines += section_md(s, 2)
+    for round_, sections in rounds:
+        lines += [f"## Round {round_}", ""]
+        for s in sections:
+            lines += section_md(s, 3)
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report.html and RUN_DIR/report.md; returns the HTML path."""
+    from montessori.store import atomic_write_text
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not RunStore(run_dir).rounds():
+        raise InputError(f"{run_dir}: not a run directory (no round-N folders)")
+    head, rounds = build_sections(run_dir)
+    atomic_write_text(run_dir / "report.md", render_markdown(run_dir, head, rounds))
+    atomic_write_text(run_dir / "report.html", render_html(run_dir, head, rounds))
+    return run_dir / "report.html"
+
+
+def cmd_report(args) -> int:
+    path = write_report(args.run_dir)
+    print(f"report: {path} (and {path.with_suffix('.md')})")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report.html and report.md from a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
