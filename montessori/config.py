@@ -158,6 +158,20 @@ class EvalConfig(Section):
     max_length: int = 1024
 
 
+class DistributedConfig(Section):
+    # Influence and generation on Ray (extra `[ray]`): one actor per GPU, or per group of
+    # `gpus_per_worker` GPUs holding one model; candidates/prompts are fed to whichever actor is free.
+    ray: bool = False
+    address: str | None = None  # None = a local ray.init(); "auto" or "ray://head:10001" = a cluster
+    num_workers: int | None = None  # None = cluster GPUs // gpus_per_worker (CPUs // cpus_per_worker without GPUs)
+    gpus_per_worker: int = 1
+    cpus_per_worker: int = 1
+    # Training stages (warmup, dpo, sft) on several GPUs: `montessori run` starts them through a launcher.
+    launcher: Literal["none", "accelerate", "torchrun"] = "none"
+    num_processes: int | None = None  # None = every visible GPU
+    fsdp: Literal["auto"] | bool = "auto"  # auto = FSDP for models of >= 3B parameters, else DDP
+
+
 class Config(Section):
     name: str = "montessori"
     method: Literal["montessori", "self-instruct"] = "montessori"
@@ -173,6 +187,7 @@ class Config(Section):
     dpo: DPOConfig = DPOConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the named top-level sections: a stage re-runs only when what it reads changed."""
