@@ -255,8 +255,8 @@ class InfluenceEngine:
         self.batches = length_batches(reference, eval_batch_size, pad_id, self.device)
         model.eval()  # no dropout: the same state must give the same value
         self.loss_before = reference_loss(model, self.batches, precision)
-        if estimator == "linear":
-            self.ref_grad = reference_grad(model, self.batches, precision)
+        if estimator == "linear":  # one example per backward: activations of a batch would not fit an 8B
+            self.ref_grad = reference_grad(model, length_batches(reference, 1, pad_id, self.device), precision)
         else:
             self.shadow = [torch.empty_like(p) for p in self.params]
         self._index = {id(p): i for i, p in enumerate(self.params)}
