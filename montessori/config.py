@@ -156,6 +156,18 @@ class EvalConfig(Section):
     max_examples: int | None = None
     batch_size: int = 8
     max_length: int = 1024
+    bootstrap_samples: int = 1000  # resamples of the prompts for every 95% interval
+    # Answers for judged metrics: generated once per student and prompt set, cached.
+    temperature: float = 0.0  # 0 = greedy; 0.7 = the usual sampled setting
+    max_new_tokens: int = 512
+    # Judge for the win rate / grading: a local model spec, or an OpenAI-compatible endpoint + model
+    # name (API key read from `judge_api_key_env`). None = loss only.
+    judge: str | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    questions: str | None = None  # MT-Bench-style question file for 1-10 grading
+    tasks: list[str] = []  # lm-evaluation-harness tasks (extra [eval]), e.g. [mmlu, arc_challenge]
 
 
 class DistributedConfig(Section):

@@ -1,0 +1,39 @@
+"""Stage `eval`: the round's trained student against the student that entered the round.
+
+Both are scored on the reference-answer loss over `eval.prompts` (and, when configured, judged and
+benchmarked); results.json holds both, the difference with a paired bootstrap interval, and the
+flat metric list `montessori compare` reads. Answers are cached in RUN/eval/answers, outside the
+stage folder, so re-running the stage with another judge does not regenerate them.
+"""
+
+from __future__ import annotations
+
+from montessori.evaluation.evaluate import evaluate, make_configured_judge
+from montessori.evaluation.students import Student
+from montessori.store import atomic_write_json
+
+RESULTS = "results.json"
+
+
+def run_eval(ctx) -> dict:
+    cfg, models = ctx.config.eval, ctx.config.models
+    trained = ctx.input("sft").path / "model"
+    students = [Student("base", ctx.student_spec()), Student("trained", str(trained))]
+    judge = make_configured_judge(cfg, models.device, models.dtype)
+    results = evaluate(students, cfg, ctx.stage.path, judge=judge, device=models.device, dtype=models.dtype,
+                       lenient=ctx.config.data.lenient, answers_dir=ctx.store.root / "eval" / "answers",
+                       progress=ctx.progress, seed=ctx.config.seed)
+    results["round"] = ctx.round
+    results["method"] = ctx.config.method
+    results["name"] = ctx.config.name
+    atomic_write_json(ctx.stage.file(RESULTS), results)
+    diff = results["loss_difference"]["trained - base"]
+    counts = {"examples": results["prompts"]["examples"],
+              "loss_base": results["loss"]["base"]["token_mean"],
+              "loss_trained": results["loss"]["trained"]["token_mean"],
+              "loss_diff": diff["token_mean_diff"], "loss_diff_low": diff["low"], "loss_diff_high": diff["high"]}
+    for key, wr in results["win_rate"].items():
+        counts["win_rate"], counts["lc_win_rate"] = wr["win_rate"], wr["lc_win_rate"]
+    for name, grades in results["grades"].items():
+        counts[f"mt_score_{name}"] = grades["score"]
+    return counts
