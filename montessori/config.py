@@ -96,12 +96,16 @@ class WarmupConfig(Section):
 
 
 class InfluenceConfig(Section):
-    estimator: Literal["exact", "linear"] = "exact"
+    # linear: first-order form, one fwd/bwd per candidate; exact: step + full reference pass (the check).
+    # Measured agreement and speed: docs/bench-influence.md.
+    estimator: Literal["exact", "linear"] = "linear"
     # Arithmetic of the reference evaluation (exact: before/after losses; linear: ∇L_ref), over fp32
-    # master weights: fp32, tf32 (CUDA only, a no-op on CPU) or bf16 autocast.
+    # master weights: fp32, tf32 (CUDA only, a no-op on CPU) or bf16 autocast. One AdamW step moves
+    # weights ~1e-4 relative, below bf16/tf32 resolution: keep fp32 for exact.
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
-    # Arithmetic of the candidate's forward/backward (an ordinary training gradient).
-    grad_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    # Arithmetic of the candidate's forward/backward (an ordinary training gradient). auto = bf16 for
+    # the linear estimator on CUDA, fp32 otherwise.
+    grad_precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
     lr: float | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
     eval_batch_size: int = 8
     max_length: int = 1024

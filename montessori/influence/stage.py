@@ -15,6 +15,7 @@ import math
 from montessori.errors import InputError
 from montessori.influence.engine import compute_influence
 from montessori.influence.warmup import load_warmup
+from montessori.models.load import resolve_device
 from montessori.readers import read_pairs
 from montessori.records import InfluenceResult, Pair
 from montessori.store import JsonlAppender, read_jsonl
@@ -31,8 +32,15 @@ def probing_pairs(ctx) -> list[Pair]:
     return [by_id[i] for i in ids]
 
 
+def grad_precision(icfg, device) -> str:
+    if icfg.grad_precision != "auto":
+        return icfg.grad_precision
+    return "bf16" if icfg.estimator == "linear" and device.type == "cuda" else "fp32"
+
+
 def run_influence(ctx) -> dict:
     cfg, icfg = ctx.config, ctx.config.influence
+    grad_prec = grad_precision(icfg, resolve_device(cfg.models.device))
     candidates = probing_pairs(ctx)
     with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as out:
         todo = [c for c in candidates if c.id not in out]
@@ -45,7 +53,7 @@ def run_influence(ctx) -> dict:
                 model.base_model.compile(dynamic=True)
             compute_influence(model, state, todo, reference.records, tokenizer=tokenizer,
                               estimator=icfg.estimator, precision=icfg.precision,
-                              grad_precision=icfg.grad_precision, eval_batch_size=icfg.eval_batch_size,
+                              grad_precision=grad_prec, eval_batch_size=icfg.eval_batch_size,
                               max_length=icfg.max_length, reference_max_length=cfg.data.reference_max_length,
                               lr=icfg.lr, compile=icfg.compile, on_result=out.append, progress=ctx.progress)
         results = [r for r in out.records if r.id in {c.id for c in candidates}]
@@ -55,4 +63,4 @@ def run_influence(ctx) -> dict:
             "positive": sum(r.influence > 0 for r in ok), "negative": sum(r.influence < 0 for r in ok),
             "seconds_per_candidate": round(sum(timed) / len(timed), 4) if timed else math.nan,
             "_extra": {"estimator": icfg.estimator, "precision": icfg.precision,
-                       "grad_precision": icfg.grad_precision}}
+                       "grad_precision": grad_prec}}
