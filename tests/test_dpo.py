@@ -131,7 +131,7 @@ def test_dpo_grows_the_teachers_margin_and_the_saved_teacher_reloads(tiny_spec, 
     model, tokenizer = load_model(tiny_spec, "cpu", "float32")
     ref, _ = load_model(tiny_spec, "cpu", "float32")
     before = mean_margin(completion_logps(model, tokenizer, prefs))
-    trained, history = train_dpo(model, tokenizer, prefs, cfg, ref_model=ref, output_dir=tmp_path / "work")
+    trained, history, _ = train_dpo(model, tokenizer, prefs, cfg, ref_model=ref, output_dir=tmp_path / "work")
     save_model_atomic(trained, tokenizer, tmp_path / "model")
     reloaded, reloaded_tok = load_model(str(tmp_path / "model"), "cpu", "float32")
     after = mean_margin(completion_logps(reloaded, reloaded_tok, prefs))
@@ -152,7 +152,7 @@ def test_lora_dpo_merges_adapters_into_a_plain_teacher(tiny_spec, tmp_path):
     prefs = make_prefs(4, prompts=2)
     model, tokenizer = load_model(tiny_spec, "cpu", "float32")
     before = mean_margin(completion_logps(model, tokenizer, prefs))
-    trained, _ = train_dpo(model, tokenizer, prefs, cfg, output_dir=tmp_path / "work")
+    trained, _, _ = train_dpo(model, tokenizer, prefs, cfg, output_dir=tmp_path / "work")
     save_model_atomic(trained, tokenizer, tmp_path / "model")
     assert not (tmp_path / "model" / "adapter_config.json").exists()
     weights = load_file(tmp_path / "model" / "model.safetensors")
@@ -188,3 +188,23 @@ def test_dpo_stage_writes_teacher_metrics_and_a_disjoint_eval_split(tmp_path):
 def test_dpo_stage_refuses_an_empty_pair_file(tmp_path):
     with pytest.raises(MontessoriError, match="pairs.rule=rank"):
         run_dpo(dpo_ctx(tmp_path, []))
+
+
+def test_round_two_trains_last_rounds_teacher_against_itself(tmp_path, tiny_dir):
+    import shutil
+    # Round 1's DPO output: a different tiny model than the preset's base teacher would be.
+    shutil.copytree(tiny_dir, tmp_path / "round-1" / "dpo" / "model")
+    config = load_preset("tiny", ["models.teacher=tiny-random:1", "dpo.lr=1e-9", "dpo.min_lr=1e-12"])
+    store = RunStore(tmp_path)
+    prefs = make_prefs(2)
+    long_prompt = PreferencePair(**{**prefs[0].to_dict(), "id": "long", "prompt": [
+        {"role": "user", "content": "word " * 200}]})  # fills dpo.max_length=128 alone
+    write_jsonl(store.stage(2, "pairs").file("preferences.jsonl"), prefs + [long_prompt])
+    ctx = StageContext(config, store, 2, store.stage(2, "dpo"), active=("pairs", "dpo"), progress=False)
+    counts = run_dpo(ctx)
+    assert counts["_extra"]["teacher"] == str(tmp_path / "round-1" / "dpo" / "model")
+    assert counts["dropped_too_long"] == 1 and counts["steps"] == 1
+    trained, _ = load_model(str(ctx.stage.path / "model"), "cpu", "float32")
+    start, _ = load_model(str(tiny_dir), "cpu", "float32")
+    assert torch.allclose(trained.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight,
+                          atol=1e-6)

@@ -43,11 +43,11 @@ def preference_features(tokenizer, pref: PreferencePair) -> dict:
 
 def preference_dataset(tokenizer, prefs: list[PreferencePair], max_length: int):
     """A datasets.Dataset of pre-tokenized pairs. Pairs whose prompt alone fills max_length carry no
-    completion token and are dropped (TRL's rule); the collator cuts longer completions at max_length."""
+    completion token and are dropped (TRL's rule, counted); the collator cuts longer completions at max_length."""
     from datasets import Dataset
     rows = [preference_features(tokenizer, p) for p in prefs]
-    rows = [r for r in rows if len(r["prompt_ids"]) < max_length]
-    return Dataset.from_list(rows) if rows else None
+    kept = [r for r in rows if len(r["prompt_ids"]) < max_length]
+    return (Dataset.from_list(kept) if kept else None), len(rows) - len(kept)
 
 
 @cache
@@ -70,10 +70,10 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
     from trl import DPOConfig as TRLDPOConfig
 
     wsd = check_wsd(cfg, "dpo")
-    train = preference_dataset(tokenizer, prefs, cfg.max_length)
+    train, too_long = preference_dataset(tokenizer, prefs, cfg.max_length)
     if train is None:
         raise MontessoriError(f"dpo: every preference pair's prompt is longer than dpo.max_length={cfg.max_length}")
-    evals = preference_dataset(tokenizer, list(eval_prefs), cfg.max_length) if eval_prefs else None
+    evals = preference_dataset(tokenizer, list(eval_prefs), cfg.max_length)[0] if eval_prefs else None
     args = TRLDPOConfig(
         **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       grad_accum=cfg.grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing),
@@ -88,21 +88,23 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
     trainer = _trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evals,
                                processing_class=tokenizer, callbacks=list(callbacks), peft_config=peft_config)
     trainer.wsd = wsd
+    trainer.dropped_too_long = too_long
     quiet_callbacks(trainer, progress, "dpo")
     return trainer
 
 
 def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **kwargs):
-    """Run DPO; returns (trained model, log history). With cfg.lora the adapters are merged, so the
-    returned model is a plain transformers model either way."""
+    """Run DPO; returns (trained model, log history, pairs dropped as too long). With cfg.lora the
+    adapters are merged, so the returned model is a plain transformers model either way."""
     trainer = build_dpo_trainer(model, tokenizer, prefs, cfg, **kwargs)
     trainer.train()
     if trainer.eval_dataset is not None:
         trainer.evaluate()  # appends eval_rewards/margins, eval_rewards/accuracies to the log history
+    history = list(trainer.state.log_history)
     trained = trainer.model
     if cfg.lora:
         trained = trained.merge_and_unload()
-    return trained, trainer.state.log_history
+    return trained, history, trainer.dropped_too_long
 
 
 def run_dpo(ctx) -> dict:
@@ -117,13 +119,14 @@ def run_dpo(ctx) -> dict:
     model, tokenizer = load_model(spec, models.device, models.dtype)
     ref_model = None if cfg.lora else load_model(spec, models.device, models.dtype)[0].eval()
     work = ctx.stage.path / ".trainer"
-    trained, history = train_dpo(model, tokenizer, train, cfg, ref_model=ref_model, eval_prefs=held,
+    trained, history, too_long = train_dpo(model, tokenizer, train, cfg, ref_model=ref_model, eval_prefs=held,
                                  output_dir=work, progress=ctx.progress)
     shutil.rmtree(work, ignore_errors=True)
     atomic_write_json(ctx.stage.file("split.json"), {"train": [p.id for p in train], "eval": [p.id for p in held]})
     write_metrics(ctx.stage.file("metrics.jsonl"), history)
     save_model_atomic(trained, tokenizer, ctx.stage.path / "model")
     counts = {"pairs_train": len(train), "pairs_eval": len(held), "steps": last_value(history, "step") or 0,
+              "dropped_too_long": too_long,
               "loss": mean_value(history, "loss"),
               "reward_margin": last_value(history, "rewards/margins"),
               "reward_accuracy": mean_value(history, "rewards/accuracies")}
