@@ -72,6 +72,8 @@ class GenerationConfig(Section):
     banned_words: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures", "file",
                                "files", "map", "maps", "draw", "plot", "go to"]
     rouge_threshold: float = 0.7
+    # Stage `data`: give up after this many prompts per wanted pair (sft.num_pairs) if too few are kept.
+    data_max_prompts_per_pair: float = 3.0
     seed: int = 0
 
 

@@ -1,0 +1,15 @@
+"""Teacher data generation: instructions (METHOD.md step 1), responses (step 2), training data (step 8).
+
+    prompts.py   the two prompt styles (`tagged`, `list`) and their parsers
+    filters.py   length / banned-word / first-character filters
+    dedup.py     ROUGE-L near-duplicate filter with rouge-score's decisions, fast
+    backends/    transformers, vLLM and OpenAI-compatible HTTP behind one interface
+    stage.py     the stages: resumable, observable, deterministic order
+    serve.py     `montessori serve MODEL`: an OpenAI-compatible server over the transformers backend
+"""
+
+from montessori.generation.dedup import RougeDeduper, dedup, rouge_l_f1, rouge_tokens
+from montessori.generation.prompts import build_prompt, choose_examples, parse_completion
+
+__all__ = ["RougeDeduper", "build_prompt", "choose_examples", "dedup", "parse_completion", "rouge_l_f1",
+           "rouge_tokens"]

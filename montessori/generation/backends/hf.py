@@ -1,0 +1,113 @@
+"""transformers backend (CPU and GPU): batched `generate` with left padding and the KV cache.
+
+Sampling is done by two logits processors so that every backend means the same thing by each knob:
+`PresencePenalty` (OpenAI/vLLM semantics; transformers has none) and `SeededSampler`, which applies
+temperature and top-p and then draws the token with the Gumbel-max trick from its own generator,
+leaving one finite logit for greedy decoding to pick. The draw thus depends only on the seed of the
+call, never on the global RNG state of the process: a resumed stage samples the same text.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from montessori.generation.backends.base import Backend, Completion, Request, Sampling
+from montessori.models.chat import prompt_text
+
+
+class PresencePenalty(LogitsProcessor):
+    """Subtract `penalty` from the logit of every token already present in the generated part."""
+
+    def __init__(self, penalty: float, prompt_length: int):
+        self.penalty, self.prompt_length = penalty, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        if self.penalty == 0 or generated.shape[1] == 0:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
+        return scores - self.penalty * seen.to(scores.dtype)
+
+
+class SeededSampler(LogitsProcessor):
+    """Temperature, top-p, then a Gumbel-max draw from a private generator (temperature 0 = greedy)."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int, device: torch.device):
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float()
+        if self.temperature > 0:
+            logits = logits / self.temperature
+            if self.top_p < 1.0:
+                logits = _top_p(logits, self.top_p)
+            uniform = torch.rand(logits.shape, generator=self.generator, device=logits.device)
+            logits = logits - torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
+        choice = logits.argmax(dim=-1, keepdim=True)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, choice, 0.0)
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    @classmethod
+    def load(cls, spec: str, device: str = "auto", dtype: str = "auto") -> "TransformersBackend":
+        from montessori.models.load import load_model
+        model, tokenizer = load_model(spec, device=device, dtype=dtype, padding_side="left")
+        return cls(model, tokenizer)
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
+        if not requests:
+            return []
+        texts = [prompt_text(self.tokenizer, r.messages, r.prefill) for r in requests]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = self.model.device
+        # n samples per prompt in the same call: rows prompt0/s0, prompt0/s1, ..., prompt1/s0, ...
+        input_ids = batch["input_ids"].repeat_interleave(sampling.n, dim=0).to(device)
+        attention_mask = batch["attention_mask"].repeat_interleave(sampling.n, dim=0).to(device)
+        prompt_length = input_ids.shape[1]
+        processors = LogitsProcessorList([
+            PresencePenalty(sampling.presence_penalty, prompt_length),
+            SeededSampler(sampling.temperature, sampling.top_p, requests[0].seed, device),
+        ])
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=sampling.max_new_tokens, repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, num_beams=1)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                     logits_processor=processors)
+        generated = output[:, prompt_length:].tolist()
+        completions = [self._completion(row, sampling.max_new_tokens) for row in generated]
+        return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(requests))]
+
+    def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+        end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        if end is None:
+            return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids), "length")
+        return Completion(self.tokenizer.decode(ids[:end], skip_special_tokens=True), end + 1, "stop")
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
