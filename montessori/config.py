@@ -174,6 +174,7 @@ class EvalConfig(Section):
     judge_api_key_env: str = "OPENAI_API_KEY"
     questions: str | None = None  # MT-Bench-style question file for 1-10 grading
     tasks: list[str] = []  # lm-evaluation-harness tasks (extra [eval]), e.g. [mmlu, arc_challenge]
+    task_path: str | None = None  # folder of extra harness task YAMLs (local data)
 
 
 class DistributedConfig(Section):

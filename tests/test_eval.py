@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -242,3 +243,24 @@ def test_question_file_errors_name_file_line_and_field(tmp_path):
     bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2, "turns": []}\n')
     with pytest.raises(InputError, match=r"bad.jsonl, line 2, field 'turns'"):
         read_questions(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Utility scorers (ablation signals for the pairs stage)
+
+
+def test_utility_scorers_return_influence_records(tiny_model, pairs):
+    from montessori.evaluation.utility import judge_utility, loss_utility
+    from montessori.records import InfluenceResult
+    model, tokenizer = tiny_model
+    scored = loss_utility(model, tokenizer, pairs[:3], max_length=128)
+    losses = example_losses(model, tokenizer, pairs[:3], max_length=128)
+    assert [r.id for r in scored] == [p.id for p in pairs[:3]]
+    for r, e in zip(scored, losses):
+        assert isinstance(r, InfluenceResult) and r.estimator == "loss"
+        assert (r.influence is None) == (e.tokens == 0)
+        if e.tokens:
+            assert r.influence == pytest.approx(e.loss_sum / e.tokens)
+    good = [dataclasses.replace(pairs[0], response="a good answer"), pairs[1]]
+    judged = judge_utility(KeywordJudge(), good)
+    assert judged[0].influence > 0 and judged[1].influence < 0  # centred: 8 -> +2.5, 3 -> -2.5

@@ -20,7 +20,7 @@ def _eval_config(args):
     base = load_config(args.config).eval if args.config else EvalConfig()
     values = base.model_dump()
     for key in ("prompts", "max_examples", "batch_size", "max_length", "bootstrap_samples", "temperature",
-                "max_new_tokens", "judge", "judge_url", "judge_model", "questions"):
+                "max_new_tokens", "judge", "judge_url", "judge_model", "questions", "task_path"):
         given = getattr(args, key)
         if given is not None:
             values[key] = given
@@ -105,6 +105,7 @@ def register(sub) -> None:
     p.add_argument("--judge-model", dest="judge_model", help="model name served at --judge-url")
     p.add_argument("--questions", help="MT-Bench-style question file (turns) for 1-10 grading by the judge")
     p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (mmlu,arc-c,gsm8k,hellaswag,gpqa)")
+    p.add_argument("--task-path", dest="task_path", help="folder of extra lm-evaluation-harness task YAMLs")
     p.add_argument("--temperature", type=float, help="answer sampling temperature (0 = greedy, the default)")
     p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
     p.add_argument("--batch-size", type=int, dest="batch_size")

@@ -71,7 +71,8 @@ def evaluate(students: Sequence[str | Student], cfg: EvalConfig, out_dir: str | 
                               summary["perplexity_high"]))
         if cfg.tasks:
             from montessori.evaluation.harness import run_benchmarks
-            bench = run_benchmarks(model, tokenizer, cfg.tasks, batch_size=cfg.batch_size, seed=seed)
+            bench = run_benchmarks(model, tokenizer, cfg.tasks, batch_size=cfg.batch_size, seed=seed,
+                                   include_path=cfg.task_path)
             results["benchmarks"][s.name] = bench
             for task, r in bench.items():
                 metrics.append(metric(f"bench/{task}", s.name, r["value"], r["low"], r["high"]))

@@ -41,7 +41,7 @@ def run_benchmarks(model, tokenizer, tasks: list[str], *, batch_size: int = 8, n
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     results = simple_evaluate(model=lm, tasks=task_names(tasks), num_fewshot=num_fewshot, limit=limit,
                               task_manager=manager, apply_chat_template=apply_chat_template,
