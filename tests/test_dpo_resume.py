@@ -94,3 +94,45 @@ def test_killed_stage_resumes_to_the_same_artifacts(stage, tmp_path, monkeypatch
     mtime = (b.path / "model" / "model.safetensors").stat().st_mtime
     run_pipeline(config, killed, only=stage, progress=False)
     assert (b.path / "model" / "model.safetensors").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "sft"])
+def test_sigkilled_cli_run_resumes_to_the_same_artifacts(stage, tmp_path):
+    """The real thing: `montessori run` killed with SIGKILL while the stage trains, then run again."""
+    import subprocess
+    import sys
+    import time
+    config = load_preset("tiny", OVERRIDES)
+    runs = {}
+    for name in ("clean", "killed"):
+        run = tmp_path / name
+        fake_upstream(run)
+        (run / "config.yaml").write_text(config.to_yaml())
+        runs[name] = run
+
+    def cli(run, only):
+        return [sys.executable, "-c", "import sys; from montessori.cli import main; sys.exit(main())",
+                "run", str(run / "config.yaml"), "--only", only]
+
+    for run in runs.values():
+        if stage == "dpo":
+            subprocess.run(cli(run, "pairs"), check=True, capture_output=True)
+    subprocess.run(cli(runs["clean"], stage), check=True, capture_output=True)
+
+    killed = runs["killed"]
+    proc = subprocess.Popen(cli(killed, stage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "montessori.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and f"{stage}: running" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.2)
+    time.sleep(4)  # into model loading / training
+    proc.kill()
+    proc.wait()
+    out = RunStore(killed).stage(1, stage)
+    assert out.manifest() is None, "the stage finished before the kill: raise the sleep"
+    subprocess.run(cli(killed, stage), check=True, capture_output=True)
+    a, b = RunStore(runs["clean"]).stage(1, stage), out
+    wa, wb = weights(a.path / "model"), weights(b.path / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert losses(a.path) == losses(b.path)
