@@ -101,14 +101,19 @@ class RougeDeduper:
         for tok, count in Counter(tokens).items():
             self.postings.setdefault(tok, _Postings()).add(idx, count)
 
-    def max_score(self, text: str, *, stop_above: float | None = None) -> float:
-        """Highest ROUGE-L F1 of `text` against the pool (0.0 for an empty pool).
+    def max_score(self, text: str, at_least: float = 0.0) -> float:
+        """Highest ROUGE-L F1 of `text` against the pool; exact whenever it is >= `at_least` (pairs
+        that cannot reach `at_least` are not scored), 0.0 for an empty pool."""
+        return self._best(rouge_tokens(text), at_least, stop_above=None)
 
-        Pairs that cannot exceed `stop_above` (default: the threshold) are not scored, so the value
-        is exact whenever it exceeds that bound and a lower bound of "not a duplicate" otherwise;
-        the search stops at the first pair above it."""
-        bound = self.threshold if stop_above is None else stop_above
+    def is_duplicate(self, text: str, extra: list[str] = ()) -> bool:
+        """ROUGE-L F1 > threshold against any pooled instruction or any of `extra` (the prompt's examples)."""
         tokens = rouge_tokens(text)
+        if any(rouge_l_f1(tokens, rouge_tokens(e)) > self.threshold for e in extra):
+            return True
+        return self._best(tokens, self.threshold, stop_above=self.threshold) > self.threshold
+
+    def _best(self, tokens: list[str], bound: float, stop_above: float | None) -> float:
         if not tokens or not self.tokens:
             return 0.0
         if len(self.lengths) != len(self._lengths):
@@ -119,28 +124,21 @@ class RougeDeduper:
             post = self.postings.get(tok)
             if post is not None:
                 shared[post.ids[:post.size]] += np.minimum(post.counts[:post.size], count)
-        # Upper bound of F1 = 2*lcs/(m+n) with lcs <= min(shared, m, n); a small margin keeps
-        # float rounding on the side of scoring the pair exactly.
+        # Upper bound of F1 = 2*lcs/(m+n) with lcs <= min(shared, m, n); the margin keeps float
+        # rounding on the side of scoring a pair exactly.
         upper = 2 * np.minimum(shared, np.minimum(self.lengths, n)) / (self.lengths + n)
-        survivors = np.flatnonzero(upper > bound - 1e-9)
+        survivors = np.flatnonzero(upper >= bound - 1e-9)
         self.pruned += len(self.tokens) - len(survivors)
         best = 0.0
         for idx in survivors[np.argsort(-upper[survivors], kind="stable")]:
-            if upper[idx] <= best:
+            if upper[idx] < best - 1e-9:  # sorted by bound: no later pair can beat `best`
                 break
             self.scored += 1
             lcs = lcs_length(self.masks[idx], int(self.lengths[idx]), tokens)
             best = max(best, _fmeasure(lcs, n, int(self.lengths[idx])))
-            if best > bound:
+            if stop_above is not None and best > stop_above:
                 break
         return best
-
-    def is_duplicate(self, text: str, extra: list[str] = ()) -> bool:
-        """ROUGE-L F1 > threshold against any pooled instruction or any of `extra` (the prompt's examples)."""
-        tokens = rouge_tokens(text)
-        if any(rouge_l_f1(tokens, rouge_tokens(e)) > self.threshold for e in extra):
-            return True
-        return self.max_score(text) > self.threshold
 
 
 def dedup(texts: list[str], threshold: float = 0.7) -> list[bool]:
