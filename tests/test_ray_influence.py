@@ -1,0 +1,109 @@
+"""Influence on a local Ray cluster of 2 workers (tiny random Llama on CPU) against the single-process engine.
+
+The values must not depend on which worker, or how many, scored a candidate; a worker that dies
+mid-run must cost nothing but time: every candidate lands in influence.jsonl exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'montessori[ray]')")
+
+from montessori.config import WarmupConfig  # noqa: E402
+from montessori.distributed.ray_influence import InfluenceSettings, run_influence_ray, score_distributed  # noqa: E402
+from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup  # noqa: E402
+from montessori.influence.engine import encode_pairs  # noqa: E402
+from montessori.pipeline import StageContext, run_pipeline  # noqa: E402
+from montessori.records import InfluenceResult, Pair  # noqa: E402
+from montessori.store import JsonlAppender, RunStore, read_jsonl, write_jsonl  # noqa: E402
+
+FRUITS = ["apple", "banana", "cherry", "lemon", "plum", "fig", "kiwi"]
+
+
+def pairs(prefix: str, n: int) -> list[Pair]:
+    return [Pair(f"{prefix}{i:04d}-s0", f"Name {i % 5 + 2} fruits that are {'red' if i % 2 else 'yellow'}.",
+                 "Here they are: " + ", ".join(FRUITS[: i % 6 + 1]) + ".", candidate_id=f"{prefix}{i:04d}-s0",
+                 prompt_id=f"{prefix}{i:04d}") for i in range(n)]
+
+
+WARM, CANDIDATES, REFERENCE = pairs("w", 6), pairs("r1-p", 12), pairs("ref", 5)
+SETTINGS = InfluenceSettings(max_length=128, reference_max_length=128, eval_batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def warm_dir(tmp_path_factory, tiny_spec):
+    """A real warm-up (6 AdamW steps, lr 1e-3) saved in the documented layout."""
+    from montessori.models import load_model
+    model, tokenizer = load_model(tiny_spec, device="cpu", dtype="float32")
+    optimizer, _ = train_warmup(model, encode_pairs(tokenizer, WARM, 128), WarmupConfig(lr=1e-3),
+                                pad_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("warmup")
+    save_warmup(folder, model, tokenizer, optimizer)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_process(warm_dir):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    results = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer, max_length=128,
+                                eval_batch_size=4)
+    assert all(r.status == "ok" for r in results)
+    return {r.id: r.influence for r in results}
+
+
+def test_two_workers_one_killed_give_every_single_process_value_exactly_once(warm_dir, single_process, tmp_path):
+    out_file = tmp_path / "influence.jsonl"
+    with JsonlAppender(out_file, InfluenceResult) as out:
+        # Worker 0's process exits on its 3rd candidate, with that one (and one more queued) in flight.
+        _, stats = score_distributed(warm_dir, CANDIDATES, REFERENCE, SETTINGS, num_workers=2,
+                                     on_result=out.append, die_after={0: 2})
+    assert stats.workers == 2 and stats.lost_workers == [0] and stats.requeued_tasks >= 1
+    # Both took candidates from the shared queue; the survivor finished the dead worker's share.
+    assert stats.per_worker[0] == 2 and stats.per_worker[1] == 10
+    written = read_jsonl(out_file, InfluenceResult)
+    assert sorted(r.id for r in written) == sorted(c.id for c in CANDIDATES)  # each exactly once
+    # The exact estimator on the same state: equal to the single-process engine's values.
+    assert {r.id: r.influence for r in written} == pytest.approx(single_process, abs=1e-6)
+    assert len(set(single_process.values())) > 1  # the candidates really differ
+
+
+def test_ray_stage_equals_the_single_process_stage_and_resumes(tmp_path, tiny_config):
+    """The stage drop-in: same influence.jsonl as run_influence (linear estimator here), and a
+    re-run after an interruption scores only the missing candidates."""
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text("".join(json.dumps({"instruction": p.instruction, "response": p.response}) + "\n"
+                                 for p in REFERENCE))
+    sd = RunStore(tmp_path).stage(1, "responses")
+    write_jsonl(sd.file("pairs.jsonl"), pairs("r1-p", 12))
+    sd.write_manifest(fingerprint="test", config_hash="test", inputs={}, counts={}, started=0.0)
+    tiny_config.data.reference = str(reference)
+    tiny_config.influence.estimator = "linear"
+    run_pipeline(tiny_config, tmp_path, only="warmup", progress=False)
+    run_pipeline(tiny_config, tmp_path, only="influence", progress=False)
+    folder = tmp_path / "round-1" / "influence"
+    single = read_jsonl(folder / "influence.jsonl", InfluenceResult)
+    assert len(single) == 8
+
+    write_jsonl(folder / "influence.jsonl", single[:3])  # interrupted after 3 candidates
+    tiny_config.distributed.ray, tiny_config.distributed.num_workers = True, 2
+    store = RunStore(tmp_path)
+    ctx = StageContext(tiny_config, store, 1, store.stage(1, "influence"), progress=False)
+    counts = run_influence_ray(ctx)
+    resumed = read_jsonl(folder / "influence.jsonl", InfluenceResult)
+    assert [r.id for r in resumed[:3]] == [r.id for r in single[:3]]
+    assert sorted(r.id for r in resumed) == sorted(r.id for r in single)
+    # Linear: a dot product over all parameters in fp32; the actors' thread count changes the
+    # summation order, hence ~1e-5 relative (the exact estimator above agrees to 1e-6 absolute).
+    assert {r.id: r.influence for r in resumed} == pytest.approx({r.id: r.influence for r in single}, rel=1e-4)
+    assert all(r.estimator == "linear" for r in resumed)
+    assert counts["candidates"] == 8 and counts["_extra"]["ray_workers"] == 2
