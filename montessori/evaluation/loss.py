@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from montessori.influence.engine import LOGIT_CHUNK, encode_pairs, length_batches
+from montessori.influence.engine import LOGIT_CHUNK, Example, encode_pairs, length_batches
 from montessori.models.chat import IGNORE_INDEX
 from montessori.records import Pair
 
@@ -29,14 +29,20 @@ class ExampleLoss:
     tokens: int
 
 
-@torch.no_grad()
 def example_losses(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 8, max_length: int | None = 1024,
                    progress: bool = False) -> list[ExampleLoss]:
     """Per-example response-token loss sums, in the order of `pairs`."""
     examples = encode_pairs(tokenizer, pairs, max_length)
+    return score_examples(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id, progress=progress)
+
+
+@torch.no_grad()
+def score_examples(model, examples: Sequence[Example], *, batch_size: int = 8, pad_id: int = 0,
+                   progress: bool = False) -> list[ExampleLoss]:
+    """Loss sums of already encoded examples (input_ids, labels with -100 on the prompt), in input order."""
     device = next(model.parameters()).device
     ordered = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    batches = length_batches([examples[i] for i in ordered], batch_size, tokenizer.pad_token_id, device)
+    batches = length_batches([examples[i] for i in ordered], batch_size, pad_id, device)
     was_training = model.training
     model.eval()
     sums: list[tuple[float, int]] = []
@@ -137,5 +143,5 @@ def reference_answer_loss(model, tokenizer, pairs: Sequence[Pair], *, batch_size
     return summarize(losses, samples=samples, seed=seed), losses
 
 
-__all__ = ["ExampleLoss", "example_losses", "token_mean", "summarize", "difference",
+__all__ = ["ExampleLoss", "example_losses", "score_examples", "token_mean", "summarize", "difference",
            "reference_answer_loss"]
