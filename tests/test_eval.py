@@ -91,11 +91,11 @@ def test_example_without_response_tokens_is_counted_not_averaged(tiny_model, pai
 
 def test_answers_batched_equal_one_by_one_and_are_cached(tiny_model, tmp_path, pairs):
     model, tokenizer = tiny_model
-    convs = conversations_from_pairs(pairs[:5])
-    settings = DecodeSettings(temperature=0.0, max_new_tokens=12, batch_size=5)
+    convs = conversations_from_pairs(pairs[:4])
+    settings = DecodeSettings(temperature=0.0, max_new_tokens=8, batch_size=4)
     cache = tmp_path / "answers.jsonl"
     batched = generate_answers(model, tokenizer, convs, settings, cache)
-    single = generate_answers(model, tokenizer, convs, DecodeSettings(0.0, 12, 1))
+    single = generate_answers(model, tokenizer, convs, DecodeSettings(0.0, 8, 1))
     assert batched == single  # left padding does not change greedy answers
     # Reused without a model: every answer comes from the cache.
     assert generate_answers(None, None, convs, settings, cache) == batched

