@@ -128,3 +128,17 @@ def test_a_real_instruct_model_beats_a_random_one_on_held_out_human_answers(tmp_
     results = json.loads((out / "eval.json").read_text())
     diff = results["loss_difference"]["smollm2 - tiny-random:0"]
     assert diff["high"] < -3 and results["loss"]["smollm2"]["perplexity"] < 100
+
+
+def test_eval_grades_a_multi_turn_question_file(tmp_path):
+    questions = tmp_path / "mt.jsonl"
+    questions.write_text('{"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Shorter."]}\n')
+    out = tmp_path / "out"
+    assert main(["eval", "tiny-random:1", "--questions", str(questions), "--judge", "tiny-random:0",
+                 "--out", str(out), *FAST, "--max-examples", "2"]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    grades = results["grades"]["tiny-random:1"]
+    assert grades["graded"] == 2 and 1 <= grades["score_turn_1"] <= 10 and 1 <= grades["score_turn_2"] <= 10
+    assert [m for m in results["metrics"] if m["metric"] == "mt_score"]
+    cached = [json.loads(line) for line in next((out / "answers").glob("*.jsonl")).read_text().splitlines()]
+    assert cached[0]["id"] == "81" and len(cached[0]["answers"]) == 2
