@@ -84,6 +84,7 @@ def test_all_workers_dead_is_an_error_naming_what_is_left():
         dispatch(ClockPool({0: 1.0, 1: 1.0}, dies_at={0: 0.5, 1: 0.5}), list(range(5)), lambda r: None)
 
 
+@pytest.mark.slow  # two spawned processes importing torch + transformers: ~25 s idle, minutes on a busy box
 def test_local_processes_survive_a_killed_worker_with_the_single_process_values(tmp_path, tiny_spec):
     """backend="mp" (torch.multiprocessing, no Ray): the same worker code and queue as on Ray."""
     from montessori.config import WarmupConfig

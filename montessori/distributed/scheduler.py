@@ -153,6 +153,23 @@ def start_actors(cls, args_for: Callable[[int], tuple], n: int, *, gpus_per_work
     return [remote.remote(*args_for(k)) for k in range(n)]
 
 
+class FactoryActor:
+    """A generic Ray actor: builds `factory(worker)` once, then runs its `method` on each task (the same
+    factory a ProcessPool takes, so a script can run the same workers with or without Ray)."""
+
+    def __init__(self, factory: Callable[[int], Any], worker: int, method: str):
+        self.fn = getattr(factory(worker), method)
+
+    def run(self, items: list) -> list:
+        return self.fn(items)
+
+
+def start_factory_actors(factory: Callable[[int], Any], n: int, method: str, *, gpus_per_worker: int = 1,
+                         cpus_per_worker: int = 1) -> RayPool:
+    return RayPool(start_actors(FactoryActor, lambda k: (factory, k, method), n, gpus_per_worker=gpus_per_worker,
+                                cpus_per_worker=cpus_per_worker), "run")
+
+
 class RayPool:
     def __init__(self, actors: list, method: str):
         self.ray = require_ray()
