@@ -57,9 +57,8 @@ def cmd_run(args) -> int:
     log.info("run dir %s, config %s (%s)", run_dir, args.config, config.name)
     run_pipeline(config, run_dir, only=args.only, until=args.until, force=args.force)
     _print_status(run_dir)
-    report = run_dir / "report.html"
-    if report.exists():
-        print(f"report: {report}")
+    from montessori.report import write_report
+    print(f"report: {write_report(run_dir)}")
     return EXIT_OK
 
 
