@@ -185,6 +185,9 @@ class DistributedConfig(Section):
     num_workers: int | None = None  # None = cluster GPUs // gpus_per_worker (CPUs // cpus_per_worker without GPUs)
     gpus_per_worker: int = 1
     cpus_per_worker: int = 1
+    # Prompts per generation task: fixed, so what is sampled does not depend on the number of workers.
+    # A stage's call is split into such chunks; raise generation.batch_size to keep every worker busy.
+    generation_chunk: int = 8
     # Training stages (warmup, dpo, sft) on several GPUs: `montessori run` starts them through a launcher.
     launcher: Literal["none", "accelerate", "torchrun"] = "none"
     num_processes: int | None = None  # None = every visible GPU

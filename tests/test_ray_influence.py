@@ -35,9 +35,9 @@ SETTINGS = InfluenceSettings(max_length=128, reference_max_length=128, eval_batc
 
 @pytest.fixture(scope="module", autouse=True)
 def local_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    # One local cluster for all Ray test modules (Ray shuts it down at exit): starting one costs seconds.
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 @pytest.fixture(scope="module")

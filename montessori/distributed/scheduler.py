@@ -80,11 +80,12 @@ def dispatch(pool: WorkerPool, items: Sequence, on_result: Callable[[Any], None]
         while pending or any(held.values()):
             if not held:
                 raise WorkerLost(f"all {stats.workers} workers died; {len(pending)} tasks left unfinished")
-            for w, mine in held.items():
-                while pending and len(mine) < depth:
-                    task = pending.popleft()
-                    pool.submit(w, task)
-                    mine[task.id] = task
+            for level in range(1, depth + 1):  # breadth first: every free worker gets one before any gets two
+                for w, mine in held.items():
+                    if pending and len(mine) < level:
+                        task = pending.popleft()
+                        pool.submit(w, task)
+                        mine[task.id] = task
             for done in pool.wait():
                 if done.lost is not None:
                     orphans = held.pop(done.worker, {})
