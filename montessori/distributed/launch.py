@@ -1,0 +1,159 @@
+"""Training stages (dpo, sft) on several GPUs: `montessori run` starts them through
+`accelerate launch` or `torchrun` itself, with a DDP or FSDP preset chosen by model size.
+
+    driver (montessori run)                    every rank (python -m montessori.distributed.launch)
+    -----------------------                    ------------------------------------------------------
+    maybe_launch("sft", ctx, run_sft)  ---->   reads RUN/config.yaml, builds the stage's context,
+      accelerate launch --config_file            calls run_sft(ctx): TRL's trainers see WORLD_SIZE and
+        accelerate/{ddp,fsdp}.yaml               wrap the model in DDP / FSDP themselves
+        --num_processes N -m ...launch
+    counts <---------------------------------  rank 0 writes the stage's folder and its counts;
+                                               other ranks write a scratch copy, removed afterwards
+
+Every rank runs the same stage function, so collective operations (a gathered state dict on save)
+are matched on all ranks; only rank 0's files land in the run store.
+
+The warm-up stage is not launched: its loop (influence/warmup.py) is a plain single-process AdamW
+loop, so N ranks would each train the same copy; it runs in the driver's process.
+
+Preset by size: DDP below FSDP_MIN_PARAMS (each GPU holds the model and its fp32 AdamW state,
+~16 bytes per parameter), FSDP from there (an 8B model's ~128 GB of state is sharded).
+`distributed.fsdp: true/false` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from montessori.errors import InputError, MontessoriError
+
+LAUNCHED_STAGES = ("dpo", "sft")  # TRL trainers: DDP/FSDP-aware under a launcher
+FSDP_MIN_PARAMS = 3e9
+COUNTS_FILE = ".launch_counts.json"
+SCRATCH = ".ranks"
+
+
+def preset_path(strategy: str) -> Path:
+    return Path(str(resources.files("montessori.distributed").joinpath("accelerate", f"{strategy}.yaml")))
+
+
+def count_params(spec: str) -> int:
+    """Parameters of a model from its config alone (meta device: no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from montessori.models.load import resolve_model_dir
+    config = AutoConfig.from_pretrained(resolve_model_dir(spec))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def choose_strategy(fsdp, num_params: int) -> str:
+    if fsdp == "auto":
+        return "fsdp" if num_params >= FSDP_MIN_PARAMS else "ddp"
+    return "fsdp" if fsdp else "ddp"
+
+
+def num_processes(dcfg) -> int:
+    if dcfg.num_processes:
+        return dcfg.num_processes
+    import torch
+    return max(1, torch.cuda.device_count())
+
+
+def launch_command(launcher: str, strategy: str, processes: int, entry: list[str], *, cpu: bool = False) -> list[str]:
+    """The command line that starts `python -m montessori.distributed.launch ENTRY` on every rank."""
+    module = ["-m", "montessori.distributed.launch", *entry]
+    if launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_path(strategy)),
+               "--num_processes", str(processes)]
+        return cmd + (["--cpu"] if cpu else []) + module
+    if launcher == "torchrun":
+        if strategy == "fsdp":
+            raise InputError("distributed.launcher=torchrun runs DDP only; FSDP needs distributed.launcher=accelerate "
+                             "(its preset configures the sharding), or set distributed.fsdp=false")
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                *module]
+    raise InputError(f"distributed.launcher={launcher!r}: choose none, accelerate or torchrun")
+
+
+def stage_model_spec(ctx, stage: str) -> str:
+    return ctx.teacher_spec() if stage == "dpo" else ctx.student_spec()
+
+
+def run_launched(stage: str, ctx) -> dict:
+    """Run a training stage on `num_processes` ranks and return rank 0's counts."""
+    dcfg = ctx.config.distributed
+    processes = num_processes(dcfg)
+    strategy = choose_strategy(dcfg.fsdp, count_params(stage_model_spec(ctx, stage)))
+    root = ctx.store.root
+    entry = [str(root), "--round", str(ctx.round), "--stage", stage]
+    cpu = ctx.config.models.device == "cpu"
+    cmd = launch_command(dcfg.launcher, strategy, processes, entry, cpu=cpu)
+    ctx.log.info("%s on %d processes (%s, %s): %s", stage, processes, dcfg.launcher, strategy, " ".join(cmd))
+    counts_file = ctx.stage.path / COUNTS_FILE
+    counts_file.unlink(missing_ok=True)
+    env = dict(os.environ, MONTESSORI_NO_PROGRESS="" if ctx.progress else "1")
+    result = subprocess.run(cmd, env=env)
+    shutil.rmtree(root / SCRATCH, ignore_errors=True)
+    if result.returncode != 0 or not counts_file.exists():
+        raise MontessoriError(f"stage {stage} failed under {dcfg.launcher} (exit {result.returncode}); "
+                              f"the ranks' errors are above")
+    counts = json.loads(counts_file.read_text())
+    counts_file.unlink()
+    counts.setdefault("_extra", {}).update(launcher=dcfg.launcher, processes=processes, strategy=strategy)
+    return counts
+
+
+def maybe_launch(stage: str, ctx, fn):
+    """The pipeline's hook: a training stage under a launcher when distributed.launcher is set (and
+    we are not already inside one), else the stage function in this process."""
+    if ctx.config.distributed.launcher == "none" or stage not in LAUNCHED_STAGES or "LOCAL_RANK" in os.environ:
+        return fn(ctx)
+    return run_launched(stage, ctx)
+
+
+def rank_context(run_dir: Path, round_: int, stage: str, rank: int):
+    """The stage's context on one rank: rank 0 writes the run store, the others a scratch copy."""
+    from montessori.config import load_config
+    from montessori.pipeline import STAGE_NAMES, StageContext, stages_for
+    from montessori.store import RunStore, StageDir
+    if stage not in STAGE_NAMES:
+        raise InputError(f"--stage {stage}: unknown stage (stages: {', '.join(STAGE_NAMES)})")
+    config = load_config(run_dir / "config.yaml")
+    store = RunStore(run_dir)
+    stage_dir = store.stage(round_, stage) if rank == 0 else StageDir(run_dir / SCRATCH / f"rank-{rank}", round_, stage)
+    stage_dir.path.mkdir(parents=True, exist_ok=True)
+    active = tuple(s.name for s in stages_for(config))
+    progress = rank == 0 and not os.environ.get("MONTESSORI_NO_PROGRESS")
+    return StageContext(config, store, round_, stage_dir, active, progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run one training stage on this rank (started by a launcher).")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--round", type=int, required=True)
+    ap.add_argument("--stage", required=True, choices=LAUNCHED_STAGES)
+    args = ap.parse_args(argv)
+    from montessori.pipeline import STAGES
+    rank = int(os.environ.get("RANK", "0"))
+    ctx = rank_context(args.run_dir, args.round, args.stage, rank)
+    fn = next(s for s in STAGES if s.name == args.stage).function()
+    counts = fn(ctx) or {}
+    counts.setdefault("_extra", {})["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0:
+        from montessori.store import atomic_write_json
+        atomic_write_json(ctx.stage.path / COUNTS_FILE, counts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

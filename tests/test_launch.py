@@ -1,0 +1,94 @@
+"""Multi-GPU launch of the training stages: preset choice by model size, the launcher command lines,
+and a real 2-process DDP run of the SFT stage on CPU (gloo) through torchrun / accelerate launch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from montessori.config import load_preset
+from montessori.distributed.launch import (FSDP_MIN_PARAMS, SCRATCH, choose_strategy, count_params, launch_command,
+                                           maybe_launch, preset_path, run_launched)
+from montessori.errors import InputError
+from montessori.pipeline import StageContext, stages_for
+from montessori.records import Pair
+from montessori.store import RunStore, atomic_write_text, read_jsonl, write_jsonl
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256)
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000)
+
+
+def config_dir(tmp_path, name, arch) -> str:
+    from transformers import LlamaConfig
+    LlamaConfig(**arch).save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_preset_follows_model_size_unless_overridden(tmp_path, tiny_spec):
+    sizes = {name: count_params(spec) for name, spec in
+             [("tiny", tiny_spec), ("tinyllama", config_dir(tmp_path, "t", TINYLLAMA)),
+              ("llama3-8b", config_dir(tmp_path, "l", LLAMA3_8B))]}
+    assert 1.0e9 < sizes["tinyllama"] < 1.2e9 and 8.0e9 < sizes["llama3-8b"] < 8.1e9  # counted, not guessed
+    assert [choose_strategy("auto", n) for n in sizes.values()] == ["ddp", "ddp", "fsdp"]
+    assert choose_strategy(True, sizes["tiny"]) == "fsdp" and choose_strategy(False, FSDP_MIN_PARAMS) == "ddp"
+
+
+def test_presets_are_valid_accelerate_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+    ddp, fsdp = load_config_from_file(str(preset_path("ddp"))), load_config_from_file(str(preset_path("fsdp")))
+    assert str(ddp.distributed_type).endswith("MULTI_GPU") and str(fsdp.distributed_type).endswith("FSDP")
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # model/ stays a plain HF directory
+
+
+def test_launch_commands():
+    cmd = launch_command("accelerate", "fsdp", 8, ["RUN", "--round", "1", "--stage", "sft"])
+    assert cmd[1:6] == ["-m", "accelerate.commands.launch", "--config_file", str(preset_path("fsdp")),
+                        "--num_processes"] and cmd[6] == "8"
+    assert cmd[-7:] == ["-m", "montessori.distributed.launch", "RUN", "--round", "1", "--stage", "sft"]
+    cmd = launch_command("torchrun", "ddp", 4, ["RUN"])
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    with pytest.raises(InputError, match="FSDP needs distributed.launcher=accelerate"):
+        launch_command("torchrun", "fsdp", 4, ["RUN"])
+
+
+def sft_run(tmp_path, launcher: str):
+    config = load_preset("tiny", [f"distributed.launcher={launcher}", "distributed.num_processes=2",
+                                  "sft.global_batch_size=4", "sft.micro_batch_size=1"])
+    atomic_write_text(tmp_path / "config.yaml", config.to_yaml())  # what `montessori run` writes first
+    store = RunStore(tmp_path)
+    data = store.stage(1, "data")
+    write_jsonl(data.file("pairs.jsonl"), [Pair(f"d{i}", f"Say the number {i}.", f"The number is {i}.",
+                                                prompt_id=f"p{i}") for i in range(8)])
+    data.write_manifest(fingerprint="t", config_hash="t", inputs={}, counts={}, started=0.0)
+    return StageContext(config, store, 1, store.stage(1, "sft"), tuple(s.name for s in stages_for(config)), False)
+
+
+def check_two_rank_sft(tmp_path, counts):
+    # 2 ranks x micro-batch 1 x accumulation 2 = the global batch of 4: 8 pairs, 2 optimizer steps.
+    assert counts["_extra"]["world_size"] == 2 and counts["_extra"]["strategy"] == "ddp"
+    assert counts["pairs"] == 8 and counts["steps"] == 2
+    sft = tmp_path / "round-1" / "sft"
+    assert (sft / "model" / "config.json").exists() and len(read_jsonl(sft / "metrics.jsonl")) >= 2
+    assert not (tmp_path / SCRATCH).exists()  # rank 1's scratch copy is gone
+
+
+def test_sft_on_two_processes_through_torchrun(tmp_path):
+    ctx = sft_run(tmp_path, "torchrun")
+    check_two_rank_sft(tmp_path, run_launched("sft", ctx))
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_through_accelerate_launch(tmp_path):
+    ctx = sft_run(tmp_path, "accelerate")
+    check_two_rank_sft(tmp_path, run_launched("sft", ctx))
+
+
+def test_maybe_launch_runs_in_process_without_a_launcher_or_for_other_stages(tmp_path):
+    ctx = sft_run(tmp_path, "none")
+    assert maybe_launch("sft", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
+    ctx.config.distributed.launcher = "torchrun"
+    assert maybe_launch("influence", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
+    json.dumps(ctx.config.model_dump(mode="json"))  # the config with a launcher stays serialisable
