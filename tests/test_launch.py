@@ -80,7 +80,6 @@ def test_sft_on_two_processes_through_torchrun(tmp_path):
     check_two_rank_sft(tmp_path, run_launched("sft", ctx))
 
 
-@pytest.mark.slow
 def test_sft_on_two_processes_through_accelerate_launch(tmp_path):
     ctx = sft_run(tmp_path, "accelerate")
     check_two_rank_sft(tmp_path, run_launched("sft", ctx))

@@ -69,13 +69,16 @@ def num_processes(dcfg) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def launch_command(launcher: str, strategy: str, processes: int, entry: list[str], *, cpu: bool = False) -> list[str]:
-    """The command line that starts `python -m montessori.distributed.launch ENTRY` on every rank."""
+def launch_command(launcher: str, strategy: str, processes: int, entry: list[str]) -> list[str]:
+    """The command line that starts `python -m montessori.distributed.launch ENTRY` on every rank.
+
+    No `--cpu` for accelerate: it would start a single process; the stage's models.device decides
+    the device, and on CPU the trainers join the ranks over gloo."""
     module = ["-m", "montessori.distributed.launch", *entry]
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_path(strategy)),
                "--num_processes", str(processes)]
-        return cmd + (["--cpu"] if cpu else []) + module
+        return cmd + module
     if launcher == "torchrun":
         if strategy == "fsdp":
             raise InputError("distributed.launcher=torchrun runs DDP only; FSDP needs distributed.launcher=accelerate "
@@ -96,8 +99,7 @@ def run_launched(stage: str, ctx) -> dict:
     strategy = choose_strategy(dcfg.fsdp, count_params(stage_model_spec(ctx, stage)))
     root = ctx.store.root
     entry = [str(root), "--round", str(ctx.round), "--stage", stage]
-    cpu = ctx.config.models.device == "cpu"
-    cmd = launch_command(dcfg.launcher, strategy, processes, entry, cpu=cpu)
+    cmd = launch_command(dcfg.launcher, strategy, processes, entry)
     ctx.log.info("%s on %d processes (%s, %s): %s", stage, processes, dcfg.launcher, strategy, " ".join(cmd))
     counts_file = ctx.stage.path / COUNTS_FILE
     counts_file.unlink(missing_ok=True)
