@@ -50,13 +50,25 @@ class SeededSampler(LogitsProcessor):
         return out.scatter_(1, choice, 0.0)
 
 
-def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-    drop = drop_sorted.scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def _top_p(logits: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one).
+
+    A full sort of the vocabulary per step costs more than the model on small teachers, so: when the
+    k most likely tokens already hold top_p of the mass (the usual case for a trained model), cut
+    inside them; otherwise bisect on the probability threshold (a random model's flat distribution)."""
+    probs = logits.softmax(dim=-1)
+    top, order = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    cumulative = top.cumsum(dim=-1)
+    if bool((cumulative[:, -1] >= top_p).all()):
+        keep_sorted = cumulative - top < top_p
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
+        return logits.masked_fill(~keep, float("-inf"))
+    lo, hi = torch.zeros_like(top[:, :1]), top[:, :1].clone()
+    for _ in range(16):  # threshold t: the largest with mass(p >= t) >= top_p, to 2^-16 of the top prob
+        mid = (lo + hi) / 2
+        enough = torch.where(probs >= mid, probs, 0.0).sum(dim=-1, keepdim=True) >= top_p
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+    return logits.masked_fill(probs < lo, float("-inf"))
 
 
 class TransformersBackend(Backend):

@@ -1,0 +1,178 @@
+"""Instruction/response generation: parsing, filters, the 6 + 2 example mix, sampling semantics of the
+transformers backend on a real tiny model, and the stages on the `tiny` preset."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from montessori.generation.backends.base import Backend, Completion, Request, Sampling
+from montessori.generation.backends.hf import PresencePenalty, TransformersBackend
+from montessori.generation.filters import filter_reason
+from montessori.generation.prompts import build_prompt, choose_examples, parse_completion
+from montessori.generation.stage import generate_instructions
+from montessori.models.chat import prompt_text
+from montessori.store import read_jsonl
+
+FILTERS = dict(min_chars=6, max_chars=400, banned_words=["image", "graph", "file", "map", "draw", "plot", "go to"])
+
+
+def test_tagged_parser_takes_the_last_closed_tag():
+    completion = ("I chose this because recipes are useful. <instruction>Old idea</instruction>\n"
+                  "Better: <instruction>\n  Write a recipe for lentil soup.\n</instruction> done")
+    assert parse_completion("tagged", completion) == "Write a recipe for lentil soup."
+    assert parse_completion("tagged", "Reason... <INSTRUCTION>Name a planet.</Instruction>") == "Name a planet."
+    assert parse_completion("tagged", "Here is one: Write a haiku.") is None
+    assert parse_completion("tagged", "<instruction>Write a haiku about") is None  # cut at max tokens
+
+
+def test_list_parser_takes_the_first_line():
+    assert parse_completion("list", " Translate 'good morning' into French.\n10. Next one") == \
+        "Translate 'good morning' into French."
+    assert parse_completion("list", "\n\n10. something") is None
+    assert parse_completion("list", "   ") is None
+
+
+def test_filters_on_crafted_instructions():
+    cases = {
+        "Write a poem about autumn leaves.": None,
+        "Hi": "too_short",
+        "x" * 401: "too_long",
+        "Describe the image below in detail.": "banned_word",
+        "Draw a cat.": "banned_word",
+        "Explain how to go to the airport.": "banned_word",
+        "Update my profile description.": None,  # whole words only: 'profile' is not 'file'
+        "- List three fruits.": "punctuation_start",
+        "\"Quote\" this sentence back.": "punctuation_start",
+        "Écris un poème sur la mer.": "non_ascii_start",
+    }
+    for text, reason in cases.items():
+        assert filter_reason(text, **FILTERS) == reason, text
+
+
+def test_prompt_styles(tokenizer):
+    examples = [f"Example task number {i}." for i in range(1, 9)]
+    messages, prefill = build_prompt("tagged", examples)
+    assert prefill == "" and len(messages) == 1 and messages[0]["role"] == "user"
+    assert messages[0]["content"].count("<instruction>") == 8 + 1  # 8 examples + the request
+    messages, prefill = build_prompt("list", examples)
+    assert prefill == "9." and "8. Example task number 8." in messages[0]["content"]
+    assert prompt_text(tokenizer, messages, prefill).endswith("<|im_start|>assistant\n9.")
+
+
+def test_example_mix_is_6_seeds_plus_2_synthetic_after_bootstrap():
+    seeds = [(f"seed-{i}", f"seed text {i}") for i in range(20)]
+    rng = random.Random(0)
+    assert all(e[0].startswith("seed") for e in choose_examples(rng, seeds, [("syn-0", "x")]))
+    synthetic = [(f"syn-{i}", f"synthetic {i}") for i in range(5)]
+    chosen = choose_examples(rng, seeds, synthetic)
+    assert len(chosen) == 8 and len(set(chosen)) == 8
+    assert [e[0].split("-")[0] for e in chosen] == ["seed"] * 6 + ["syn"] * 2
+
+
+class ScriptedTeacher(Backend):
+    """Returns crafted completions in order: tests what the stage does with each kind of output."""
+
+    def __init__(self, texts):
+        self.texts = list(texts)
+
+    def generate(self, requests, sampling):
+        return [[Completion(self.texts.pop(0), 5) for _ in range(sampling.n)] for _ in requests]
+
+
+def test_stage_routes_each_candidate_to_kept_or_dropped_with_its_reason(tmp_path, tiny_config):
+    gen = tiny_config.generation.model_copy(update={"prompt_style": "tagged", "min_chars": 6,
+                                                    "banned_words": FILTERS["banned_words"], "batch_size": 1})
+    gen.instructions.n = 1
+    seeds = [(f"s{i}", f"Seed instruction number {i} about topic {i}.") for i in range(10)]
+    texts = ["Because. <instruction>Write a limerick about a cat.</instruction>",
+             "no tag at all",
+             "<instruction>Hi</instruction>",
+             "<instruction>Plot the data in a graph.</instruction>",
+             "<instruction>Write a limerick about a cat!</instruction>",  # duplicate of the first
+             "<instruction>Seed instruction number 3 about topic 3.</instruction>",  # copies an example
+             "<instruction>List three uses of baking soda.</instruction>"]
+    counts = generate_instructions(ScriptedTeacher(texts), gen, seeds, tmp_path, round=1, prefix="r1", seed=0,
+                                   num_prompts=len(texts))
+    kept = read_jsonl(tmp_path / "candidates.jsonl")
+    dropped = read_jsonl(tmp_path / "dropped.jsonl")
+    assert [c["instruction"] for c in kept] == ["Write a limerick about a cat.", "List three uses of baking soda."]
+    prompts = {p["id"]: p for p in read_jsonl(tmp_path / "prompts.jsonl")}
+    shown = [json.dumps(prompts[c["prompt_id"]]["example_ids"]) for c in dropped]
+    reasons = [c["dropped"] for c in dropped]
+    # The seed copy is a duplicate only if that seed was among the prompt's examples.
+    assert reasons[:4] == ["no_tag", "too_short", "banned_word", "duplicate"]
+    assert reasons[4:] == (["duplicate"] if '"s3"' in shown[-1] else [])
+    assert counts.kept == 2 and counts.samples == 7
+    assert counts.manifest()["format_compliance"] == pytest.approx(6 / 7, abs=1e-4)
+    for c in kept + dropped:  # each record carries what DPO needs
+        assert c["messages"] == prompts[c["prompt_id"]]["messages"] and c["completion"] in texts
+        assert c["example_ids"] == prompts[c["prompt_id"]]["example_ids"]
+
+
+@pytest.fixture()
+def backend(tiny_model):
+    return TransformersBackend(*tiny_model)
+
+
+REQUESTS = [Request([{"role": "user", "content": "Write a poem."}], seed=3),
+            Request([{"role": "user", "content": "Name a color, please, and say why."}], "Sure:", seed=3)]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_global_rng(backend):
+    sampling = Sampling(n=3, temperature=1.0, top_p=0.9, max_new_tokens=12)
+    torch.manual_seed(1)
+    first = backend.generate(REQUESTS, sampling)
+    torch.manual_seed(2)
+    again = backend.generate(REQUESTS, sampling)
+    assert [[c.text for c in cs] for cs in first] == [[c.text for c in cs] for cs in again]
+    assert len(first) == 2 and all(len(cs) == 3 for cs in first)
+    assert len({c.text for c in first[0]}) == 3  # n samples of one prompt differ
+    other = backend.generate([Request(r.messages, r.prefill, seed=4) for r in REQUESTS], sampling)
+    assert [c.text for c in other[0]] != [c.text for c in first[0]]
+    assert all(c.tokens == 12 and c.finish_reason == "length" for cs in first for c in cs)
+
+
+def test_top_p_near_zero_and_temperature_zero_are_greedy(backend):
+    greedy = backend.generate(REQUESTS, Sampling(n=1, temperature=0.0, max_new_tokens=10))
+    narrow = backend.generate(REQUESTS, Sampling(n=2, temperature=1.0, top_p=1e-9, max_new_tokens=10))
+    assert [cs[0].text for cs in greedy] == [cs[0].text for cs in narrow] == [cs[1].text for cs in narrow]
+    reference = backend.model.generate(**backend.tokenizer([prompt_text(backend.tokenizer, REQUESTS[0].messages)],
+                                                           return_tensors="pt", add_special_tokens=False),
+                                       do_sample=False, max_new_tokens=10)
+    assert backend.tokenizer.decode(reference[0, -10:], skip_special_tokens=True) == greedy[0][0].text
+
+
+def test_top_p_keeps_the_nucleus():
+    from montessori.generation.backends.hf import _top_p
+    torch.manual_seed(0)
+    for scale in (0.5, 3.0, 30.0):  # flat (bisection path) to peaked (top-k path)
+        logits = torch.randn(4, 5000, dtype=torch.float64) * scale
+        for top_p in (0.1, 0.9):
+            probs = logits.softmax(-1)
+            sorted_probs, order = probs.sort(-1, descending=True)
+            drop = (sorted_probs.cumsum(-1) - sorted_probs >= top_p)
+            expected = drop.scatter(1, order, drop)
+            got = torch.isinf(_top_p(logits.float(), top_p))
+            assert probs[got != expected].sum() < 5e-3  # differ only by the threshold's resolution
+            assert ((probs * ~got).sum(-1) >= top_p - 1e-6).all()
+
+
+def _generated_ids(backend, sampling):
+    text = prompt_text(backend.tokenizer, REQUESTS[0].messages)
+    enc = backend.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    from transformers import LogitsProcessorList
+    out = backend.model.generate(**enc, do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                                 logits_processor=LogitsProcessorList(
+                                     [PresencePenalty(sampling.presence_penalty, enc["input_ids"].shape[1])]))
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_presence_penalty_discourages_tokens_already_generated(backend):
+    plain = _generated_ids(backend, Sampling(presence_penalty=0.0, max_new_tokens=40))
+    assert len(set(plain)) < len(plain)  # the random model repeats itself greedily
+    penalized = _generated_ids(backend, Sampling(presence_penalty=1e4, max_new_tokens=40))
+    assert len(set(penalized)) == len(penalized)
+    # Only generated tokens are penalized, not the prompt's: the first token is the greedy one.
+    assert penalized[0] == plain[0]

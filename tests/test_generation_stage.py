@@ -1,0 +1,114 @@
+"""The generation stages on the `tiny` preset: outputs, counts, the 6 + 2 mix, and resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from montessori.cli import main
+from montessori.pipeline import run_pipeline
+from montessori.store import JsonlAppender, read_jsonl
+
+FILES = {"instructions": ("prompts.jsonl", "candidates.jsonl", "dropped.jsonl"), "responses": ("pairs.jsonl",)}
+
+
+def records(run, stage="instructions", name="candidates.jsonl", round=1):
+    return read_jsonl(run / f"round-{round}" / stage / name)
+
+
+def test_tiny_until_responses_writes_candidates_and_pairs(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["init", str(run), "--preset", "tiny"]) == 0
+    assert main(["run", str(run / "config.yaml"), "--until", "responses"]) == 0
+    kept, dropped, prompts = records(run), records(run, name="dropped.jsonl"), records(run, name="prompts.jsonl")
+    pairs = records(run, "responses", "pairs.jsonl")
+    assert len(kept) >= 12  # warm-up 4 + probing 8
+    manifest = json.loads((run / "round-1" / "instructions" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["kept"] == len(kept) and counts["dropped"] == len(dropped)
+    assert counts["samples"] == counts["prompts"] * 4 == len(prompts) * 4 == len(kept) + len(dropped)
+    assert 0 < counts["format_compliance"] <= 1 and counts["tokens"] > 0 and counts["tokens_per_s"] > 0
+    assert manifest["prompt_style"] == "list" and manifest["backend"] == "transformers"
+    # Pairs answer the kept candidates, in order, linked by id and prompt.
+    assert [p["id"] for p in pairs] == [c["id"] for c in kept]
+    assert all(p["candidate_id"] == p["id"] and p["prompt_id"] == c["prompt_id"] and p["instruction"] == c["instruction"]
+               for p, c in zip(pairs, kept))
+    # Once two synthetic instructions exist, prompts show 6 seeds + 2 earlier kept candidates.
+    kept_ids = {c["id"] for c in kept}
+    for p in prompts:
+        synthetic = [e for e in p["example_ids"] if not e.startswith("seed-")]
+        assert len(p["example_ids"]) == 8 and len(synthetic) in (0, 2)
+        assert all(e in kept_ids and e.rsplit("-s", 1)[0] < p["id"] for e in synthetic)
+    assert any(len([e for e in p["example_ids"] if not e.startswith("seed-")]) == 2 for p in prompts)
+    # A list-style candidate is the continuation after the prefill.
+    assert kept[0]["prefill"] == "9." and kept[0]["instruction"] == kept[0]["completion"].strip().split("\n")[0]
+    assert main(["status", str(run)]) == 0
+    assert "format_compliance" in capsys.readouterr().out
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config, monkeypatch):
+    config = tiny_config.model_copy(deep=True)
+    config.generation.num_prompts = 4  # 2 batches of 2 prompts x 4 samples
+    config.generation.instructions.max_new_tokens = config.generation.responses.max_new_tokens = 8
+    run_pipeline(config, tmp_path / "straight", until="responses", progress=False)
+
+    append = JsonlAppender.append
+    # Appends: 2 prompts + 8 candidates per batch. Kill in the second batch of instructions; then (after
+    # its remaining 8 appends) at the 11th pair, in the second batch of responses.
+    for kill_at in (13, 8 + 11):
+        calls = {"n": 0}
+
+        def dying_append(self, record, _append=append, _at=kill_at, _calls=calls):
+            _calls["n"] += 1
+            if _calls["n"] == _at:
+                raise Killed
+            _append(self, record)
+
+        monkeypatch.setattr(JsonlAppender, "append", dying_append)
+        with pytest.raises(Killed):
+            run_pipeline(config, tmp_path / "resumed", until="responses", progress=False)
+    monkeypatch.setattr(JsonlAppender, "append", append)
+    assert not (tmp_path / "resumed" / "round-1" / "responses" / "manifest.json").exists()
+    run_pipeline(config, tmp_path / "resumed", until="responses", progress=False)
+    for stage, names in FILES.items():
+        for name in names:
+            straight = records(tmp_path / "straight", stage, name)
+            resumed = records(tmp_path / "resumed", stage, name)
+            assert resumed == straight, (stage, name)
+            assert len({r["id"] for r in resumed}) == len(resumed)
+    assert len(records(tmp_path / "straight", "responses", "pairs.jsonl")) == len(records(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_resume(tmp_path):
+    """A real kill of `montessori run` while it writes candidates; the re-run finishes without duplicates."""
+    run = tmp_path / "run"
+    assert main(["init", str(run), "--preset", "tiny"]) == 0
+    config = run / "config.yaml"
+    args = [str(config), "generation.num_prompts=16", "generation.batch_size=4", "--until", "instructions"]
+    proc = subprocess.Popen([sys.executable, "-m", "montessori.cli", "run", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    target = run / "round-1" / "instructions" / "candidates.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if target.exists() and len(target.read_text().splitlines()) >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    killed = proc.returncode == -signal.SIGKILL
+    assert main(["run", *args]) == 0
+    kept, dropped = records(run), records(run, name="dropped.jsonl")
+    ids = [c["id"] for c in kept + dropped]
+    assert len(ids) == len(set(ids)) == 16 * 4
+    assert sorted(ids) == sorted(f"r1-p{i:05d}-s{j}" for i in range(16) for j in range(4))
+    if not killed:
+        pytest.skip("the run finished before it could be killed")
