@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--backend", default=default_backend, choices=["ray", "mp"])
     ap.add_argument("--arch", default="tinyllama-1.1b", choices=list(ARCHS))
     ap.add_argument("--workers", default="1,2,4", help="worker counts to measure (one GPU each)")
-    ap.add_argument("--per-worker", type=int, default=16, help="timed candidates per worker")
+    ap.add_argument("--per-worker", type=int, default=32, help="timed candidates per worker")
     ap.add_argument("--estimator", default="linear", choices=["linear", "exact"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--grad-precision", default=None, choices=["fp32", "tf32", "bf16"],
