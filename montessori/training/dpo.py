@@ -72,7 +72,9 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
     wsd = check_wsd(cfg, "dpo")
     train, too_long = preference_dataset(tokenizer, prefs, cfg.max_length)
     if train is None:
-        raise MontessoriError(f"dpo: every preference pair's prompt is longer than dpo.max_length={cfg.max_length}")
+        longest = max(len(preference_features(tokenizer, p)["prompt_ids"]) for p in prefs)
+        raise MontessoriError(f"dpo: every preference pair's prompt fills dpo.max_length={cfg.max_length} "
+                              f"(generation prompts up to {longest} tokens): raise dpo.max_length")
     evals = preference_dataset(tokenizer, list(eval_prefs), cfg.max_length)[0] if eval_prefs else None
     args = TRLDPOConfig(
         **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -122,6 +124,9 @@ def run_dpo(ctx) -> dict:
     trained, history, too_long = train_dpo(model, tokenizer, train, cfg, ref_model=ref_model, eval_prefs=held,
                                  output_dir=work, progress=ctx.progress)
     shutil.rmtree(work, ignore_errors=True)
+    if too_long:
+        ctx.log.warning("dpo: %d of %d pairs dropped: their prompt alone fills dpo.max_length=%d", too_long,
+                        len(train), cfg.max_length)
     atomic_write_json(ctx.stage.file("split.json"), {"train": [p.id for p in train], "eval": [p.id for p in held]})
     write_metrics(ctx.stage.file("metrics.jsonl"), history)
     save_model_atomic(trained, tokenizer, ctx.stage.path / "model")
