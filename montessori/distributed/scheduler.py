@@ -75,11 +75,13 @@ def dispatch(pool: WorkerPool, items: Sequence, on_result: Callable[[Any], None]
     stats = DispatchStats(tasks=len(pending), items=len(items), workers=len(pool.alive()))
     held: dict[int, dict[int, Task]] = {w: {} for w in pool.alive()}
     finished: set[int] = set()
+    last_reason = None
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress)
     try:
         while pending or any(held.values()):
             if not held:
-                raise WorkerLost(f"all {stats.workers} workers died; {len(pending)} tasks left unfinished")
+                raise WorkerLost(f"all {stats.workers} workers died; {len(pending)} tasks left unfinished; "
+                                 f"last reason: {last_reason}")
             for level in range(1, depth + 1):  # breadth first: every free worker gets one before any gets two
                 for w, mine in held.items():
                     if pending and len(mine) < level:
@@ -88,6 +90,7 @@ def dispatch(pool: WorkerPool, items: Sequence, on_result: Callable[[Any], None]
                         mine[task.id] = task
             for done in pool.wait():
                 if done.lost is not None:
+                    last_reason = done.lost
                     orphans = held.pop(done.worker, {})
                     if orphans or done.worker not in stats.lost_workers:
                         log.warning("worker %d lost (%s); re-queuing its %d tasks", done.worker, done.lost,
@@ -194,13 +197,20 @@ class RayPool:
                 out.append(Done(worker, task, self.ray.get(ref)))
             except self.ray.exceptions.RayActorError as err:  # the actor process is gone
                 self.actors.pop(worker, None)
-                out.append(Done(worker, task, lost=type(err).__name__))
+                out.append(Done(worker, task, lost=_last_line(err)))
         return out
 
     def close(self) -> None:
         for actor in self.actors.values():
             self.ray.kill(actor)
         self.actors.clear()
+
+
+def _last_line(err: BaseException) -> str:
+    """The gist of a Ray error (its last non-empty line: the actor's own exception when it failed
+    to start, else why it died)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:400]
 
 
 # ---------------------------------------------------------------------------------------------
