@@ -193,14 +193,18 @@ def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def eval_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
-    path = store.stage(round_, "eval").path / "results.json"
+    sd = store.stage(round_, "eval")
+    path = sd.path / "results.json"
     if not path.exists():
         return None, {}
-    results = json.loads(path.read_text())
     section = Section("Evaluation")
-    flat = _flatten(results)
+    # The stage's headline numbers (its manifest counts) first, then every scalar of results.json.
+    headline = (sd.manifest() or {}).get("counts", {})
+    if headline:
+        section.tables.append((list(headline), [[_fmt(v) for v in headline.values()]]))
+    flat = _flatten(json.loads(path.read_text()))
     section.tables.append((["metric", "value"], [[k, _fmt(v)] for k, v in flat]))
-    return section, dict(flat)
+    return section, headline or dict(flat)
 
 
 def stage_table(store: RunStore) -> Section:
