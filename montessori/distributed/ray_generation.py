@@ -7,7 +7,8 @@ handed to whichever engine is free (scheduler.dispatch) and reassembled in reque
 whose engine died is generated again elsewhere. The chunks are fixed by the request order, and a
 chunk is sampled exactly as a single-process backend samples a batch of those prompts (the
 transformers backend seeds a batch from its first request, vLLM seeds each request), so the
-output does not depend on how many engines there are or which one ran a chunk.
+output does not depend on how many engines there are or which one ran a chunk. With chunks at
+least as large as a call, it equals the single-process run (vLLM: with any chunk size).
 
 A call must hold several chunks to keep every engine busy: raise generation.batch_size (the
 stages pass batch_size // n prompts per call) to about workers x generation_chunk x n.
