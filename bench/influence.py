@@ -20,7 +20,6 @@ Needs torch and transformers only.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import sys

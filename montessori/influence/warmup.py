@@ -17,7 +17,6 @@ Load it without this package:
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
