@@ -194,7 +194,8 @@ def test_round_two_trains_last_rounds_teacher_against_itself(tmp_path, tiny_dir)
     import shutil
     # Round 1's DPO output: a different tiny model than the preset's base teacher would be.
     shutil.copytree(tiny_dir, tmp_path / "round-1" / "dpo" / "model")
-    config = load_preset("tiny", ["models.teacher=tiny-random:1", "dpo.lr=1e-9", "dpo.min_lr=1e-12"])
+    config = load_preset("tiny", ["models.teacher=tiny-random:1", "dpo.lr=1e-9", "dpo.min_lr=1e-12",
+                                  "dpo.max_length=128"])
     store = RunStore(tmp_path)
     prefs = make_prefs(2)
     long_prompt = PreferencePair(**{**prefs[0].to_dict(), "id": "long", "prompt": [
