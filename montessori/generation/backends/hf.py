@@ -9,6 +9,9 @@ call, never on the global RNG state of the process: a resumed stage samples the 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
@@ -77,7 +80,8 @@ class TransformersBackend(Backend):
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.model.eval()
-        self.tokenizer.padding_side = "left"
+        if tokenizer is not None:
+            self.tokenizer.padding_side = "left"
         self.eos_ids = _eos_ids(model, tokenizer)
 
     @classmethod
@@ -92,34 +96,63 @@ class TransformersBackend(Backend):
             return []
         texts = [prompt_text(self.tokenizer, r.messages, r.prefill) for r in requests]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = self.model.device
         # n samples per prompt in the same call: rows prompt0/s0, prompt0/s1, ..., prompt1/s0, ...
-        input_ids = batch["input_ids"].repeat_interleave(sampling.n, dim=0).to(device)
-        attention_mask = batch["attention_mask"].repeat_interleave(sampling.n, dim=0).to(device)
+        generated = self.generate_ids(batch["input_ids"], batch["attention_mask"], sampling, requests[0].seed)
+        completions = [self._completion(row) for row in generated]
+        return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(requests))]
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
+                     seed: int) -> list[list[int]]:
+        """`sampling.n` rows of sampled token ids per left-padded prompt row (prompt-major order).
+
+        With n > 1 the prompts are encoded once and their KV cache copied n times: the prompt, usually
+        much longer than the completion, is not recomputed per sample."""
+        device = self.model.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = None
+        if sampling.n > 1 and input_ids.shape[1] > 1:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=self.model.config)
+            with _quiet():
+                self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(sampling.n)
+        input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
+        attention_mask = attention_mask.repeat_interleave(sampling.n, dim=0)
         prompt_length = input_ids.shape[1]
         processors = LogitsProcessorList([
             PresencePenalty(sampling.presence_penalty, prompt_length),
-            SeededSampler(sampling.temperature, sampling.top_p, requests[0].seed, device),
+            SeededSampler(sampling.temperature, sampling.top_p, seed, device),
         ])
         config = GenerationConfig(
             do_sample=False, max_new_tokens=sampling.max_new_tokens, repetition_penalty=sampling.repetition_penalty,
-            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, num_beams=1)
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                     logits_processor=processors)
-        generated = output[:, prompt_length:].tolist()
-        completions = [self._completion(row, sampling.max_new_tokens) for row in generated]
-        return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(requests))]
+            eos_token_id=self.eos_ids or None, pad_token_id=self.tokenizer.pad_token_id if self.tokenizer else 0,
+            num_beams=1)
+        with _quiet():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                         generation_config=config, logits_processor=processors,
+                                         past_key_values=cache)
+        return output[:, prompt_length:].tolist()
 
-    def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+    def _completion(self, ids: list[int]) -> Completion:
         end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
         if end is None:
             return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids), "length")
         return Completion(self.tokenizer.decode(ids[:end], skip_special_tokens=True), end + 1, "stop")
 
 
+@contextlib.contextmanager
+def _quiet():
+    # transformers 5 renames `past_key_values` to `cache` (FutureWarning); 4.x knows only the old name.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        yield
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
