@@ -30,7 +30,8 @@ def test_tagged_parser_takes_the_last_closed_tag():
 def test_list_parser_takes_the_first_line():
     assert parse_completion("list", " Translate 'good morning' into French.\n10. Next one") == \
         "Translate 'good morning' into French."
-    assert parse_completion("list", "\n\n10. something") is None
+    assert parse_completion("list", "\n\n10. Name a river.\n11. x") == "Name a river."
+    assert parse_completion("list", "") is None  # the teacher stopped at once
     assert parse_completion("list", "   ") is None
 
 

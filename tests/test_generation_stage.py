@@ -10,6 +10,7 @@ import time
 import pytest
 
 from montessori.cli import main
+from montessori.generation.prompts import parse_completion
 from montessori.pipeline import run_pipeline
 from montessori.store import JsonlAppender, read_jsonl
 
@@ -45,7 +46,7 @@ def test_tiny_until_responses_writes_candidates_and_pairs(tmp_path, capsys):
         assert all(e in kept_ids and e.rsplit("-s", 1)[0] < p["id"] for e in synthetic)
     assert any(len([e for e in p["example_ids"] if not e.startswith("seed-")]) == 2 for p in prompts)
     # A list-style candidate is the continuation after the prefill.
-    assert kept[0]["prefill"] == "9." and kept[0]["instruction"] == kept[0]["completion"].strip().split("\n")[0]
+    assert kept[0]["prefill"] == "9." and kept[0]["instruction"] == parse_completion("list", kept[0]["completion"])
     assert main(["status", str(run)]) == 0
     assert "format_compliance" in capsys.readouterr().out
 
@@ -112,3 +113,26 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
     assert sorted(ids) == sorted(f"r1-p{i:05d}-s{j}" for i in range(16) for j in range(4))
     if not killed:
         pytest.skip("the run finished before it could be killed")
+
+
+def test_data_stage_writes_exactly_num_pairs(tmp_path, tiny_config):
+    """Stage `data` (METHOD.md step 8): prompt batches until sft.num_pairs instructions are kept, then answers."""
+    config = tiny_config.model_copy(deep=True)
+    config.method = "self-instruct"  # stages data, sft, eval: the data stage needs no DPO output here
+    config.generation.instructions.max_new_tokens = config.generation.responses.max_new_tokens = 8
+    config.sft.num_pairs = 10
+    run_pipeline(config, tmp_path / "run", until="data", progress=False)
+    data = tmp_path / "run" / "round-1" / "data"
+    pairs, kept = read_jsonl(data / "pairs.jsonl"), read_jsonl(data / "candidates.jsonl")
+    assert len(pairs) == 10 and [p["id"] for p in pairs] == [c["id"] for c in kept[:10]]
+    assert all(p["id"].startswith("r1-data-p") for p in pairs)
+    counts = json.loads((data / "manifest.json").read_text())["counts"]
+    # Batches of 2 prompts x 4 samples until 10 are kept: it stops after the batch that crossed 10.
+    assert counts["kept"] >= 10 and counts["kept"] - 8 < 10 and counts["pairs"] == 10 and counts["short"] == 0
+    assert counts["prompts"] == len(read_jsonl(data / "prompts.jsonl")) and counts["prompts"] % 2 == 0
+
+    config.sft.num_pairs = 40
+    config.generation.data_max_prompts_per_pair = 0.05  # at most 2 prompts: too few for 40 pairs
+    run_pipeline(config, tmp_path / "capped", until="data", progress=False)
+    counts = json.loads((tmp_path / "capped" / "round-1" / "data" / "manifest.json").read_text())["counts"]
+    assert counts["prompts"] == 2 and counts["pairs"] == counts["kept"] <= 8 and counts["short"] == 40 - counts["pairs"]

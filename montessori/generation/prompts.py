@@ -36,6 +36,7 @@ line: a task a person might really ask for, with any input it needs written in t
 
 {examples}"""
 
+_ITEM_NUMBER = re.compile(r"^\d+[.)]\s*")
 _TAG = re.compile(r"<instruction>(.*?)</instruction>", re.DOTALL | re.IGNORECASE)
 
 
@@ -55,7 +56,9 @@ def parse_completion(style: str, completion: str) -> str | None:
     if style == "tagged":
         matches = _TAG.findall(completion)
         return matches[-1].strip() if matches else None
-    line = completion.lstrip(" \t").split("\n", 1)[0].strip()
+    # The first line after the prefilled number; a model that starts a new line and numbers it
+    # itself ("\n10. ...") still wrote one new item.
+    line = _ITEM_NUMBER.sub("", completion.strip().split("\n", 1)[0]).strip()
     return line or None
 
 
