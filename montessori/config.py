@@ -60,7 +60,9 @@ class GenerationConfig(Section):
     http_concurrency: int = 8
     http_timeout: float = 120.0
     http_max_retries: int = 5
-    batch_size: int = 8
+    # Sequences (prompt x sample) per generate call; the n samples of a prompt share its encoding.
+    # 16 from bench/generate.py on CPU (docs/bench-generation.md); GPU presets use more.
+    batch_size: int = 16
     prompt_style: Literal["tagged", "list"] = "tagged"
     num_prompts: int = 64  # generation prompts per probing round (each sampled `instructions.n` times)
     examples_per_prompt: int = 8
