@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from montessori.errors import InputError
 from montessori.generation.backends import Backend, Request, Sampling, choose_backend, make_backend
 from montessori.generation.dedup import RougeDeduper
 from montessori.generation.filters import filter_reason
@@ -27,7 +28,7 @@ from montessori.generation.prompts import build_prompt, choose_examples, parse_c
 from montessori.models.chat import user_turn
 from montessori.readers import read_seeds
 from montessori.records import Candidate, GenerationPrompt, Pair
-from montessori.store import JsonlAppender
+from montessori.store import JsonlAppender, read_jsonl
 
 
 def derived_seed(*parts) -> int:
@@ -225,8 +226,6 @@ def run_instructions(ctx) -> dict:
 
 
 def run_responses(ctx) -> dict:
-    from montessori.errors import InputError
-    from montessori.store import read_jsonl
     cfg = ctx.config
     source = ctx.input("instructions").path / "candidates.jsonl"
     if not source.exists():
@@ -253,7 +252,6 @@ def run_data(ctx) -> dict:
         counts = generate_instructions(backend, gen, _seeds(cfg), ctx.stage.path, round=ctx.round,
                                        prefix=f"r{ctx.round}-data", seed=gen.seed + cfg.seed,
                                        target_kept=wanted, max_prompts=max_prompts, progress=ctx.progress)
-        from montessori.store import read_jsonl
         kept = read_jsonl(ctx.stage.path / "candidates.jsonl", Candidate)[:wanted]
         if len(kept) < wanted:
             ctx.log.warning("data: only %d of %d instructions kept after %d prompts "
