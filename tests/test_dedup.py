@@ -3,7 +3,6 @@
 import json
 import random
 
-import pytest
 from rouge_score import rouge_scorer
 
 from conftest import shared_data
