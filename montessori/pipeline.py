@@ -139,7 +139,7 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
     preflight(config)
     store = RunStore(run_dir)
     store.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(store.root / "config.yaml", config.to_yaml())
+    atomic_write_text(store.root / "config.resolved.yaml", config.to_yaml())  # never the user's file
     stages = stages_for(config)
     active = tuple(s.name for s in stages)
     if until is not None and until not in active:
@@ -194,7 +194,8 @@ def _run_stage(stage: Stage, ctx: StageContext, fingerprint: str, inputs: dict) 
                               f"stages before it are done (see montessori status)") from None
     log.info("round %d %s: running", ctx.round, stage.name)
     started = time.time()
-    counts = fn(ctx) or {}
+    from montessori.distributed.launch import maybe_launch  # accelerate/torchrun for dpo and sft when configured
+    counts = maybe_launch(stage.name, ctx, fn) or {}
     extra = counts.pop("_extra", {}) if isinstance(counts, dict) else {}
     stage_dir.write_manifest(fingerprint=fingerprint, config_hash=inputs["config"],
                              inputs={k: v for k, v in inputs.items() if k != "config"},

@@ -244,7 +244,9 @@ def build_sections(run_dir: Path) -> tuple[list[Section], list[tuple[int, list[S
 
 
 def _config_line(run_dir: Path) -> str:
-    path = run_dir / "config.yaml"
+    path = run_dir / "config.resolved.yaml"
+    if not path.exists():
+        path = run_dir / "config.yaml"
     if not path.exists():
         return ""
     import yaml

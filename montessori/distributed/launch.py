@@ -3,7 +3,7 @@
 
     driver (montessori run)                    every rank (python -m montessori.distributed.launch)
     -----------------------                    ------------------------------------------------------
-    maybe_launch("sft", ctx, run_sft)  ---->   reads RUN/config.yaml, builds the stage's context,
+    maybe_launch("sft", ctx, run_sft)  ---->   reads RUN/config.resolved.yaml, builds the stage's context,
       accelerate launch --config_file            calls run_sft(ctx): TRL's trainers see WORLD_SIZE and
         accelerate/{ddp,fsdp}.yaml               wrap the model in DDP / FSDP themselves
         --num_processes N -m ...launch
@@ -130,7 +130,7 @@ def rank_context(run_dir: Path, round_: int, stage: str, rank: int):
     from montessori.store import RunStore, StageDir
     if stage not in STAGE_NAMES:
         raise InputError(f"--stage {stage}: unknown stage (stages: {', '.join(STAGE_NAMES)})")
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.resolved.yaml")
     store = RunStore(run_dir)
     stage_dir = store.stage(round_, stage) if rank == 0 else StageDir(run_dir / SCRATCH / f"rank-{rank}", round_, stage)
     stage_dir.path.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ class Student:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (any(path.glob("round-*")) or (path / "config.yaml").exists()) \
+    return path.is_dir() and (any(path.glob("round-*")) or (path / "config.resolved.yaml").exists()) \
         and not (path / "config.json").exists()
 
 

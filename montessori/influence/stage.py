@@ -39,6 +39,9 @@ def grad_precision(icfg, device) -> str:
 
 
 def run_influence(ctx) -> dict:
+    if ctx.config.distributed.ray:  # one actor per GPU, same values (montessori.distributed)
+        from montessori.distributed.ray_influence import run_influence_ray
+        return run_influence_ray(ctx)
     cfg, icfg = ctx.config, ctx.config.influence
     grad_prec = grad_precision(icfg, resolve_device(cfg.models.device))
     candidates = probing_pairs(ctx)
