@@ -103,6 +103,9 @@ def run_launched(stage: str, ctx) -> dict:
     ctx.log.info("%s on %d processes (%s, %s): %s", stage, processes, dcfg.launcher, strategy, " ".join(cmd))
     counts_file = ctx.stage.path / COUNTS_FILE
     counts_file.unlink(missing_ok=True)
+    # The ranks rebuild the stage's context from this exact config (overrides included).
+    from montessori.store import atomic_write_text
+    atomic_write_text(root / "config.resolved.yaml", ctx.config.to_yaml())
     env = dict(os.environ, MONTESSORI_NO_PROGRESS="" if ctx.progress else "1")
     result = subprocess.run(cmd, env=env)
     shutil.rmtree(root / SCRATCH, ignore_errors=True)
