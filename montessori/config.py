@@ -61,7 +61,7 @@ class GenerationConfig(Section):
     http_timeout: float = 120.0
     http_max_retries: int = 5
     # Sequences (prompt x sample) per generate call; the n samples of a prompt share its encoding.
-    # 16 from bench/generate.py on CPU (docs/bench-generation.md); GPU presets use more.
+    # 16 from bench/generate.py on CPU (docs/benchmarks.md); GPU presets use more.
     batch_size: int = 16
     prompt_style: Literal["tagged", "list"] = "tagged"
     num_prompts: int = 64  # generation prompts per probing round (each sampled `instructions.n` times)
@@ -101,7 +101,7 @@ class WarmupConfig(Section):
 
 class InfluenceConfig(Section):
     # linear: first-order form, one fwd/bwd per candidate; exact: step + full reference pass (the check).
-    # Measured agreement and speed: docs/bench-influence.md.
+    # Measured agreement and speed: docs/benchmarks.md.
     estimator: Literal["exact", "linear"] = "linear"
     # Arithmetic of the reference evaluation (exact: before/after losses; linear: ∇L_ref), over fp32
     # master weights: fp32, tf32 (CUDA only, a no-op on CPU) or bf16 autocast. One AdamW step moves

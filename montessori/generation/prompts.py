@@ -6,7 +6,7 @@ last tag of the completion is the instruction.
 
 `list` (original Self-Instruct): the user turn shows the examples as a numbered list and the assistant
 turn is prefilled with the next number ("9."); the first line of the continuation is the instruction.
-Small teachers follow it where they ignore the tagged format (SmolLM2-135M: see docs/bench-generation.md).
+Small teachers follow it where they ignore the tagged format (SmolLM2-135M: see docs/benchmarks.md).
 
 The prefill is part of the prompt: a candidate's `completion` is only the text generated after it.
 """
