@@ -76,3 +76,21 @@ def test_doctor_reports_the_embedded_model(smollm2, capsys, tmp_path):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "embedded model smollm2: installed" in out and "converted, cached" in out
+
+
+def test_base_model_without_chat_template_gets_the_plain_template(tiny_dir, tmp_path):
+    import shutil
+    from montessori.models import encode_example, load_tokenizer
+    from montessori.models.load import PLAIN_CHAT_TEMPLATE
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    tok = load_tokenizer(str(base))
+    tok.chat_template = None
+    tok.save_pretrained(base)
+    for f in base.glob("chat_template.*"):
+        f.unlink()
+    tok = load_tokenizer(str(base))
+    assert tok.chat_template == PLAIN_CHAT_TEMPLATE
+    ids, labels = encode_example(tok, [{"role": "user", "content": "Add 2 and 3."}], "5")
+    prompt = tok.decode([i for i, l in zip(ids, labels) if l == -100])
+    assert prompt.endswith("### Instruction:\nAdd 2 and 3.\n\n### Response:\n")

@@ -31,6 +31,13 @@ TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n"
+    "{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MONTESSORI_CACHE", Path.home() / ".cache" / "montessori"))
 
@@ -147,7 +154,10 @@ def load_tokenizer(spec: str, padding_side: str = "left"):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     if not tokenizer.chat_template:
-        raise InputError(f"model '{spec}': tokenizer has no chat template; montessori needs an instruct model")
+        # Base students (the paper's Llama3-8B and TinyLlama) ship no template: use a plain
+        # instruction/response format, the same for every stage, so masking stays consistent.
+        log.warning("model '%s' has no chat template; using montessori's plain instruction template", spec)
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     return tokenizer
 
 
