@@ -16,7 +16,6 @@ must be on storage every node sees (NFS, a shared volume), as it is for any mult
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -180,11 +179,6 @@ def run_influence_ray(ctx) -> dict:
             ctx.log.info("%d candidates on %d Ray workers (%d lost): %s", len(todo), workers, lost, stats.per_worker)
         wanted = {c.id for c in candidates}
         results = [r for r in out.records if r.id in wanted]
-    ok = [r for r in results if r.status == "ok"]
-    timed = [r.seconds for r in results if r.seconds is not None]
-    return {"candidates": len(results), "ok": len(ok), "invalid": len(results) - len(ok),
-            "positive": sum(r.influence > 0 for r in ok), "negative": sum(r.influence < 0 for r in ok),
-            "seconds_per_candidate": round(sum(timed) / len(timed), 4) if timed else math.nan,
-            "_extra": {"estimator": icfg.estimator, "precision": icfg.precision,
-                       "grad_precision": grad_precision(icfg, torch.device("cuda" if on_gpu else "cpu")),
-                       "ray_workers": workers, "ray_workers_lost": lost}}
+    from montessori.influence.stage import influence_counts
+    return influence_counts(results, icfg, grad_precision(icfg, torch.device("cuda" if on_gpu else "cpu")),
+                            ray_workers=workers, ray_workers_lost=lost)

@@ -60,10 +60,15 @@ def run_influence(ctx) -> dict:
                               max_length=icfg.max_length, reference_max_length=cfg.data.reference_max_length,
                               lr=icfg.lr, compile=icfg.compile, on_result=out.append, progress=ctx.progress)
         results = [r for r in out.records if r.id in {c.id for c in candidates}]
+    return influence_counts(results, icfg, grad_prec)
+
+
+def influence_counts(results, icfg, grad_prec: str, **extra) -> dict:
+    """The stage's manifest counts, the same for the single-process and the Ray engine."""
     ok = [r for r in results if r.status == "ok"]
     timed = [r.seconds for r in results if r.seconds is not None]
     return {"candidates": len(results), "ok": len(ok), "invalid": len(results) - len(ok),
             "positive": sum(r.influence > 0 for r in ok), "negative": sum(r.influence < 0 for r in ok),
             "seconds_per_candidate": round(sum(timed) / len(timed), 4) if timed else math.nan,
             "_extra": {"estimator": icfg.estimator, "precision": icfg.precision,
-                       "grad_precision": grad_prec}}
+                       "grad_precision": grad_prec, **extra}}
