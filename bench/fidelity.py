@@ -73,7 +73,7 @@ def measure(args) -> None:
     candidates = read_pairs(str(SHARED / "self_instruct_user_oriented.jsonl"), limit=args.candidates).records
     ref_examples = encode_pairs(tokenizer, reference, args.reference_max_length)
     cand_examples = encode_pairs(tokenizer, candidates, args.max_length)
-    setting = f"{args.model} W={args.warmup_steps} ref={args.reference}[:{args.num_reference}]@{args.reference_max_length}"
+    setting = f"{Path(args.model).name} {args.device} W={args.warmup_steps} ref={args.reference}[:{args.num_reference}]@{args.reference_max_length}"
     with JsonlAppender(Path(args.out)) as out:
         for method in args.methods.split(","):
             estimator, precision, grad_precision = METHODS[method]
@@ -94,7 +94,7 @@ def measure(args) -> None:
 def report(files: list[str]) -> None:
     rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
     settings = sorted({r["setting"] for r in rows})
-    print("| setting | method | n | Spearman vs exact-fp32 | sign agreement | median rel. err | positive | s/cand (CPU) |")
+    print("| setting | method | n | Spearman vs exact-fp32 | sign agreement | median rel. err | positive | s/cand |")
     print("|---|---|---|---|---|---|---|---|")
     for setting in settings:
         by_method: dict[str, dict[str, dict]] = {}
@@ -128,11 +128,14 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/montessori-fidelity")
     ap.add_argument("--out", default="fidelity.jsonl")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", default=str(SHARED), help="folder of the shared data files (../shared/data)")
     ap.add_argument("--report", nargs="*", help="print the agreement table of these result files and exit")
     args = ap.parse_args()
     if args.report is not None:
         report(args.report or [args.out])
         return
+    global SHARED
+    SHARED = Path(args.data)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     measure(args)

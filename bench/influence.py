@@ -4,6 +4,12 @@ public code's strategy, on randomly initialised real architectures.
     python bench/influence.py --device cuda --arch tinyllama-1.1b
     python bench/influence.py --device cuda --arch llama3-8b --methods linear-bf16grad,exact-bf16 --no-public
     python bench/influence.py --device cpu --arch tiny --candidates 2      # smoke test
+    python bench/influence.py --methods linear-bf16grad,linear-bf16grad@perparam --profile --no-public
+
+A method name may end in `@perparam`: the candidate gradient consumed one parameter at a time (the
+engine's earlier layout) instead of in buckets of engine.BUCKET_BYTES. The moments start on the host
+each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the table
+shows it with the peak device memory.
 
 Setup: random weights (fp32 master), a synthetic AdamW state (moments of a plausible size, step 1000),
 the 256 reference examples' real (prompt, response) lengths (the public code's Alpaca-Eval/GPT-4 set,
@@ -31,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import montessori.influence.engine as engine_module  # noqa: E402
 from montessori.influence.engine import (  # noqa: E402
     AdamWState, Example, InfluenceEngine, length_batches, precision_context)
 
@@ -48,6 +55,7 @@ METHODS = {  # name: (estimator, precision of the reference pass, precision of t
     "linear-fp32": ("linear", "fp32", "fp32"),
     "linear-bf16grad": ("linear", "fp32", "bf16"),
     "linear-tf32": ("linear", "tf32", "tf32"),
+    "linear-tf32-bf16grad": ("linear", "tf32", "bf16"),
     "exact-fp32": ("exact", "fp32", "fp32"),
     "exact-tf32": ("exact", "tf32", "tf32"),
     "exact-bf16": ("exact", "bf16", "bf16"),
@@ -144,29 +152,55 @@ def eval_flops(model, ref: list[Example]) -> float:
     return 2 * dense * tokens + 2 * head * sum(e.num_targets for e in ref) + attention
 
 
+def profile(engine, cands, device) -> None:
+    """torch.profiler over a few candidates: where the step's time goes (kernels and host)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for c in cands:
+            engine.score(c)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+
+
 def run_engine(model, state, ref, cands, method, args, device):
-    estimator, precision, grad_precision = METHODS[method]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    engine = InfluenceEngine(model, state, ref, pad_id=0, estimator=estimator, precision=precision,
-                             grad_precision=grad_precision, eval_batch_size=args.eval_batch_size,
-                             compile=args.compile)
-    sync(device)
-    setup = time.perf_counter() - started
-    engine.score(cands[0])  # untimed: allocator, kernels, compilation
-    steps, evals, values = [], [], []
-    for c in cands[1:]:
-        r = engine.score(c)
-        steps.append(engine.timing["step"])
-        evals.append(engine.timing["eval"] if estimator == "exact" else 0.0)
-        values.append(r.influence)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    del engine
+    name, _, variant = method.partition("@")
+    estimator, precision, grad_precision = METHODS[name]
+    bucket = engine_module.BUCKET_BYTES
+    engine_module.BUCKET_BYTES = 1 if variant == "perparam" else bucket
+    state.to("cpu")  # as load_warmup leaves it: the engine moves the moments after ∇L_ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(method=method, precision=precision, setup=setup, step=sum(steps) / len(steps),
-                eval=sum(evals) / len(evals), peak_gib=peak, values=values)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        started = time.perf_counter()
+        engine = InfluenceEngine(model, state, ref, pad_id=0, estimator=estimator, precision=precision,
+                                 grad_precision=grad_precision, eval_batch_size=args.eval_batch_size,
+                                 compile=args.compile)
+        sync(device)
+        setup = time.perf_counter() - started
+        engine.score(cands[0])  # untimed: allocator, kernels, compilation
+        steps, evals, values = [], [], []
+        for c in cands[1:]:
+            r = engine.score(c)
+            steps.append(engine.timing["step"])
+            evals.append(engine.timing["eval"] if estimator == "exact" else 0.0)
+            values.append(r.influence)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        if args.profile and estimator == "linear":
+            print(f"\nprofile of {method}:")
+            profile(engine, cands[1:4], device)
+        layout = engine.ref_grad_dtype + " ∇L_ref" if estimator == "linear" else engine.shadow_mode + " shadow"
+        del engine
+    finally:
+        engine_module.BUCKET_BYTES = bucket
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(method=method, precision=precision, grad_precision=grad_precision, setup=setup,
+                step=sum(steps) / len(steps), eval=sum(evals) / len(evals), peak_gib=peak, values=values,
+                layout=layout)
 
 
 def run_public(model, state, ref, cands, args, device):
@@ -214,8 +248,9 @@ def run_public(model, state, ref, cands, args, device):
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     n = len(loads)
-    return dict(method="public (reload + bf16)", precision="bf16", setup=save, load=sum(loads) / n,
-                step=sum(steps) / n, eval=sum(evals) / n, peak_gib=float("nan"), values=[])
+    return dict(method="public (reload + bf16)", precision="bf16", grad_precision="bf16", setup=save,
+                load=sum(loads) / n, step=sum(steps) / n, eval=sum(evals) / n, peak_gib=float("nan"), values=[],
+                layout="disk")
 
 
 def main() -> None:
@@ -229,6 +264,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the elementwise update")
     ap.add_argument("--no-public", action="store_true", help="skip the public code's reload strategy")
     ap.add_argument("--ckpt-dir", default=None, help="where the public strategy saves its checkpoint")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of each linear method's step")
     args = ap.parse_args()
     device = torch.device(args.device)
     rng = random.Random(0)
@@ -237,7 +273,7 @@ def main() -> None:
         lengths = [(min(a, 32), min(b, 64)) for a, b in lengths]
     model = build_model(args.arch, device)
     n_params = sum(p.numel() for p in model.parameters())
-    state = synthetic_state(model)
+    state = synthetic_state(model).to("cpu")
     ref = examples(lengths, model.config.vocab_size, "ref", rng)
     cand_lengths = [(rng.randint(40, 100), 0) for _ in range(args.candidates + 1)]
     cand_lengths = [(a, rng.randint(300, 600) - a) for a, _ in cand_lengths]
@@ -263,16 +299,20 @@ def main() -> None:
 
     print(f"\n{args.arch} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{args.candidates} timed candidates, eval batch {args.eval_batch_size}, compile={args.compile}")
-    print("| method | s/candidate | step s | reference eval s | reload s | eval TFLOP/s (% of matmul) "
-          "| eval floor s | update floor ms | setup s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    # The step's floor: forward + backward (3x the forward FLOPs) of the mean candidate at the gradient's
+    # precision, plus the update pass over θ, g, m, v (and ∇L_ref or the shadow) at device-copy speed.
+    cand_flops = sum(eval_flops(model, [c]) for c in cands[1:]) / max(1, len(cands) - 1)
+    print("| method | layout | s/candidate | step s | step floor s | reference eval s | reload s "
+          "| eval TFLOP/s (% of matmul) | eval floor s | setup s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         total = r["step"] + r["eval"] + r.get("load", 0.0)
         rate = rates[r["precision"]]
         achieved = f"{flops / r['eval'] / 1e12:.1f} ({100 * flops / r['eval'] / rate:.0f}%)" if r["eval"] else "-"
         floor = f"{flops / rate:.3f}" if r["eval"] else "-"
-        print(f"| {r['method']} | {total:.4f} | {r['step']:.4f} | {r['eval']:.4f} | {r.get('load', 0.0):.3f} | "
-              f"{achieved} | {floor} | {1e3 * update_bytes / copy:.1f} | {r['setup']:.2f} | {r['peak_gib']:.1f} |")
+        step_floor = 3 * cand_flops / rates[r["grad_precision"]] + update_bytes / copy
+        print(f"| {r['method']} | {r['layout']} | {total:.4f} | {r['step']:.4f} | {step_floor:.4f} | {r['eval']:.4f} | "
+              f"{r.get('load', 0.0):.3f} | {achieved} | {floor} | {r['setup']:.2f} | {r['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

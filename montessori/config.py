@@ -114,6 +114,11 @@ class InfluenceConfig(Section):
     eval_batch_size: int = 8
     max_length: int = 1024
     compile: bool = False
+    # Memory layout (values are the same, bit for bit for `shadow`): auto keeps a fourth fp32 copy of
+    # the weights on the device only when it fits (not for an 8B student on one 141 GB GPU): else
+    # ∇L_ref is stored in bf16 and exact steps θ in place, restoring it from a pinned host copy.
+    ref_grad_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    shadow: Literal["auto", "device", "host"] = "auto"
 
 
 class PairsConfig(Section):

@@ -158,3 +158,55 @@ def test_bf16_precision_runs_and_moves_values(warm_dir):
     bf16 = influences(compute_influence(model, state, CANDIDATES[:3], REFERENCE, tokenizer=tokenizer,
                                         precision="bf16", grad_precision="bf16"))
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.05)
+
+
+def assert_state_is_saved_one(model, state, warm_dir):
+    saved_model, _, saved_state = load_warmup(warm_dir, "cpu")
+    for (name, p), q in zip(model.named_parameters(), saved_model.parameters()):
+        assert torch.equal(p, q), name
+    for key, s in saved_state["state"].items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state["state"][key][field], s[field]), (key, field)
+
+
+def test_host_shadow_and_gradient_buckets_give_the_same_values(warm_dir, monkeypatch):
+    """shadow="host" (the 8B layout: θ stepped in place, restored from a host copy) and per-parameter
+    buckets give the values of the default layout, and leave the state bit for bit as saved."""
+    import montessori.influence.engine as engine_module
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    device = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
+                                          shadow="device"))
+    host = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
+                                        shadow="host"))
+    monkeypatch.setattr(engine_module, "BUCKET_BYTES", 1)  # one flush per parameter
+    small = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
+                                         shadow="host"))
+    exploded = compute_influence(model, state, CANDIDATES[:1], REFERENCE, tokenizer=tokenizer, shadow="host",
+                                 lr=float("inf"))
+    assert host == device and small == pytest.approx(device, abs=1e-7)
+    assert exploded[0].status == "non_finite_loss"
+    assert_state_is_saved_one(model, state, warm_dir)
+
+
+def test_bf16_reference_gradient_keeps_the_ranking(warm_dir):
+    """ref_grad_dtype="bf16" (∇L_ref accumulated in fp32, stored in bf16: the 8B layout) changes the
+    linear values by bf16 rounding only."""
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    fp32 = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                        estimator="linear", ref_grad_dtype="fp32"))
+    bf16 = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                        estimator="linear", ref_grad_dtype="bf16"))
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=1e-2)
+    assert spearman(bf16, fp32) >= 0.95
+
+
+def test_weight_decay_is_part_of_the_step(warm_dir):
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    state = copy.deepcopy(state)
+    state["param_groups"][0].update(weight_decay=0.5, lr=1e-4)
+    exact = influences(compute_influence(model, state, CANDIDATES[:2], REFERENCE, tokenizer=tokenizer))
+    obvious = [obvious_influence(model, tokenizer, state, c) for c in CANDIDATES[:2]]
+    linear = influences(compute_influence(model, state, CANDIDATES[:2], REFERENCE, tokenizer=tokenizer,
+                                          estimator="linear"))
+    assert exact == pytest.approx(obvious, abs=2e-5, rel=1e-4)
+    assert linear == pytest.approx(exact, rel=0.05)

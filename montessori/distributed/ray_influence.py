@@ -38,12 +38,15 @@ class InfluenceSettings:
     lr: float | None = None
     compile: bool = False
     device: str = "auto"
+    ref_grad_dtype: str = "auto"
+    shadow: str = "auto"
 
     @classmethod
     def from_config(cls, config) -> InfluenceSettings:
         i = config.influence
         return cls(i.estimator, i.precision, i.grad_precision, i.eval_batch_size, i.max_length,
-                   config.data.reference_max_length, i.lr, i.compile, config.models.device)
+                   config.data.reference_max_length, i.lr, i.compile, config.models.device,
+                   i.ref_grad_dtype, i.shadow)
 
 
 class Scorer:
@@ -81,7 +84,8 @@ def build_scorer(warmup_dir: str, reference: list[Pair], settings: InfluenceSett
                              encode_pairs(tokenizer, reference, settings.reference_max_length or settings.max_length),
                              pad_id=tokenizer.pad_token_id or 0, estimator=settings.estimator,
                              precision=settings.precision, grad_precision=grad_precision(settings, device),
-                             eval_batch_size=settings.eval_batch_size, lr=settings.lr, compile=settings.compile)
+                             eval_batch_size=settings.eval_batch_size, lr=settings.lr, compile=settings.compile,
+                             ref_grad_dtype=settings.ref_grad_dtype, shadow=settings.shadow)
     del state  # the engine keeps the moments it needs
     return Scorer(engine, tokenizer, settings.max_length, die_after)
 

@@ -13,9 +13,14 @@ token losses divided by the token count, accumulated in fp64 across batches (and
 with torch.distributed), so it does not depend on the evaluation batch size or on how many
 processes share the reference set.
 
-Memory: the candidate's gradient is consumed parameter by parameter as soon as backward produces it
-(`register_post_accumulate_grad_hook`) and dropped, so a full gradient never exists. The resident
-state is θ, m, v (fp32) plus one more fp32 copy: the shadow weights (exact) or ∇L_ref (linear).
+Memory: the candidate's gradient is consumed as soon as backward produces it
+(`register_post_accumulate_grad_hook`), in buckets of at most BUCKET_BYTES, and dropped, so a full
+gradient never exists. The resident state is θ, m, v (fp32) plus one more copy: the shadow weights
+(exact) or ∇L_ref (linear). When four fp32 copies do not fit the device (an 8B student: 4 x 32 GB on
+a 141 GB GPU), ∇L_ref is kept in bf16 (accumulated in fp32 first, before the moments reach the
+device) and the exact estimator steps θ in place and restores it from a pinned host copy
+(`shadow="host"`): bit-exact either way. Budget per parameter: 12 bytes (θ, m, v) + 4 (fp32 shadow
+or ∇L_ref), 2 (bf16 ∇L_ref) or 0 (host shadow); docs/benchmarks.md has the measured peaks.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ from montessori.records import InfluenceResult, Pair
 PRECISIONS = ("fp32", "tf32", "bf16")
 ESTIMATORS = ("exact", "linear")
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
+# Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
+# ~13 kernel launches per tensor (2,600 for TinyLlama's 201 tensors) and dominated the linear step;
+# measured in docs/benchmarks.md.
+BUCKET_BYTES = 256 << 20
+# A fourth fp32 copy of the weights (shadow or ∇L_ref) is kept on the device only if 4 copies take
+# at most this share of its memory; the rest is activations, logits chunks and the allocator's slack.
+RESIDENT_SHARE = 0.8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,38 +211,62 @@ class AdamWState:
                 v.append(torch.zeros_like(p, dtype=torch.float32))
                 steps.add(0)
             else:
-                m.append(s["exp_avg"].to(p.device, torch.float32))
-                v.append(s["exp_avg_sq"].to(p.device, torch.float32))
+                m.append(s["exp_avg"].float())  # where they are: the engine moves them (after ∇L_ref)
+                v.append(s["exp_avg_sq"].float())
                 steps.add(int(float(s["step"])))
         if len(steps) > 1:
             raise ValueError(f"parameters have different step counts {sorted(steps)}")
         return cls(m, v, steps.pop() if steps else 0, float(group["lr"]), tuple(group["betas"]),
                    float(group["eps"]), float(group["weight_decay"]))
 
+    def to(self, device) -> AdamWState:
+        """Move the moments to `device`, tensor by tensor (in place: the host copies are freed as it goes)."""
+        for moments in (self.exp_avg, self.exp_avg_sq):
+            for i, t in enumerate(moments):
+                moments[i] = t.to(device)
+        return self
 
-def adamw_moments(g, m, v, step: int, betas, eps):
-    """torch.optim.AdamW's moment update and denominator, op for op, into new tensors (m, v untouched).
-    Returns (m', denom, bias correction 1-β1^t) for t = step + 1."""
+
+def four_copies_fit(params: Sequence[torch.Tensor]) -> bool:
+    """Whether θ, m, v and one more fp32 copy fit the device (always true off CUDA)."""
+    device = params[0].device
+    if device.type != "cuda":
+        return True
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 4 * 4 * sum(p.numel() for p in params) <= RESIDENT_SHARE * total
+
+
+def foreach_denoms(G, M, V, step: int, betas, eps):
+    """torch.optim.AdamW's moment update and denominator over lists of tensors, op for op as torch's
+    foreach AdamW, into new tensors (m, v untouched). Returns (m', denom, 1-β1^t) for t = step + 1."""
     b1, b2 = betas
     t = step + 1
-    m1 = m.lerp(g, 1 - b1)
-    v1 = v.mul(b2).addcmul_(g, g, value=1 - b2)
-    denom = v1.sqrt_().div_((1 - b2 ** t) ** 0.5).add_(eps)
+    m1 = torch._foreach_lerp(M, G, 1 - b1)
+    denom = torch._foreach_mul(V, b2)
+    torch._foreach_addcmul_(denom, G, G, value=1 - b2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_div_(denom, (1 - b2 ** t) ** 0.5)
+    torch._foreach_add_(denom, eps)
     return m1, denom, 1 - b1 ** t
 
 
-def stepped_weights(theta, g, m, v, out, step: int, lr: float, betas, eps: float, weight_decay: float):
-    """θ_z = θ(1 - lr·wd) - lr/(1-β1^t) · m'/denom, written into `out` (torch.optim.AdamW's step)."""
-    m1, denom, bc1 = adamw_moments(g, m, v, step, betas, eps)
-    torch.mul(theta, 1 - lr * weight_decay, out=out)
-    return out.addcdiv_(m1, denom, value=-lr / bc1)
+def foreach_stepped(TH, G, M, V, OUT, step: int, lr: float, betas, eps: float, weight_decay: float):
+    """θ_z = θ(1 - lr·wd) - lr/(1-β1^t) · m'/denom, written into OUT (OUT may be TH: an in-place step)."""
+    m1, denom, bc1 = foreach_denoms(G, M, V, step, betas, eps)
+    if any(o is not th for o, th in zip(OUT, TH)):
+        torch._foreach_copy_(OUT, TH)
+    if weight_decay:
+        torch._foreach_mul_(OUT, 1 - lr * weight_decay)
+    torch._foreach_addcdiv_(OUT, m1, denom, value=-lr / bc1)
 
 
-def update_dot(ref_grad, theta, g, m, v, step: int, lr: float, betas, eps: float, weight_decay: float):
-    """∇L_ref · Δ_z with Δ_z = -lr/(1-β1^t) · m'/denom - lr·wd·θ, never forming θ_z (fp32, one scalar)."""
-    m1, denom, bc1 = adamw_moments(g, m, v, step, betas, eps)
-    delta = m1.div_(denom).mul_(-lr / bc1).add_(theta, alpha=-lr * weight_decay)
-    return torch.dot(ref_grad.flatten(), delta.flatten())
+def foreach_update_dots(R, G, M, V, step: int, lr: float, betas, eps: float) -> torch.Tensor:
+    """Σ_i R_i · (-lr/(1-β1^t) · m'_i/denom_i): the Adam part of ∇L_ref · Δ_z over a list (fp32 sum;
+    the weight-decay part -lr·wd·∇L_ref·θ is a constant of the warm-up state, added once)."""
+    m1, denom, bc1 = foreach_denoms(G, M, V, step, betas, eps)
+    torch._foreach_div_(m1, denom)
+    dots = torch.stack([torch.dot(r.flatten().float(), u.flatten()) for r, u in zip(R, m1)])
+    return dots.double().sum() * (-lr / bc1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,11 +274,17 @@ def update_dot(ref_grad, theta, g, m, v, step: int, lr: float, betas, eps: float
 
 
 class InfluenceEngine:
-    """Holds the warm-up state in memory and scores candidates one at a time, never disturbing it."""
+    """Holds the warm-up state in memory and scores candidates one at a time, never disturbing it.
+
+    ref_grad_dtype (linear): "fp32", "bf16" (stored after fp32 accumulation) or "auto" (fp32 when four
+    fp32 copies fit the device). shadow (exact): "device" (stepped weights in a second fp32 buffer,
+    swapped in by pointer), "host" (θ stepped in place, restored from a pinned host copy) or "auto".
+    The moments may be given on the host: they move to the device after ∇L_ref is computed."""
 
     def __init__(self, model, state: AdamWState, reference: Sequence[Example], *, pad_id: int,
                  estimator: str = "exact", precision: str = "fp32", grad_precision: str = "fp32",
-                 eval_batch_size: int = 8, lr: float | None = None, compile: bool = False):
+                 eval_batch_size: int = 8, lr: float | None = None, compile: bool = False,
+                 ref_grad_dtype: str = "auto", shadow: str = "auto"):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: choose one of {ESTIMATORS}")
         self.model, self.state, self.estimator = model, state, estimator
@@ -255,25 +297,56 @@ class InfluenceEngine:
         self.batches = length_batches(reference, eval_batch_size, pad_id, self.device)
         model.eval()  # no dropout: the same state must give the same value
         self.loss_before = reference_loss(model, self.batches, precision)
+        fits = four_copies_fit(self.params)
+        self.ref_grad_dtype = ("fp32" if fits else "bf16") if ref_grad_dtype == "auto" else ref_grad_dtype
+        self.shadow_mode = ("device" if fits else "host") if shadow == "auto" else shadow
+        self.ref_dot_theta = 0.0
         if estimator == "linear":  # one example per backward: activations of a batch would not fit an 8B
-            self.ref_grad = reference_grad(model, length_batches(reference, 1, pad_id, self.device), precision)
-        else:
+            grads = reference_grad(model, length_batches(reference, 1, pad_id, self.device), precision)
+            dtype = torch.bfloat16 if self.ref_grad_dtype == "bf16" else torch.float32
+            for i, g in enumerate(grads):  # tensor by tensor: the fp32 copy is freed as it goes
+                grads[i] = g.to(dtype)
+            self.ref_grad = grads
+            if state.weight_decay:  # the update's weight-decay term, -lr·wd·∇L_ref·θ, is fixed per state
+                self.ref_dot_theta = float(sum(torch.dot(r.flatten().double(), p.detach().flatten().double())
+                                               for r, p in zip(grads, self.params)))
+        elif self.shadow_mode == "device":
             self.shadow = [torch.empty_like(p) for p in self.params]
+        else:
+            self.backup = [p.detach().to("cpu", copy=True) for p in self.params]
+            if self.device.type == "cuda":
+                self.backup = [b.pin_memory() for b in self.backup]
+        state.to(self.device)
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        # torch.compile fuses each update into one elementwise kernel (no m', v', denom temporaries).
+        # torch.compile of the bucketed elementwise passes (foreach kernels fused by inductor).
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
-        self._stepped, self._update_dot = wrap(stepped_weights), wrap(update_dot)
+        self._stepped, self._update_dots = wrap(foreach_stepped), wrap(foreach_update_dots)
         self.timing = {"step": 0.0, "eval": 0.0}  # seconds of the last candidate (synchronized on CUDA)
 
-    # Runs inside backward as soon as parameter p's gradient is complete; the gradient is then dropped.
+    # Runs inside backward as soon as parameter p's gradient is complete: the gradient joins the bucket,
+    # which is consumed (and freed) once it holds BUCKET_BYTES. A parameter whose gradient is complete is
+    # no longer read by backward, so an in-place step of it (shadow="host") is safe.
     def _consume_grad(self, p: torch.nn.Parameter) -> None:
-        i, g, s = self._index[id(p)], p.grad.float(), self.state
+        self._pending.append((self._index[id(p)], p.grad))
+        self._pending_bytes += p.grad.numel() * p.grad.element_size()
         p.grad = None
-        hyper = (s.step, self.lr, s.betas, s.eps, s.weight_decay)
-        if self.estimator == "exact":
-            self._stepped(p.detach(), g, s.exp_avg[i], s.exp_avg_sq[i], self.shadow[i], *hyper)
-        else:
-            self._dot += self._update_dot(self.ref_grad[i], p.detach(), g, s.exp_avg[i], s.exp_avg_sq[i], *hyper).double()
+        if self._pending_bytes >= BUCKET_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        s, idx = self.state, [i for i, _ in self._pending]
+        G = [g.float() for _, g in self._pending]
+        self._pending, self._pending_bytes = [], 0
+        M, V = [s.exp_avg[i] for i in idx], [s.exp_avg_sq[i] for i in idx]
+        if self.estimator == "linear":
+            R = [self.ref_grad[i] for i in idx]
+            self._dot += self._update_dots(R, G, M, V, s.step, self.lr, s.betas, s.eps)
+            return
+        TH = [self.params[i].data for i in idx]
+        OUT = [self.shadow[i] for i in idx] if self.shadow_mode == "device" else TH
+        self._stepped(TH, G, M, V, OUT, s.step, self.lr, s.betas, s.eps, s.weight_decay)
 
     def _since(self, started: float) -> float:
         if self.device.type == "cuda":
@@ -284,6 +357,13 @@ class InfluenceEngine:
         """Exchange θ and the shadow buffers by pointer: no copy, and θ itself is never written."""
         for i, p in enumerate(self.params):
             self.shadow[i], p.data = p.data, self.shadow[i]
+
+    def _restore(self) -> None:
+        """shadow="host": copy θ_warm back from the pinned host copy (bit-exact)."""
+        for p, b in zip(self.params, self.backup):
+            p.data.copy_(b, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def score(self, example: Example) -> InfluenceResult:
         started = time.perf_counter()
@@ -296,9 +376,11 @@ class InfluenceEngine:
             return InfluenceResult(example.id, None, self.loss_before, after, status, self.estimator)
         if example.num_targets == 0:
             return invalid("empty_response")
+        in_place = self.estimator == "exact" and self.shadow_mode == "host"
         started = time.perf_counter()
         batch = length_batches([example], 1, 0, self.device)[0]
         self._dot = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._pending, self._pending_bytes = [], 0
         hooks = [p.register_post_accumulate_grad_hook(self._consume_grad) for p in self.params]
         try:
             with precision_context(self.grad_precision, self.device):
@@ -307,23 +389,35 @@ class InfluenceEngine:
             if not torch.isfinite(loss):
                 return invalid("non_finite_loss")
             loss.backward()
+            self._flush()
+        except BaseException:
+            if in_place:
+                self._restore()
+            raise
         finally:
             for h in hooks:
                 h.remove()
             for p in self.params:
                 p.grad = None
+            self._pending, self._pending_bytes = [], 0
         self.timing["step"] = self._since(started)
         if self.estimator == "linear":
-            influence = -float(self._dot)
+            influence = -(float(self._dot) - self.lr * self.state.weight_decay * self.ref_dot_theta)
             if not math.isfinite(influence):
                 return invalid("non_finite_loss")
             return InfluenceResult(example.id, influence, self.loss_before, None, "ok", "linear")
         started = time.perf_counter()
-        self._swap_shadow()
-        try:
-            after = reference_loss(self.model, self.batches, self.precision)
-        finally:
+        if in_place:
+            try:
+                after = reference_loss(self.model, self.batches, self.precision)
+            finally:
+                self._restore()
+        else:
             self._swap_shadow()
+            try:
+                after = reference_loss(self.model, self.batches, self.precision)
+            finally:
+                self._swap_shadow()
         self.timing["eval"] = self._since(started)
         if not math.isfinite(after):
             return invalid("non_finite_loss", None)
@@ -334,6 +428,7 @@ def compute_influence(student, optimizer_state, candidates: Sequence[Pair], refe
                       tokenizer=None, estimator: str = "exact", precision: str = "fp32",
                       grad_precision: str | None = None, eval_batch_size: int = 8, max_length: int = 1024,
                       reference_max_length: int | None = None, lr: float | None = None, compile: bool = False,
+                      ref_grad_dtype: str = "auto", shadow: str = "auto",
                       on_result: Callable[[InfluenceResult], None] | None = None,
                       progress: bool = False) -> list[InfluenceResult]:
     """Influence of each candidate pair on the reference set, from one warm-up state (notebook API).
@@ -353,7 +448,7 @@ def compute_influence(student, optimizer_state, candidates: Sequence[Pair], refe
     engine = InfluenceEngine(student, state, encode_pairs(tokenizer, reference, reference_max_length or max_length),
                              pad_id=tokenizer.pad_token_id or 0, estimator=estimator, precision=precision,
                              grad_precision=grad_precision or precision, eval_batch_size=eval_batch_size, lr=lr,
-                             compile=compile)
+                             compile=compile, ref_grad_dtype=ref_grad_dtype, shadow=shadow)
     results = []
     for example in tqdm(encode_pairs(tokenizer, candidates, max_length), desc=f"influence ({estimator})",
                         unit="cand", disable=not progress):

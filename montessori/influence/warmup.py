@@ -110,13 +110,16 @@ def save_warmup(folder: Path, model, tokenizer, optimizer: torch.optim.AdamW) ->
 
 
 def load_warmup(folder: Path, device: str = "auto"):
-    """(model in fp32 on device, tokenizer, AdamW state_dict) from a saved warm-up folder."""
+    """(model in fp32 on device, tokenizer, AdamW state_dict) from a saved warm-up folder.
+
+    The optimizer state stays on the host: the influence engine moves the moments to the device after
+    computing ∇L_ref, so that its fp32 accumulation and the moments never share the device."""
     folder = Path(folder)
     for name in ("model", "optimizer.pt"):
         if not (folder / name).exists():
             raise InputError(f"{folder / name}: missing (run the warmup stage first)")
     model, tokenizer = load_model(str(folder / "model"), device=device, dtype="float32")
-    state = torch.load(folder / "optimizer.pt", map_location=next(model.parameters()).device)
+    state = torch.load(folder / "optimizer.pt", map_location="cpu")
     return model, tokenizer, state
 
 
