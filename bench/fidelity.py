@@ -134,8 +134,7 @@ def main() -> None:
     if args.report is not None:
         report(args.report or [args.out])
         return
-    global SHARED
-    SHARED = Path(args.data)
+    globals()["SHARED"] = Path(args.data)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     measure(args)
