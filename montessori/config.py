@@ -100,6 +100,15 @@ class WarmupConfig(Section):
 
 
 class InfluenceConfig(Section):
+    # What ranks the probing candidates (the paper's data-utility ablation): influence = local data
+    # influence (this section's estimator); loss = the warmed-up student's own loss on the candidate
+    # (larger = less known); judge = a judge's 1-10 grade of the pair. loss needs `pairs.rule: rank`.
+    utility: Literal["influence", "loss", "judge"] = "influence"
+    # Judge for utility=judge: a local model spec (None = this round's teacher) or an OpenAI-compatible
+    # endpoint + model name (API key from $OPENAI_API_KEY).
+    judge: str | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
     # linear: first-order form, one fwd/bwd per candidate; exact: step + full reference pass (the check).
     # Measured agreement and speed: docs/benchmarks.md.
     estimator: Literal["exact", "linear"] = "linear"

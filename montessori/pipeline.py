@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from montessori.config import Config
+from montessori.config import Config, load_config
 from montessori.errors import InputError, MontessoriError
 from montessori.store import RunStore, StageDir, atomic_write_text
 
@@ -204,9 +204,17 @@ def _run_stage(stage: Stage, ctx: StageContext, fingerprint: str, inputs: dict) 
 
 
 def stage_status(store: RunStore) -> list[dict]:
+    """State of every stage of the run's method (from RUN/config.resolved.yaml; all stages without it)."""
+    names = STAGE_NAMES
+    resolved = store.root / "config.resolved.yaml"
+    if resolved.exists():
+        try:
+            names = tuple(s.name for s in stages_for(load_config(resolved)))
+        except InputError:
+            pass
     rows = []
     for round_ in store.rounds() or [1]:
-        for name in STAGE_NAMES:
+        for name in names:
             sd = store.stage(round_, name)
             m = sd.manifest()
             if m is not None:

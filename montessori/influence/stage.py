@@ -39,6 +39,8 @@ def grad_precision(icfg, device) -> str:
 
 
 def run_influence(ctx) -> dict:
+    if ctx.config.influence.utility != "influence":
+        return run_utility(ctx)
     if ctx.config.distributed.ray:  # one actor per GPU, same values (montessori.distributed)
         from montessori.distributed.ray_influence import run_influence_ray
         return run_influence_ray(ctx)
@@ -71,5 +73,34 @@ def influence_counts(results, icfg, grad_prec: str, **extra) -> dict:
     return {"candidates": len(results), "ok": len(ok), "invalid": len(results) - len(ok),
             "positive": sum(r.influence > 0 for r in ok), "negative": sum(r.influence < 0 for r in ok),
             "seconds_per_candidate": round(sum(timed) / len(timed), 4) if timed else math.nan,
-            "_extra": {"estimator": icfg.estimator, "precision": icfg.precision,
+            "_extra": {"estimator": icfg.estimator if icfg.utility == "influence" else icfg.utility,
+                       "precision": icfg.precision,
                        "grad_precision": grad_prec, **extra}}
+
+
+def run_utility(ctx) -> dict:
+    """The ablations `influence.utility: loss | judge`: the same candidates and output file, another
+    signal (montessori.evaluation.utility). Appended per candidate and resumed by id, like influence."""
+    from tqdm.auto import tqdm
+    from montessori.evaluation.utility import judge_utility, loss_utility
+    cfg, icfg = ctx.config, ctx.config.influence
+    candidates = probing_pairs(ctx)
+    with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as out:
+        todo = [c for c in candidates if c.id not in out]
+        if todo:
+            ctx.log.info("%d of %d candidates to score by %s", len(todo), len(candidates), icfg.utility)
+            if icfg.utility == "loss":
+                model, tokenizer, _ = load_warmup(ctx.input("warmup").path, cfg.models.device)
+                step = icfg.eval_batch_size
+                for i in tqdm(range(0, len(todo), step), desc="utility (loss)", disable=not ctx.progress):
+                    for r in loss_utility(model, tokenizer, todo[i:i + step], batch_size=step,
+                                          max_length=icfg.max_length):
+                        out.append(r)
+            else:
+                from montessori.evaluation.judge import make_judge
+                judge = make_judge(icfg.judge or (None if icfg.judge_url else ctx.teacher_spec()),
+                                   icfg.judge_url, icfg.judge_model, device=cfg.models.device)
+                for pair in tqdm(todo, desc="utility (judge)", disable=not ctx.progress):
+                    out.append(judge_utility(judge, [pair])[0])
+        results = [r for r in out.records if r.id in {c.id for c in candidates}]
+    return influence_counts(results, icfg, "-", utility=icfg.utility)
