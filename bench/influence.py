@@ -41,16 +41,7 @@ import montessori.influence.engine as engine_module  # noqa: E402
 from montessori.influence.engine import (  # noqa: E402
     AdamWState, Example, InfluenceEngine, length_batches, precision_context)
 
-ARCHS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-}
+from bench.archs import ARCHS  # noqa: E402
 METHODS = {  # name: (estimator, precision of the reference pass, precision of the candidate gradient)
     "linear-fp32": ("linear", "fp32", "fp32"),
     "linear-bf16grad": ("linear", "fp32", "bf16"),
