@@ -75,6 +75,15 @@ def summarize(root: Path, seeds: list[int]) -> dict:
                 student = names.get(e["student"], "base")
                 label = f"{e['metric']} {student}" + (" vs self-instruct" if e.get("baseline") else "")
                 rows.setdefault(label, {})[seed] = e
+        # The runs' own eval stage: the trained student vs the base one on the builtin reference set.
+        for run_name, student in names.items():
+            m = root / run_name / "round-1" / "eval" / "manifest.json"
+            if m.exists():
+                c = json.loads(m.read_text())["counts"]
+                rows.setdefault(f"builtin-reference loss {student}", {})[seed] = {
+                    "value": c["loss_trained"], "low": None, "high": None}
+                rows.setdefault(f"builtin-reference loss_diff {student} vs base", {})[seed] = {
+                    "value": c["loss_diff"], "low": c.get("loss_diff_low"), "high": c.get("loss_diff_high")}
     summary = {}
     for label, by_seed in rows.items():
         values = [by_seed[s]["value"] for s in seeds if s in by_seed and by_seed[s]["value"] is not None]
