@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--defer", nargs="*", default=[], metavar="RUN",
+                   help="runs to queue last, e.g. montessori-s0 while an earlier driver still runs it")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. sft.num_pairs=256")
     args = p.parse_args(argv)
     root = Path(args.root)
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
     if not args.summary_only:
         # Longest jobs first so that the workers finish together.
         jobs = [(m, s) for m in ("montessori", "self-instruct") for s in args.seeds]
+        jobs.sort(key=lambda job: f"{job[0]}-s{job[1]}" in args.defer)  # stable: the rest keep their order
         with ThreadPoolExecutor(args.workers) as pool:
             runs = {(m, s): pool.submit(run_job, root, m, s, args.preset, args.overrides, args.threads)
                     for m, s in jobs}

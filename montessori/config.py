@@ -10,7 +10,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,6 +22,17 @@ PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Keys added after runs already existed, whose default reproduces the earlier behaviour: left out of
+    # a stage's fingerprint while at their default, so upgrading montessori does not make finished
+    # stages look stale (and re-run hours of work). A non-default value is fingerprinted as usual.
+    LATER_KEYS: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_dump(self) -> dict:
+        dump = self.model_dump(mode="json")
+        for key in self.LATER_KEYS:
+            if getattr(self, key) == type(self).model_fields[key].default:
+                dump.pop(key)
+        return dump
 
 
 class ModelsConfig(Section):
@@ -100,6 +111,7 @@ class WarmupConfig(Section):
 
 
 class InfluenceConfig(Section):
+    LATER_KEYS = frozenset({"utility", "judge", "judge_url", "judge_model"})
     # What ranks the probing candidates (the paper's data-utility ablation): influence = local data
     # influence (this section's estimator); loss = the warmed-up student's own loss on the candidate
     # (larger = less known); judge = a judge's 1-10 grade of the pair. loss needs `pairs.rule: rank`.
@@ -237,6 +249,8 @@ class Config(Section):
 
 
 def _dump(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.fingerprint_dump()
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
