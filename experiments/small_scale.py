@@ -49,7 +49,8 @@ def run_job(root: Path, method: str, seed: int, preset: str, overrides: list[str
 def eval_seed(root: Path, seed: int, args) -> None:
     runs = [str(root / f"{m}-s{seed}") for m in METHODS]
     common = ["--prompts", args.heldout, "--seed", str(seed), "--no-progress", "--batch-size", "8"]
-    sh(["montessori", "eval", *runs, args.base, *common, "--out", str(root / f"eval-loss-s{seed}")],
+    limit = ["--max-examples", str(args.loss_prompts)] if args.loss_prompts else []
+    sh(["montessori", "eval", *runs, args.base, *common, *limit, "--out", str(root / f"eval-loss-s{seed}")],
        root / f"eval-s{seed}.log", args.threads)
     if args.judge:
         sh(["montessori", "eval", *runs, *common, "--judge", args.judge, "--max-examples", str(args.winrate_prompts),
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", default="../shared/data/self_instruct_user_oriented.jsonl")
     p.add_argument("--base", default="smollm2", help="the untrained student, evaluated alongside")
     p.add_argument("--judge", default="smollm2", help="local judge spec; '' = loss only")
+    p.add_argument("--loss-prompts", type=int, default=None, help="held-out examples for the loss (default: all)")
     p.add_argument("--winrate-prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--workers", type=int, default=2)
