@@ -203,7 +203,7 @@ def test_bf16_reference_gradient_keeps_the_ranking(warm_dir):
 def test_weight_decay_is_part_of_the_step(warm_dir):
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     state = copy.deepcopy(state)
-    state["param_groups"][0].update(weight_decay=0.5, lr=1e-4)
+    state["param_groups"][0].update(weight_decay=20.0, lr=1e-4)  # lr·wd = 2e-3: a sizeable share of Δ
     exact = influences(compute_influence(model, state, CANDIDATES[:2], REFERENCE, tokenizer=tokenizer))
     obvious = [obvious_influence(model, tokenizer, state, c) for c in CANDIDATES[:2]]
     linear = influences(compute_influence(model, state, CANDIDATES[:2], REFERENCE, tokenizer=tokenizer,

@@ -407,17 +407,12 @@ class InfluenceEngine:
                 return invalid("non_finite_loss")
             return InfluenceResult(example.id, influence, self.loss_before, None, "ok", "linear")
         started = time.perf_counter()
-        if in_place:
-            try:
-                after = reference_loss(self.model, self.batches, self.precision)
-            finally:
-                self._restore()
-        else:
+        if not in_place:  # θ_z sits in the shadow buffers: swap it in, and back afterwards
             self._swap_shadow()
-            try:
-                after = reference_loss(self.model, self.batches, self.precision)
-            finally:
-                self._swap_shadow()
+        try:
+            after = reference_loss(self.model, self.batches, self.precision)
+        finally:
+            self._restore() if in_place else self._swap_shadow()
         self.timing["eval"] = self._since(started)
         if not math.isfinite(after):
             return invalid("non_finite_loss", None)
