@@ -11,7 +11,10 @@ measurement can be split over several commands; --report prints the agreement ta
 
 Methods: ESTIMATOR-PRECISION[grad]: exact-fp32 (the truth), exact-bf16 (eval and candidate gradient in
 bf16 autocast), exact-tf32, linear-fp32, linear-bf16grad (candidate gradient bf16, ∇L_ref fp32),
-linear-bf16 (both bf16), linear-tf32. tf32 only differs from fp32 on CUDA.
+linear-bf16 (both bf16), linear-tf32. tf32 only differs from fp32 on CUDA. A linear method may end in
+@hooks, @flat or @graphed (engine.LINEAR_KERNELS): linear-bf16grad@flat takes the candidate gradient
+from a bf16 copy of the student (the fast path's precision) instead of bf16 autocast over fp32 weights.
+--truth picks the method the others are compared with (default exact-fp32).
 """
 
 from __future__ import annotations
@@ -76,37 +79,41 @@ def measure(args) -> None:
     setting = f"{Path(args.model).name} {args.device} W={args.warmup_steps} ref={args.reference}[:{args.num_reference}]@{args.reference_max_length}"
     with JsonlAppender(Path(args.out)) as out:
         for method in args.methods.split(","):
-            estimator, precision, grad_precision = METHODS[method]
+            name, _, kernel = method.partition("@")
+            estimator, precision, grad_precision = METHODS[name]
             todo = [e for e in cand_examples if f"{method}:{e.id}" not in out]
             if not todo:
                 continue
             started = time.perf_counter()
             engine = InfluenceEngine(model, state, ref_examples, pad_id=tokenizer.pad_token_id, estimator=estimator,
-                                     precision=precision, grad_precision=grad_precision, eval_batch_size=8)
+                                     precision=precision, grad_precision=grad_precision, eval_batch_size=8,
+                                     linear_kernel=kernel or "auto")
             print(f"{method}: setup {time.perf_counter() - started:.1f}s, L_ref(before) {engine.loss_before:.5f}")
             for e in tqdm(todo, desc=method):
                 r = engine.score(e)
                 out.append({"id": f"{method}:{e.id}", "setting": setting, "method": method, "candidate": e.id,
                             "influence": r.influence, "status": r.status, "seconds": r.seconds,
                             "ref_loss_before": r.ref_loss_before, "ref_loss_after": r.ref_loss_after})
+            engine.close()
 
 
-def report(files: list[str]) -> None:
+def report(files: list[str], truth_method: str = "exact-fp32") -> None:
     rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
     settings = sorted({r["setting"] for r in rows})
-    print("| setting | method | n | Spearman vs exact-fp32 | sign agreement | median rel. err | positive | s/cand |")
+    print(f"| setting | method | n | Spearman vs {truth_method} | sign agreement | median rel. err | positive | s/cand |")
     print("|---|---|---|---|---|---|---|---|")
     for setting in settings:
         by_method: dict[str, dict[str, dict]] = {}
         for r in rows:
             if r["setting"] == setting and r["status"] == "ok":
                 by_method.setdefault(r["method"], {})[r["candidate"]] = r
-        truth = by_method.get("exact-fp32", {})
-        for method, res in sorted(by_method.items(), key=lambda kv: list(METHODS).index(kv[0])):
+        truth = by_method.get(truth_method, {})
+        order = list(METHODS)
+        for method, res in sorted(by_method.items(), key=lambda kv: (order.index(kv[0].split("@")[0]), kv[0])):
             ids = [i for i in res if i in truth]
             seconds = sum(res[i]["seconds"] for i in res) / len(res)
             positive = sum(res[i]["influence"] > 0 for i in res) / len(res)
-            if method == "exact-fp32" or len(ids) < 3:
+            if method == truth_method or len(ids) < 3:
                 print(f"| {setting} | {method} | {len(res)} | (reference) | | | {positive:.2f} | {seconds:.2f} |")
                 continue
             a, b = [res[i]["influence"] for i in ids], [truth[i]["influence"] for i in ids]
@@ -129,16 +136,17 @@ def main() -> None:
     ap.add_argument("--out", default="fidelity.jsonl")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=str(SHARED), help="folder of the shared data files (../shared/data)")
+    ap.add_argument("--truth", default="exact-fp32", help="the method the others are compared with")
     ap.add_argument("--report", nargs="*", help="print the agreement table of these result files and exit")
     args = ap.parse_args()
     if args.report is not None:
-        report(args.report or [args.out])
+        report(args.report or [args.out], args.truth)
         return
     globals()["SHARED"] = Path(args.data)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     measure(args)
-    report([args.out])
+    report([args.out], args.truth)
 
 
 if __name__ == "__main__":

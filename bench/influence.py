@@ -6,15 +6,19 @@ public code's strategy, on randomly initialised real architectures.
     python bench/influence.py --device cpu --arch tiny --candidates 2      # smoke test
     python bench/influence.py --methods linear-bf16grad,linear-bf16grad@perparam --profile --no-public
 
-A method name may end in `@perparam`: the candidate gradient consumed one parameter at a time (the
-engine's earlier layout) instead of in buckets of engine.BUCKET_BYTES. The moments start on the host
+A linear method name may end in `@hooks` (eager: the candidate gradient consumed in buckets of
+engine.BUCKET_BYTES during backward), `@perparam` (the same, one parameter at a time: the engine's
+earlier layout), `@flat` (fast.py: one flat gradient, fused update pass) or `@graphed` (flat + CUDA
+graphs, the default on CUDA); no suffix = the engine's default. The last column compares each
+method's values with the first method's: median relative difference and Spearman correlation. The moments start on the host
 each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the table
 shows it with the peak device memory.
 
 Setup: random weights (fp32 master), a synthetic AdamW state (moments of a plausible size, step 1000),
 the 256 reference examples' real (prompt, response) lengths (the public code's Alpaca-Eval/GPT-4 set,
-SmolLM2 tokenizer, cut at 1024), random candidates of 300-600 tokens. Timings exclude one untimed
-warm-up candidate per method. For each method: seconds per candidate split into the step (candidate
+SmolLM2 tokenizer, cut at 1024), random candidates of 300-600 tokens. Timings exclude an untimed
+warm-up: one candidate for exact, every candidate once for linear (the graphed kernel captures one
+CUDA graph per padded length on first sight; `setup` includes it). For each method: seconds per candidate split into the step (candidate
 forward/backward + the elementwise AdamW pass) and the reference evaluation, achieved FLOP/s of the
 evaluation against a matmul of the same precision, and bytes/s of the step's update pass against a
 device copy, both measured in the same run. `public`: save weights + optimizer to disk once, then per
@@ -42,6 +46,7 @@ from montessori.influence.engine import (  # noqa: E402
     AdamWState, Example, InfluenceEngine, length_batches, precision_context)
 
 from bench.archs import ARCHS  # noqa: E402
+from montessori.influence.metrics import spearman  # noqa: E402
 METHODS = {  # name: (estimator, precision of the reference pass, precision of the candidate gradient)
     "linear-fp32": ("linear", "fp32", "fp32"),
     "linear-bf16grad": ("linear", "fp32", "bf16"),
@@ -161,6 +166,7 @@ def run_engine(model, state, ref, cands, method, args, device):
     estimator, precision, grad_precision = METHODS[name]
     bucket = engine_module.BUCKET_BYTES
     engine_module.BUCKET_BYTES = 1 if variant == "perparam" else bucket
+    kernel = {"perparam": "hooks", "": "auto"}.get(variant, variant)
     state.to("cpu")  # as load_warmup leaves it: the engine moves the moments after ∇L_ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -169,10 +175,14 @@ def run_engine(model, state, ref, cands, method, args, device):
         started = time.perf_counter()
         engine = InfluenceEngine(model, state, ref, pad_id=0, estimator=estimator, precision=precision,
                                  grad_precision=grad_precision, eval_batch_size=args.eval_batch_size,
-                                 compile=args.compile)
+                                 compile=args.compile, linear_kernel=kernel, pad_multiple=args.pad_multiple,
+                                 ref_grad_dtype=args.ref_grad_dtype)
+        # Untimed: allocator, kernels, compilation; the linear methods see every candidate once (one CUDA
+        # graph per padded length is captured on first sight: a one-off cost, counted in `setup`).
+        for c in (cands if estimator == "linear" else cands[:1]):
+            engine.score(c)
         sync(device)
         setup = time.perf_counter() - started
-        engine.score(cands[0])  # untimed: allocator, kernels, compilation
         steps, evals, values = [], [], []
         for c in cands[1:]:
             r = engine.score(c)
@@ -183,7 +193,12 @@ def run_engine(model, state, ref, cands, method, args, device):
         if args.profile and estimator == "linear":
             print(f"\nprofile of {method}:")
             profile(engine, cands[1:4], device)
-        layout = engine.ref_grad_dtype + " ∇L_ref" if estimator == "linear" else engine.shadow_mode + " shadow"
+        layout = (f"{engine.ref_grad_dtype} ∇L_ref, {engine.linear_kernel}" if estimator == "linear"
+                  else engine.shadow_mode + " shadow")
+        if engine.fast is not None:
+            layout += f" ({len(engine.fast.graphs)} graphs)" if engine.fast.graphs else ""
+            layout += ", θ offloaded" if engine.fast.host is not None else ""
+        engine.close()
         del engine
     finally:
         engine_module.BUCKET_BYTES = bucket
@@ -253,11 +268,16 @@ def main() -> None:
     ap.add_argument("--reference", type=int, default=256, help="reference examples (of the 256 real lengths)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--compile", action="store_true", help="torch.compile the elementwise update")
+    ap.add_argument("--pad-multiple", type=int, default=64, help="graphed/flat: candidates padded to a multiple")
+    ap.add_argument("--ref-grad-dtype", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--no-public", action="store_true", help="skip the public code's reload strategy")
     ap.add_argument("--ckpt-dir", default=None, help="where the public strategy saves its checkpoint")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of each linear method's step")
+    ap.add_argument("--no-flash", action="store_true", help="disable the flash SDPA backend (determinism check)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.no_flash:
+        torch.backends.cuda.enable_flash_sdp(False)
     rng = random.Random(0)
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in REFERENCE_LENGTHS.split()][: args.reference]
     if args.arch == "tiny":
@@ -289,21 +309,26 @@ def main() -> None:
         rows.append(run_public(model, state, ref, cands, args, device))
 
     print(f"\n{args.arch} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-          f"{args.candidates} timed candidates, eval batch {args.eval_batch_size}, compile={args.compile}")
+          f"{args.candidates} timed candidates, eval batch {args.eval_batch_size}, compile={args.compile}, "
+          f"pad multiple {args.pad_multiple}, ref grad dtype {args.ref_grad_dtype}")
     # The step's floor: forward + backward (3x the forward FLOPs) of the mean candidate at the gradient's
     # precision, plus the update pass over θ, g, m, v (and ∇L_ref or the shadow) at device-copy speed.
     cand_flops = sum(eval_flops(model, [c]) for c in cands[1:]) / max(1, len(cands) - 1)
     print("| method | layout | s/candidate | step s | step floor s | reference eval s | reload s "
-          "| eval TFLOP/s (% of matmul) | eval floor s | setup s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| eval TFLOP/s (% of matmul) | eval floor s | setup s | peak GiB | vs row 1: median rel. diff / Spearman |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    first = rows[0]["values"]
     for r in rows:
+        rel = sorted(abs(a - b) / abs(b) for a, b in zip(r["values"], first) if b)
+        diff = f"{rel[len(rel) // 2]:.1e} / {spearman(r['values'], first):.3f}" if rel else "-"
         total = r["step"] + r["eval"] + r.get("load", 0.0)
         rate = rates[r["precision"]]
         achieved = f"{flops / r['eval'] / 1e12:.1f} ({100 * flops / r['eval'] / rate:.0f}%)" if r["eval"] else "-"
         floor = f"{flops / rate:.3f}" if r["eval"] else "-"
         step_floor = 3 * cand_flops / rates[r["grad_precision"]] + update_bytes / copy
         print(f"| {r['method']} | {r['layout']} | {total:.4f} | {r['step']:.4f} | {step_floor:.4f} | {r['eval']:.4f} | "
-              f"{r.get('load', 0.0):.3f} | {achieved} | {floor} | {r['setup']:.2f} | {r['peak_gib']:.1f} |")
+              f"{r.get('load', 0.0):.3f} | {achieved} | {floor} | {r['setup']:.2f} | {r['peak_gib']:.1f} | "
+              f"{diff} |" if r["values"] else "- |")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class WarmupConfig(Section):
 
 
 class InfluenceConfig(Section):
-    LATER_KEYS = frozenset({"utility", "judge", "judge_url", "judge_model"})
+    LATER_KEYS = frozenset({"utility", "judge", "judge_url", "judge_model", "linear_kernel", "pad_multiple"})
     # What ranks the probing candidates (the paper's data-utility ablation): influence = local data
     # influence (this section's estimator); loss = the warmed-up student's own loss on the candidate
     # (larger = less known); judge = a judge's 1-10 grade of the pair. loss needs `pairs.rule: rank`.
@@ -140,6 +140,12 @@ class InfluenceConfig(Section):
     # ∇L_ref is stored in bf16 and exact steps θ in place, restoring it from a pinned host copy.
     ref_grad_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     shadow: Literal["auto", "device", "host"] = "auto"
+    # How the linear step runs (same values up to float rounding): hooks = eager, the gradient consumed
+    # in buckets during backward; flat = one flat gradient and a fused update pass; graphed = flat +
+    # the candidate padded to a multiple of pad_multiple tokens and replayed as a CUDA graph per length.
+    # auto = graphed on CUDA, hooks elsewhere. Speed: docs/benchmarks.md.
+    linear_kernel: Literal["auto", "hooks", "flat", "graphed"] = "auto"
+    pad_multiple: int = 64
 
 
 class PairsConfig(Section):

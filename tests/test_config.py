@@ -65,14 +65,17 @@ def test_init_writes_preset_and_refuses_overwrite(tmp_path, capsys):
 
 
 def test_keys_added_later_do_not_invalidate_finished_stages_at_their_default():
-    """influence.utility and its judge keys came after runs existed: at their defaults they are left
-    out of the stage fingerprint (the hash equals one computed without them); set, they count."""
+    """influence.utility and its judge keys, linear_kernel and pad_multiple came after runs existed: at
+    their defaults they are left out of the stage fingerprint (the hash equals one computed without
+    them); set, they count."""
     import hashlib
     import json
     from montessori.config import load_preset
     config = load_preset("tiny")
     without = config.influence.model_dump(mode="json")
-    for key in ("utility", "judge", "judge_url", "judge_model"):
+    assert config.influence.LATER_KEYS == {"utility", "judge", "judge_url", "judge_model", "linear_kernel",
+                                           "pad_multiple"}
+    for key in config.influence.LATER_KEYS:
         without.pop(key)
     old_hash = hashlib.sha256(json.dumps({"influence": without}, sort_keys=True).encode()).hexdigest()[:16]
     assert config.section_hash("influence") == old_hash

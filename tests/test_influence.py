@@ -210,3 +210,36 @@ def test_weight_decay_is_part_of_the_step(warm_dir):
                                           estimator="linear"))
     assert exact == pytest.approx(obvious, abs=2e-5, rel=1e-4)
     assert linear == pytest.approx(exact, rel=0.05)
+
+
+@pytest.mark.parametrize("pad_multiple", [1, 64])
+def test_flat_linear_step_gives_the_eager_values(warm_dir, pad_multiple):
+    """linear_kernel="flat" (fast.py: one flat gradient, chunked fused update, candidate right-padded to
+    a multiple of pad_multiple tokens: the CUDA-graph path without the graph) = the eager bucketed step,
+    and it gives the student back untouched (weights, moments, no .grad)."""
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    hooks = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                         estimator="linear", linear_kernel="hooks"))
+    flat = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                        estimator="linear", linear_kernel="flat", pad_multiple=pad_multiple))
+    assert flat == pytest.approx(hooks, rel=1e-5, abs=1e-9)
+    for p in model.parameters():
+        assert p.grad is None
+    assert_state_is_saved_one(model, state, warm_dir)
+
+
+def test_flat_linear_step_in_bf16_uses_a_bf16_copy(warm_dir, monkeypatch):
+    """grad_precision=bf16 on the flat path: the candidate gradient of a bf16 copy of the student (the
+    cast autocast makes on every forward, made once), close to the autocast step; with the fp32 weights
+    offloaded meanwhile (the 8B layout), they come back bit for bit."""
+    import montessori.influence.engine as engine_module
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    autocast = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                            estimator="linear", grad_precision="bf16", linear_kernel="hooks"))
+    monkeypatch.setattr(engine_module, "fits_device", lambda params, size: False)  # offload θ meanwhile
+    flat = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                        estimator="linear", grad_precision="bf16", linear_kernel="flat"))
+    assert flat != autocast and flat == pytest.approx(autocast, rel=0.05)
+    assert spearman(flat, autocast) >= 0.9
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert_state_is_saved_one(model, state, warm_dir)

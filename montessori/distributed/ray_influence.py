@@ -40,13 +40,15 @@ class InfluenceSettings:
     device: str = "auto"
     ref_grad_dtype: str = "auto"
     shadow: str = "auto"
+    linear_kernel: str = "auto"
+    pad_multiple: int = 64
 
     @classmethod
     def from_config(cls, config) -> InfluenceSettings:
         i = config.influence
         return cls(i.estimator, i.precision, i.grad_precision, i.eval_batch_size, i.max_length,
                    config.data.reference_max_length, i.lr, i.compile, config.models.device,
-                   i.ref_grad_dtype, i.shadow)
+                   i.ref_grad_dtype, i.shadow, i.linear_kernel, i.pad_multiple)
 
 
 class Scorer:
@@ -85,7 +87,8 @@ def build_scorer(warmup_dir: str, reference: list[Pair], settings: InfluenceSett
                              pad_id=tokenizer.pad_token_id or 0, estimator=settings.estimator,
                              precision=settings.precision, grad_precision=grad_precision(settings, device),
                              eval_batch_size=settings.eval_batch_size, lr=settings.lr, compile=settings.compile,
-                             ref_grad_dtype=settings.ref_grad_dtype, shadow=settings.shadow)
+                             ref_grad_dtype=settings.ref_grad_dtype, shadow=settings.shadow,
+                             linear_kernel=settings.linear_kernel, pad_multiple=settings.pad_multiple)
     del state  # the engine keeps the moments it needs
     return Scorer(engine, tokenizer, settings.max_length, die_after)
 

@@ -39,6 +39,9 @@ from montessori.records import InfluenceResult, Pair
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 ESTIMATORS = ("exact", "linear")
+# How the linear step runs: hooks = eager, gradient consumed in buckets during backward (below);
+# flat / graphed = fast.py (flat buffers, fused update; graphed adds CUDA graphs); auto = graphed on CUDA.
+LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 # Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
 # ~13 kernel launches per tensor (2,600 for TinyLlama's 201 tensors) and dominated the linear step;
@@ -227,13 +230,14 @@ class AdamWState:
         return self
 
 
-def four_copies_fit(params: Sequence[torch.Tensor]) -> bool:
-    """Whether θ, m, v and one more fp32 copy fit the device (always true off CUDA)."""
+def fits_device(params: Sequence[torch.Tensor], bytes_per_param: float) -> bool:
+    """Whether `bytes_per_param` bytes for every parameter fit RESIDENT_SHARE of the device (always
+    true off CUDA). θ, m, v and one more fp32 copy: 16 bytes."""
     device = params[0].device
     if device.type != "cuda":
         return True
     total = torch.cuda.get_device_properties(device).total_memory
-    return 4 * 4 * sum(p.numel() for p in params) <= RESIDENT_SHARE * total
+    return bytes_per_param * sum(p.numel() for p in params) <= RESIDENT_SHARE * total
 
 
 def foreach_denoms(G, M, V, step: int, betas, eps):
@@ -284,7 +288,8 @@ class InfluenceEngine:
     def __init__(self, model, state: AdamWState, reference: Sequence[Example], *, pad_id: int,
                  estimator: str = "exact", precision: str = "fp32", grad_precision: str = "fp32",
                  eval_batch_size: int = 8, lr: float | None = None, compile: bool = False,
-                 ref_grad_dtype: str = "auto", shadow: str = "auto"):
+                 ref_grad_dtype: str = "auto", shadow: str = "auto", linear_kernel: str = "auto",
+                 pad_multiple: int = 64):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: choose one of {ESTIMATORS}")
         self.model, self.state, self.estimator = model, state, estimator
@@ -297,10 +302,12 @@ class InfluenceEngine:
         self.batches = length_batches(reference, eval_batch_size, pad_id, self.device)
         model.eval()  # no dropout: the same state must give the same value
         self.loss_before = reference_loss(model, self.batches, precision)
-        fits = four_copies_fit(self.params)
+        fits = fits_device(self.params, 16)
         self.ref_grad_dtype = ("fp32" if fits else "bf16") if ref_grad_dtype == "auto" else ref_grad_dtype
         self.shadow_mode = ("device" if fits else "host") if shadow == "auto" else shadow
         self.ref_dot_theta = 0.0
+        self.fast = None
+        self.linear_kernel = None
         if estimator == "linear":  # one example per backward: activations of a batch would not fit an 8B
             grads = reference_grad(model, length_batches(reference, 1, pad_id, self.device), precision)
             dtype = torch.bfloat16 if self.ref_grad_dtype == "bf16" else torch.float32
@@ -310,6 +317,10 @@ class InfluenceEngine:
             if state.weight_decay:  # the update's weight-decay term, -lr·wd·∇L_ref·θ, is fixed per state
                 self.ref_dot_theta = float(sum(torch.dot(r.flatten().double(), p.detach().flatten().double())
                                                for r, p in zip(grads, self.params)))
+            self.linear_kernel = linear_kernel if linear_kernel != "auto" else (
+                "graphed" if self.device.type == "cuda" else "hooks")
+            if self.linear_kernel != "hooks":  # fast.py: flat buffers, fused update, CUDA graphs
+                self.fast = self._flat_linear(grad_precision, pad_multiple)
         elif self.shadow_mode == "device":
             self.shadow = [torch.empty_like(p) for p in self.params]
         else:
@@ -322,6 +333,25 @@ class InfluenceEngine:
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
         self._stepped, self._update_dots = wrap(foreach_stepped), wrap(foreach_update_dots)
         self.timing = {"step": 0.0, "eval": 0.0}  # seconds of the last candidate (synchronized on CUDA)
+
+    def _flat_linear(self, grad_precision: str, pad_multiple: int):
+        from montessori.influence.fast import FlatLinear
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel {self.linear_kernel!r}: choose one of {LINEAR_KERNELS}")
+        grad_dtype = torch.bfloat16 if grad_precision == "bf16" else torch.float32
+        # θ, m, v, ∇L_ref, the flat gradient and (bf16) the copy's weights; else θ waits on the host.
+        size = grad_dtype.itemsize
+        offload = not fits_device(self.params, 12 + self.ref_grad[0].element_size() + size
+                                  + (size if grad_dtype != torch.float32 else 0))
+        return FlatLinear(self.model, self.state, self.ref_grad, lr=self.lr, grad_dtype=grad_dtype,
+                          grad_precision=grad_precision, pad_multiple=pad_multiple,
+                          graphs=self.linear_kernel == "graphed", fuse=self.device.type == "cuda", offload=offload)
+
+    def close(self) -> None:
+        """Give the model back as it was (the linear fast path borrows its .grad and, at 8B, its memory)."""
+        if self.fast is not None:
+            self.fast.close()
+            self.fast = None
 
     # Runs inside backward as soon as parameter p's gradient is complete: the gradient joins the bucket,
     # which is consumed (and freed) once it holds BUCKET_BYTES. A parameter whose gradient is complete is
@@ -376,6 +406,11 @@ class InfluenceEngine:
             return InfluenceResult(example.id, None, self.loss_before, after, status, self.estimator)
         if example.num_targets == 0:
             return invalid("empty_response")
+        if self.fast is not None:
+            started = time.perf_counter()
+            dot = float(self.fast.dot(example.input_ids, example.labels))
+            self.timing["step"] = self._since(started)
+            return self._linear_result(example, dot)
         in_place = self.estimator == "exact" and self.shadow_mode == "host"
         started = time.perf_counter()
         batch = length_batches([example], 1, 0, self.device)[0]
@@ -402,10 +437,7 @@ class InfluenceEngine:
             self._pending, self._pending_bytes = [], 0
         self.timing["step"] = self._since(started)
         if self.estimator == "linear":
-            influence = -(float(self._dot) - self.lr * self.state.weight_decay * self.ref_dot_theta)
-            if not math.isfinite(influence):
-                return invalid("non_finite_loss")
-            return InfluenceResult(example.id, influence, self.loss_before, None, "ok", "linear")
+            return self._linear_result(example, float(self._dot))
         started = time.perf_counter()
         if not in_place:  # θ_z sits in the shadow buffers: swap it in, and back afterwards
             self._swap_shadow()
@@ -419,12 +451,20 @@ class InfluenceEngine:
         return InfluenceResult(example.id, self.loss_before - after, self.loss_before, after, "ok", "exact")
 
 
+    def _linear_result(self, example: Example, dot: float) -> InfluenceResult:
+        """I(z) ≈ -∇L_ref·Δ_z: the Adam part (dot) and the weight-decay part -lr·wd·∇L_ref·θ."""
+        influence = -(dot - self.lr * self.state.weight_decay * self.ref_dot_theta)
+        if not math.isfinite(influence):  # a non-finite candidate loss makes the gradient non-finite
+            return InfluenceResult(example.id, None, self.loss_before, None, "non_finite_loss", "linear")
+        return InfluenceResult(example.id, influence, self.loss_before, None, "ok", "linear")
+
+
 def compute_influence(student, optimizer_state, candidates: Sequence[Pair], reference: Sequence[Pair], *,
                       tokenizer=None, estimator: str = "exact", precision: str = "fp32",
                       grad_precision: str | None = None, eval_batch_size: int = 8, max_length: int = 1024,
                       reference_max_length: int | None = None, lr: float | None = None, compile: bool = False,
-                      ref_grad_dtype: str = "auto", shadow: str = "auto",
-                      on_result: Callable[[InfluenceResult], None] | None = None,
+                      ref_grad_dtype: str = "auto", shadow: str = "auto", linear_kernel: str = "auto",
+                      pad_multiple: int = 64, on_result: Callable[[InfluenceResult], None] | None = None,
                       progress: bool = False) -> list[InfluenceResult]:
     """Influence of each candidate pair on the reference set, from one warm-up state (notebook API).
 
@@ -443,12 +483,16 @@ def compute_influence(student, optimizer_state, candidates: Sequence[Pair], refe
     engine = InfluenceEngine(student, state, encode_pairs(tokenizer, reference, reference_max_length or max_length),
                              pad_id=tokenizer.pad_token_id or 0, estimator=estimator, precision=precision,
                              grad_precision=grad_precision or precision, eval_batch_size=eval_batch_size, lr=lr,
-                             compile=compile, ref_grad_dtype=ref_grad_dtype, shadow=shadow)
+                             compile=compile, ref_grad_dtype=ref_grad_dtype, shadow=shadow,
+                             linear_kernel=linear_kernel, pad_multiple=pad_multiple)
     results = []
-    for example in tqdm(encode_pairs(tokenizer, candidates, max_length), desc=f"influence ({estimator})",
-                        unit="cand", disable=not progress):
-        result = engine.score(example)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
+    try:
+        for example in tqdm(encode_pairs(tokenizer, candidates, max_length), desc=f"influence ({estimator})",
+                            unit="cand", disable=not progress):
+            result = engine.score(example)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        engine.close()
     return results

@@ -61,7 +61,8 @@ def run_influence(ctx) -> dict:
                               grad_precision=grad_prec, eval_batch_size=icfg.eval_batch_size,
                               max_length=icfg.max_length, reference_max_length=cfg.data.reference_max_length,
                               lr=icfg.lr, compile=icfg.compile, ref_grad_dtype=icfg.ref_grad_dtype,
-                              shadow=icfg.shadow, on_result=out.append, progress=ctx.progress)
+                              shadow=icfg.shadow, linear_kernel=icfg.linear_kernel,
+                              pad_multiple=icfg.pad_multiple, on_result=out.append, progress=ctx.progress)
         results = [r for r in out.records if r.id in {c.id for c in candidates}]
     return influence_counts(results, icfg, grad_prec)
 

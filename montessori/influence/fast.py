@@ -1,0 +1,190 @@
+"""The linear estimator's fast path: a flat layout, one fused elementwise pass, and CUDA graphs.
+
+It computes the engine's linear value, the Adam part of ∇L_ref · Δ_z, differently, not a different quantity:
+
+  - the candidate's gradient at θ_warm comes from a copy of the student whose gradients are views of
+    one flat buffer (the copy's weights are bf16 when the candidate gradient is bf16: the cast
+    autocast would make on every forward, made once), so a full gradient lands in one tensor;
+  - m, v and ∇L_ref are flat too, so the AdamW update and its dot with ∇L_ref are one elementwise
+    reduction per chunk (`adam_dot`), fused by torch.compile on CUDA into one read of g, m, v, ∇L_ref
+    (eager, the same arithmetic is ~10 passes over memory);
+  - the candidate is right-padded to a multiple of `pad_multiple` tokens (under causal attention,
+    padding after the last token changes no earlier position, and it carries no loss), so a few static
+    shapes cover every candidate and each is captured once as a CUDA graph: one launch replaces the
+    ~3,000 kernel launches of an eager forward/backward, which made the eager step host-bound.
+
+Why our own code here and not a library: the eager engine's step measured 0.13 s per TinyLlama-1.1B
+candidate on an H200, of which 41 ms GPU time; docs/benchmarks.md has the numbers for this path.
+Memory: the copy's weights and the flat gradient (2 + 2 bytes per parameter in bf16) on top of
+θ, m, v and ∇L_ref; when that does not fit the device, the fp32 θ waits on the host (`offload`)
+and `close()` brings it back bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from montessori.models.chat import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 26  # elements per adam_dot call: bounds eager temporaries and keeps indices in int32
+
+
+def adam_dot(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
+    """Σ r · m'/denom over one chunk: torch's AdamW moment update and denominator, op for op as
+    `engine.foreach_update_dots` (the caller multiplies by -lr/(1-β1^t))."""
+    g = g.float()
+    m1 = torch.lerp(m, g, 1 - b1)
+    denom = torch.addcmul(v * b2, g, g, value=1 - b2).sqrt_().div_(bc2_sqrt).add_(eps)
+    return torch.dot(r.float(), m1.div_(denom))
+
+
+def flatten_(tensors: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """Copy `tensors` into one flat buffer, replacing each list entry by its view (in place, one tensor
+    at a time: the peak is the buffer plus one tensor, and the values are unchanged)."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    offset = 0
+    for i, t in enumerate(tensors):
+        view = flat[offset:offset + t.numel()].view(t.shape)
+        view.copy_(t)
+        tensors[i] = view
+        offset += t.numel()
+    return flat
+
+
+class FlatLinear:
+    """Scores candidates for InfluenceEngine's linear estimator: `dot(example)` returns
+    -lr/(1-β1^t) · Σ ∇L_ref · m'/denom (fp64 scalar on the device), the engine's `_dot`.
+
+    model: the fp32 student at θ_warm (not modified; if `offload`, its weights wait on the host until
+    `close()`). state: AdamWState (moments anywhere; they become views of flat device buffers).
+    ref_grad: ∇L_ref per parameter (its entries become views of one flat buffer)."""
+
+    def __init__(self, model, state, ref_grad: list[torch.Tensor], *, lr: float, grad_dtype: torch.dtype,
+                 grad_precision: str, pad_multiple: int = 64, graphs: bool = False, fuse: bool = False,
+                 offload: bool = False):
+        from montessori.influence.engine import precision_context
+        self.precision_context = precision_context
+        self.params = list(model.parameters())
+        self.device = self.params[0].device
+        # A bf16 copy needs no autocast (which would also run norms and losses in fp32 on bf16 weights).
+        self.state, self.lr = state, lr
+        self.grad_precision = grad_precision if grad_dtype == torch.float32 else "fp32"
+        self.pad_multiple, self.use_graphs = pad_multiple, graphs and self.device.type == "cuda"
+        self.r = flatten_(ref_grad, ref_grad[0].dtype, self.device)
+        self.m = flatten_(state.exp_avg, torch.float32, self.device)
+        self.v = flatten_(state.exp_avg_sq, torch.float32, self.device)
+        self.host = None
+        if offload:  # first, so that the copy below never meets θ on the device
+            self.host = [p.detach().to("cpu", copy=True) for p in self.params]
+            if self.device.type == "cuda":
+                self.host = [h.pin_memory() for h in self.host]
+            for p in self.params:
+                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+        source = self.host or [p.detach() for p in self.params]
+        if grad_dtype == torch.float32 and not offload:  # the student itself: only its .grad is borrowed
+            self.student, self.weights, self.own = model, None, self.params
+        else:  # a copy whose parameters are views of one flat buffer in grad_dtype
+            self.weights = torch.empty(self.r.numel(), dtype=grad_dtype, device=self.device)
+            memo, offset = {}, 0
+            for p, src in zip(self.params, source):
+                view = self.weights[offset:offset + src.numel()].view(src.shape)
+                view.copy_(src)
+                memo[id(p)] = torch.nn.Parameter(view, requires_grad=p.requires_grad)
+                offset += src.numel()
+            self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
+            self.own = list(self.student.parameters())
+        self.g = torch.zeros(self.r.numel(), dtype=grad_dtype, device=self.device)
+        offset = 0
+        for p in self.own:
+            p.grad = self.g[offset:offset + p.numel()].view(p.shape)  # backward accumulates in place
+            offset += p.numel()
+        self.out = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._dot_fn = adam_dot
+        if fuse and self.device.type == "cuda":
+            self._dot_fn = torch.compile(adam_dot, dynamic=False, fullgraph=True)
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    # One candidate, static shapes only and no host synchronisation: the body of a CUDA graph.
+    def _step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        s = self.state
+        self.g.zero_()
+        with self.precision_context(self.grad_precision, self.device):
+            hidden = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            logits = self.student.get_output_embeddings()(hidden[0, :-1]).float()
+            targets = labels[0, 1:]
+            total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            (total / (targets != IGNORE_INDEX).sum()).backward()  # token mean, as the engine's step
+        b1, b2 = s.betas
+        t = s.step + 1
+        dots = [self._dot_fn(self.r[i:i + CHUNK], self.g[i:i + CHUNK], self.m[i:i + CHUNK], self.v[i:i + CHUNK],
+                             b1, b2, (1 - b2 ** t) ** 0.5, s.eps) for i in range(0, self.r.numel(), CHUNK)]
+        self.out.copy_(torch.stack(dots).double().sum() * (-self.lr / (1 - b1 ** t)))
+
+    def _width(self, n: int) -> int:
+        width = math.ceil(n / self.pad_multiple) * self.pad_multiple
+        limit = getattr(self.student.config, "max_position_embeddings", None)
+        return n if limit and width > limit >= n else width
+
+    def dot(self, input_ids: Sequence[int], labels: Sequence[int]) -> torch.Tensor:
+        n = len(input_ids)
+        width = self._width(n)
+        if width not in self.inputs:
+            self.inputs[width] = (torch.empty((1, width), dtype=torch.long, device=self.device),
+                                  torch.empty((1, width), dtype=torch.long, device=self.device))
+        ids, lab = self.inputs[width]
+        pad = width - n
+        ids.copy_(torch.tensor([list(input_ids) + [0] * pad]))  # pad id is arbitrary: no position sees it
+        lab.copy_(torch.tensor([list(labels) + [IGNORE_INDEX] * pad]))
+        if not self.use_graphs:
+            self._step(ids, lab)
+            return self.out
+        graph = self.graphs.get(width)
+        if graph is None:
+            graph = self.graphs[width] = self._capture(ids, lab)
+        graph.replay()
+        return self.out
+
+    def _capture(self, ids, lab) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream (cuBLAS workspaces, autograd, compilation), then capture one step.
+        All graphs share one memory pool: they never run concurrently and leave nothing live in it
+        (inputs, gradient and output live outside)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(ids, lab)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(ids, lab)
+        self.pool = self.pool or graph.pool()
+        log.debug("captured the linear step for %d tokens", ids.shape[1])
+        return graph
+
+    def close(self) -> None:
+        """Drop graphs, the copy and the flat gradient, then give the student its .grad and (if
+        offloaded) its weights back: in that order, so that θ finds room on the device."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.pool = None
+        if self.own is not None:
+            for p in self.own:
+                p.grad = None
+        self.student = self.own = self.g = self.weights = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.host is not None:
+            for p, h in zip(self.params, self.host):
+                p.data = h.to(self.device)
+            self.host = None
