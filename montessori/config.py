@@ -143,7 +143,8 @@ class InfluenceConfig(Section):
     # How the linear step runs (same values up to float rounding): hooks = eager, the gradient consumed
     # in buckets during backward; flat = one flat gradient and a fused update pass; graphed = flat +
     # the candidate padded to a multiple of pad_multiple tokens and replayed as a CUDA graph per length.
-    # auto = graphed on CUDA, hooks elsewhere. Speed: docs/benchmarks.md.
+    # auto = hooks (graphed: 22 ms vs 89 ms per TinyLlama-1.1B candidate on an H200, but its bf16
+    # values were not reproducible run to run there: docs/benchmarks.md). CUDA graphs need CUDA.
     linear_kernel: Literal["auto", "hooks", "flat", "graphed"] = "auto"
     pad_multiple: int = 64
 

@@ -40,7 +40,7 @@ from montessori.records import InfluenceResult, Pair
 PRECISIONS = ("fp32", "tf32", "bf16")
 ESTIMATORS = ("exact", "linear")
 # How the linear step runs: hooks = eager, gradient consumed in buckets during backward (below);
-# flat / graphed = fast.py (flat buffers, fused update; graphed adds CUDA graphs); auto = graphed on CUDA.
+# flat / graphed = fast.py (flat buffers, fused update; graphed adds CUDA graphs); auto = hooks for now.
 LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 # Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
@@ -317,8 +317,9 @@ class InfluenceEngine:
             if state.weight_decay:  # the update's weight-decay term, -lr·wd·∇L_ref·θ, is fixed per state
                 self.ref_dot_theta = float(sum(torch.dot(r.flatten().double(), p.detach().flatten().double())
                                                for r, p in zip(grads, self.params)))
-            self.linear_kernel = linear_kernel if linear_kernel != "auto" else (
-                "graphed" if self.device.type == "cuda" else "hooks")
+            # auto = hooks: the graphed path is 4-6x faster on the H200 but its bf16 values were not
+            # reproducible run to run there (docs/benchmarks.md); opt in with linear_kernel="graphed".
+            self.linear_kernel = "hooks" if linear_kernel == "auto" else linear_kernel
             if self.linear_kernel != "hooks":  # fast.py: flat buffers, fused update, CUDA graphs
                 self.fast = self._flat_linear(grad_precision, pad_multiple)
         elif self.shadow_mode == "device":
