@@ -126,9 +126,21 @@ class FlatLinear:
             (total / (targets != IGNORE_INDEX).sum()).backward()  # token mean, as the engine's step
         b1, b2 = s.betas
         t = s.step + 1
-        dots = [self._dot_fn(self.r[i:i + CHUNK], self.g[i:i + CHUNK], self.m[i:i + CHUNK], self.v[i:i + CHUNK],
+        dots = [self._dot(self.r[i:i + CHUNK], self.g[i:i + CHUNK], self.m[i:i + CHUNK], self.v[i:i + CHUNK],
                              b1, b2, (1 - b2 ** t) ** 0.5, s.eps) for i in range(0, self.r.numel(), CHUNK)]
         self.out.copy_(torch.stack(dots).double().sum() * (-self.lr / (1 - b1 ** t)))
+
+    def _dot(self, *args) -> torch.Tensor:
+        """adam_dot, fused by torch.compile where it compiles (first met in an eager warm-up step, never
+        inside a capture), else eager."""
+        try:
+            return self._dot_fn(*args)
+        except Exception as e:  # noqa: BLE001 - no Triton, an inductor bug: the eager form is the same math
+            if self._dot_fn is adam_dot:
+                raise
+            log.warning("torch.compile of the update pass failed (%s); running it eagerly", e)
+            self._dot_fn = adam_dot
+            return adam_dot(*args)
 
     def _width(self, n: int) -> int:
         width = math.ceil(n / self.pad_multiple) * self.pad_multiple
