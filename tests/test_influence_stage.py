@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from montessori.pipeline import run_pipeline
@@ -50,3 +51,15 @@ def test_influence_stage_scores_every_probing_pair_and_resumes(tmp_path, tiny_co
     assert [r.id for r in linear] == probing
     assert all(r.status == "ok" and r.estimator == "linear" for r in linear)
     assert torch.tensor([r.influence for r in linear]).isfinite().all()
+
+    # The linear step's fast path (influence.linear_kernel=flat: flat gradient, fused update, padded
+    # candidates) is a config key of the same estimator: the stage re-runs and gives the same values.
+    tiny_config.influence.linear_kernel, tiny_config.influence.pad_multiple = "flat", 16
+    run_pipeline(tiny_config, tmp_path, only="influence", progress=False)
+    flat = read_jsonl(folder / "influence.jsonl", InfluenceResult)
+    assert [r.id for r in flat] == probing
+    assert [r.influence for r in flat] == pytest.approx([r.influence for r in linear], rel=1e-5, abs=1e-9)
+    assert [r.influence for r in flat] != [r.influence for r in linear]  # recomputed, not reused
+    from montessori.distributed.ray_influence import InfluenceSettings
+    settings = InfluenceSettings.from_config(tiny_config)
+    assert (settings.linear_kernel, settings.pad_multiple) == ("flat", 16)
