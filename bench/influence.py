@@ -9,18 +9,18 @@ public code's strategy, on randomly initialised real architectures.
 A linear method name may end in `@hooks` (eager: the candidate gradient consumed in buckets of
 engine.BUCKET_BYTES during backward), `@perparam` (the same, one parameter at a time: the engine's
 earlier layout), `@flat` (fast.py: one flat gradient, fused update pass) or `@graphed` (flat + CUDA
-graphs); no suffix = the engine's default (hooks). The last column compares each
-method's values with the first method's: median relative difference and Spearman correlation. The moments start on the host
-each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the table
-shows it with the peak device memory.
+graphs); no suffix = the engine's default (hooks). The last column compares each method's values
+with the first method's: median relative difference and Spearman correlation. The moments start on
+the host each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the
+table shows it with the peak device memory.
 
 Setup: random weights (fp32 master), a synthetic AdamW state (moments of a plausible size, step 1000),
 the 256 reference examples' real (prompt, response) lengths (the public code's Alpaca-Eval/GPT-4 set,
 SmolLM2 tokenizer, cut at 1024), random candidates of 300-600 tokens. Timings exclude an untimed
 warm-up: one candidate for exact, every candidate once for linear (the graphed kernel captures one
-CUDA graph per padded length on first sight; `setup` includes it). For each method: seconds per candidate split into the step (candidate
-forward/backward + the elementwise AdamW pass) and the reference evaluation, achieved FLOP/s of the
-evaluation against a matmul of the same precision, and bytes/s of the step's update pass against a
+CUDA graph per padded length on first sight; `setup` includes it). For each method: seconds per
+candidate split into the step (candidate forward/backward + the elementwise AdamW pass) and the
+reference evaluation, achieved FLOP/s of the evaluation against a matmul of the same precision, and bytes/s of the step's update pass against a
 device copy, both measured in the same run. `public`: save weights + optimizer to disk once, then per
 candidate torch.load + load_state_dict, a torch.optim.AdamW step and the reference loss under bf16
 autocast with full logits (the page cache usually holds the file after the first load: a warm read).

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from montessori.errors import InputError
 
@@ -146,7 +146,7 @@ class InfluenceConfig(Section):
     # auto = hooks (graphed: 22 ms vs 89 ms per TinyLlama-1.1B candidate on an H200, but its bf16
     # values were not reproducible run to run there: docs/benchmarks.md). CUDA graphs need CUDA.
     linear_kernel: Literal["auto", "hooks", "flat", "graphed"] = "auto"
-    pad_multiple: int = 64
+    pad_multiple: PositiveInt = 64
 
 
 class PairsConfig(Section):

@@ -292,6 +292,8 @@ class InfluenceEngine:
                  pad_multiple: int = 64):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: choose one of {ESTIMATORS}")
+        if linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel {linear_kernel!r}: choose one of {LINEAR_KERNELS}")
         self.model, self.state, self.estimator = model, state, estimator
         self.precision, self.grad_precision = precision, grad_precision
         self.lr = state.lr if lr is None else lr
@@ -336,9 +338,7 @@ class InfluenceEngine:
         self.timing = {"step": 0.0, "eval": 0.0}  # seconds of the last candidate (synchronized on CUDA)
 
     def _flat_linear(self, grad_precision: str, pad_multiple: int):
-        from montessori.influence.fast import FlatLinear
-        if self.linear_kernel not in LINEAR_KERNELS:
-            raise ValueError(f"linear_kernel {self.linear_kernel!r}: choose one of {LINEAR_KERNELS}")
+        from montessori.influence.fast import FlatLinear  # imports this module: not at the top
         grad_dtype = torch.bfloat16 if grad_precision == "bf16" else torch.float32
         # θ, m, v, ∇L_ref, the flat gradient and (bf16) the copy's weights; else θ waits on the host.
         size = grad_dtype.itemsize
@@ -450,7 +450,6 @@ class InfluenceEngine:
         if not math.isfinite(after):
             return invalid("non_finite_loss", None)
         return InfluenceResult(example.id, self.loss_before - after, self.loss_before, after, "ok", "exact")
-
 
     def _linear_result(self, example: Example, dot: float) -> InfluenceResult:
         """I(z) ≈ -∇L_ref·Δ_z: the Adam part (dot) and the weight-decay part -lr·wd·∇L_ref·θ."""

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from montessori.influence.engine import precision_context
 from montessori.models.chat import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,22 @@ def adam_dot(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> t
     return torch.dot(r.float(), m1.div_(denom))
 
 
+def views_of(flat: torch.Tensor, shapes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of `flat`, one per tensor of `shapes`, with its shape."""
+    out, offset = [], 0
+    for t in shapes:
+        out.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out
+
+
 def flatten_(tensors: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
     """Copy `tensors` into one flat buffer, replacing each list entry by its view (in place, one tensor
     at a time: the peak is the buffer plus one tensor, and the values are unchanged)."""
     flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
-    offset = 0
-    for i, t in enumerate(tensors):
-        view = flat[offset:offset + t.numel()].view(t.shape)
-        view.copy_(t)
+    for i, view in enumerate(views_of(flat, tensors)):
+        view.copy_(tensors[i])
         tensors[i] = view
-        offset += t.numel()
     return flat
 
 
@@ -70,8 +77,6 @@ class FlatLinear:
     def __init__(self, model, state, ref_grad: list[torch.Tensor], *, lr: float, grad_dtype: torch.dtype,
                  grad_precision: str, pad_multiple: int = 64, graphs: bool = False, fuse: bool = False,
                  offload: bool = False):
-        from montessori.influence.engine import precision_context
-        self.precision_context = precision_context
         self.params = list(model.parameters())
         self.device = self.params[0].device
         # A bf16 copy needs no autocast (which would also run norms and losses in fp32 on bf16 weights).
@@ -93,19 +98,14 @@ class FlatLinear:
             self.student, self.weights, self.own = model, None, self.params
         else:  # a copy whose parameters are views of one flat buffer in grad_dtype
             self.weights = torch.empty(self.r.numel(), dtype=grad_dtype, device=self.device)
-            memo, offset = {}, 0
-            for p, src in zip(self.params, source):
-                view = self.weights[offset:offset + src.numel()].view(src.shape)
-                view.copy_(src)
-                memo[id(p)] = torch.nn.Parameter(view, requires_grad=p.requires_grad)
-                offset += src.numel()
+            memo = {}
+            for p, src, view in zip(self.params, source, views_of(self.weights, source)):
+                memo[id(p)] = torch.nn.Parameter(view.copy_(src), requires_grad=p.requires_grad)
             self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
             self.own = list(self.student.parameters())
         self.g = torch.zeros(self.r.numel(), dtype=grad_dtype, device=self.device)
-        offset = 0
-        for p in self.own:
-            p.grad = self.g[offset:offset + p.numel()].view(p.shape)  # backward accumulates in place
-            offset += p.numel()
+        for p, view in zip(self.own, views_of(self.g, self.own)):
+            p.grad = view  # backward accumulates into it in place
         self.out = torch.zeros((), dtype=torch.float64, device=self.device)
         self._dot_fn = adam_dot
         if fuse and self.device.type == "cuda":
@@ -118,7 +118,7 @@ class FlatLinear:
     def _step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
         s = self.state
         self.g.zero_()
-        with self.precision_context(self.grad_precision, self.device):
+        with precision_context(self.grad_precision, self.device):
             hidden = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state
             logits = self.student.get_output_embeddings()(hidden[0, :-1]).float()
             targets = labels[0, 1:]
