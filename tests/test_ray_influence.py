@@ -64,12 +64,14 @@ def single_process(warm_dir):
 def test_two_workers_one_killed_give_every_single_process_value_exactly_once(warm_dir, single_process, tmp_path):
     out_file = tmp_path / "influence.jsonl"
     with JsonlAppender(out_file, InfluenceResult) as out:
-        # Worker 0's process exits on its 3rd candidate, with that one (and one more queued) in flight.
+        # Worker 0's process exits on its 2nd candidate. The driver queues two tasks on each worker
+        # before the first result comes back, so that candidate is surely held by worker 0 when it
+        # dies, however slowly worker 0 started (dying on a later one raced the survivor for the queue).
         _, stats = score_distributed(warm_dir, CANDIDATES, REFERENCE, SETTINGS, num_workers=2,
-                                     on_result=out.append, die_after={0: 2})
+                                     on_result=out.append, die_after={0: 1})
     assert stats.workers == 2 and stats.lost_workers == [0] and stats.requeued_tasks >= 1
     # Both took candidates from the shared queue; the survivor finished the dead worker's share.
-    assert stats.per_worker[0] == 2 and stats.per_worker[1] == 10
+    assert stats.per_worker.get(0, 0) in (0, 1) and stats.per_worker.get(0, 0) + stats.per_worker[1] == 12
     written = read_jsonl(out_file, InfluenceResult)
     assert sorted(r.id for r in written) == sorted(c.id for c in CANDIDATES)  # each exactly once
     # The exact estimator on the same state: equal to the single-process engine's values.

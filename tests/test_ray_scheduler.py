@@ -108,9 +108,10 @@ def test_local_processes_survive_a_killed_worker_with_the_single_process_values(
                                eval_batch_size=4)
     settings = InfluenceSettings(max_length=128, reference_max_length=128, eval_batch_size=4, device="cpu")
     results, stats = score_distributed(tmp_path, CANDIDATES, REFERENCE, settings, backend="mp", num_workers=2,
-                                       die_after={1: 3})
-    # Its 3rd result may or may not have left the process before it vanished: if not, it was re-run.
-    assert stats.lost_workers == [1] and stats.per_worker[1] in (2, 3)
-    assert stats.per_worker[0] + stats.per_worker[1] == 12
+                                       die_after={1: 1})
+    # It dies on its 2nd candidate, which it holds from the start (two tasks are queued per worker);
+    # its 1st result may or may not have left the process before it vanished: if not, it was re-run.
+    assert stats.lost_workers == [1] and stats.requeued_tasks >= 1 and stats.per_worker.get(1, 0) in (0, 1)
+    assert stats.per_worker[0] + stats.per_worker.get(1, 0) == 12
     assert [r.id for r in results] == [c.id for c in CANDIDATES]
     assert [r.influence for r in results] == pytest.approx([r.influence for r in single], abs=1e-6)
