@@ -30,6 +30,7 @@ Needs torch and transformers only.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -179,8 +180,7 @@ def run_engine(model, state, ref, cands, method, args, device):
                                  ref_grad_dtype=args.ref_grad_dtype)
         # Untimed: allocator, kernels, compilation; the linear methods see every candidate once (one CUDA
         # graph per padded length is captured on first sight: a one-off cost, counted in `setup`).
-        for c in (cands if estimator == "linear" else cands[:1]):
-            engine.score(c)
+        first = [engine.score(c).influence for c in (cands if estimator == "linear" else cands[:1])]
         sync(device)
         setup = time.perf_counter() - started
         steps, evals, values = [], [], []
@@ -204,9 +204,16 @@ def run_engine(model, state, ref, cands, method, args, device):
         engine_module.BUCKET_BYTES = bucket
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    # The same candidates scored twice by one engine (linear: the untimed pass, then the timed one):
+    # any difference is run-to-run nondeterminism of the kernels themselves.
+    repeat = max_rel_diff(first[1:], values) if estimator == "linear" else None
     return dict(method=method, precision=precision, grad_precision=grad_precision, setup=setup,
                 step=sum(steps) / len(steps), eval=sum(evals) / len(evals), peak_gib=peak, values=values,
-                layout=layout)
+                layout=layout, repeat=repeat)
+
+
+def max_rel_diff(a: list, b: list) -> float:
+    return max((abs(x - y) / abs(y) if y else abs(x - y) for x, y in zip(a, b)), default=0.0)
 
 
 def run_public(model, state, ref, cands, args, device):
@@ -274,10 +281,20 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", default=None, help="where the public strategy saves its checkpoint")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of each linear method's step")
     ap.add_argument("--no-flash", action="store_true", help="disable the flash SDPA backend (determinism check)")
+    ap.add_argument("--sdpa", default=None, choices=["math", "flash", "efficient", "cudnn"],
+                    help="allow only this SDPA backend (determinism check)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.no_flash:
         torch.backends.cuda.enable_flash_sdp(False)
+    if args.sdpa:
+        for backend in ("math", "flash", "mem_efficient", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(args.sdpa in backend)
+    if args.deterministic:  # before the first cuBLAS call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     rng = random.Random(0)
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in REFERENCE_LENGTHS.split()][: args.reference]
     if args.arch == "tiny":
@@ -310,13 +327,15 @@ def main() -> None:
 
     print(f"\n{args.arch} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{args.candidates} timed candidates, eval batch {args.eval_batch_size}, compile={args.compile}, "
-          f"pad multiple {args.pad_multiple}, ref grad dtype {args.ref_grad_dtype}")
+          f"pad multiple {args.pad_multiple}, ref grad dtype {args.ref_grad_dtype}, sdpa {args.sdpa or 'default'}"
+          f"{', no flash' if args.no_flash else ''}{', deterministic' if args.deterministic else ''}")
     # The step's floor: forward + backward (3x the forward FLOPs) of the mean candidate at the gradient's
     # precision, plus the update pass over θ, g, m, v (and ∇L_ref or the shadow) at device-copy speed.
     cand_flops = sum(eval_flops(model, [c]) for c in cands[1:]) / max(1, len(cands) - 1)
     print("| method | layout | s/candidate | step s | step floor s | reference eval s | reload s "
-          "| eval TFLOP/s (% of matmul) | eval floor s | setup s | peak GiB | vs row 1: median rel. diff / Spearman |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| eval TFLOP/s (% of matmul) | eval floor s | setup s | peak GiB | vs row 1: median rel. diff / Spearman "
+          "| repeat: max rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     first = rows[0]["values"]
     for r in rows:
         rel = sorted(abs(a - b) / abs(b) for a, b in zip(r["values"], first) if b)
@@ -326,9 +345,10 @@ def main() -> None:
         achieved = f"{flops / r['eval'] / 1e12:.1f} ({100 * flops / r['eval'] / rate:.0f}%)" if r["eval"] else "-"
         floor = f"{flops / rate:.3f}" if r["eval"] else "-"
         step_floor = 3 * cand_flops / rates[r["grad_precision"]] + update_bytes / copy
+        repeat = "-" if r.get("repeat") is None else f"{r['repeat']:.1e}"
         print(f"| {r['method']} | {r['layout']} | {total:.4f} | {r['step']:.4f} | {step_floor:.4f} | {r['eval']:.4f} | "
               f"{r.get('load', 0.0):.3f} | {achieved} | {floor} | {r['setup']:.2f} | {r['peak_gib']:.1f} | "
-              f"{diff} |" if r["values"] else "- |")
+              f"{diff} | {repeat} |")
 
 
 if __name__ == "__main__":

@@ -214,9 +214,10 @@ def test_weight_decay_is_part_of_the_step(warm_dir):
 
 @pytest.mark.parametrize("pad_multiple", [1, 64])
 def test_flat_linear_step_gives_the_eager_values(warm_dir, pad_multiple):
-    """linear_kernel="flat" (fast.py: one flat gradient, chunked fused update, candidate right-padded to
-    a multiple of pad_multiple tokens: the CUDA-graph path without the graph) = the eager bucketed step,
-    and it gives the student back untouched (weights, moments, no .grad)."""
+    """linear_kernel="flat" (fast.py: flat moments, each parameter's gradient consumed by a fused update
+    as backward completes it, candidate right-padded to a multiple of pad_multiple tokens: the
+    CUDA-graph path without the graph) = the eager bucketed step, and it gives the student back
+    untouched (weights, moments, no .grad, no hook left on it)."""
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     hooks = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
                                          estimator="linear", linear_kernel="hooks"))
@@ -224,7 +225,7 @@ def test_flat_linear_step_gives_the_eager_values(warm_dir, pad_multiple):
                                         estimator="linear", linear_kernel="flat", pad_multiple=pad_multiple))
     assert flat == pytest.approx(hooks, rel=1e-5, abs=1e-9)
     for p in model.parameters():
-        assert p.grad is None
+        assert p.grad is None and not getattr(p, "_post_accumulate_grad_hooks", None)
     assert_state_is_saved_one(model, state, warm_dir)
 
 

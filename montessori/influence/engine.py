@@ -40,7 +40,7 @@ from montessori.records import InfluenceResult, Pair
 PRECISIONS = ("fp32", "tf32", "bf16")
 ESTIMATORS = ("exact", "linear")
 # How the linear step runs: hooks = eager, gradient consumed in buckets during backward (below);
-# flat / graphed = fast.py (flat buffers, fused update; graphed adds CUDA graphs); auto = hooks for now.
+# flat / graphed = fast.py (flat moments, fused update per parameter; graphed adds CUDA graphs); auto = hooks for now.
 LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 # Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
@@ -340,10 +340,10 @@ class InfluenceEngine:
     def _flat_linear(self, grad_precision: str, pad_multiple: int):
         from montessori.influence.fast import FlatLinear  # imports this module: not at the top
         grad_dtype = torch.bfloat16 if grad_precision == "bf16" else torch.float32
-        # θ, m, v, ∇L_ref, the flat gradient and (bf16) the copy's weights; else θ waits on the host.
-        size = grad_dtype.itemsize
-        offload = not fits_device(self.params, 12 + self.ref_grad[0].element_size() + size
-                                  + (size if grad_dtype != torch.float32 else 0))
+        # θ, m, v, ∇L_ref and (bf16) the copy's weights; else θ waits on the host. The candidate
+        # gradient is consumed parameter by parameter: never held whole.
+        copy = grad_dtype.itemsize if grad_dtype != torch.float32 else 0
+        offload = not fits_device(self.params, 12 + self.ref_grad[0].element_size() + copy)
         return FlatLinear(self.model, self.state, self.ref_grad, lr=self.lr, grad_dtype=grad_dtype,
                           grad_precision=grad_precision, pad_multiple=pad_multiple,
                           graphs=self.linear_kernel == "graphed", fuse=self.device.type == "cuda", offload=offload)

@@ -2,12 +2,15 @@
 
 It computes the engine's linear value, the Adam part of ∇L_ref · Δ_z, differently, not a different quantity:
 
-  - the candidate's gradient at θ_warm comes from a copy of the student whose gradients are views of
-    one flat buffer (the copy's weights are bf16 when the candidate gradient is bf16: the cast
-    autocast would make on every forward, made once), so a full gradient lands in one tensor;
-  - m, v and ∇L_ref are flat too, so the AdamW update and its dot with ∇L_ref are one elementwise
-    reduction per chunk (`adam_dot`), fused by torch.compile on CUDA into one read of g, m, v, ∇L_ref
-    (eager, the same arithmetic is ~10 passes over memory);
+  - the candidate's gradient at θ_warm comes from a copy of the student (its weights are bf16 when
+    the candidate gradient is bf16: the cast autocast would make on every forward, made once);
+  - m and v and ∇L_ref are flat, and each parameter's gradient is consumed the moment backward
+    completes it (`register_post_accumulate_grad_hook`): the AdamW update and its dot with ∇L_ref are
+    one elementwise reduction over that parameter's views (`adam_dot`), fused by torch.compile on
+    CUDA into one read of g, m, v, ∇L_ref (eager, the same arithmetic is ~10 passes over memory), and
+    the gradient is freed. No full gradient is ever held, nothing is zeroed or accumulated into: the
+    gradient's only memory traffic is the matmul writing it and the fused pass reading it (a flat
+    gradient buffer that backward accumulates into costs 3 more passes: zero, read, write);
   - the candidate is right-padded to a multiple of `pad_multiple` tokens (under causal attention,
     padding after the last token changes no earlier position, and it carries no loss), so a few static
     shapes cover every candidate and each is captured once as a CUDA graph: one launch replaces the
@@ -15,9 +18,8 @@ It computes the engine's linear value, the Adam part of ∇L_ref · Δ_z, differ
 
 Why our own code here and not a library: the eager engine's step measured 0.13 s per TinyLlama-1.1B
 candidate on an H200, of which 41 ms GPU time; docs/benchmarks.md has the numbers for this path.
-Memory: the copy's weights and the flat gradient (2 + 2 bytes per parameter in bf16) on top of
-θ, m, v and ∇L_ref; when that does not fit the device, the fp32 θ waits on the host (`offload`)
-and `close()` brings it back bit for bit.
+Memory: the copy's weights (2 bytes per parameter in bf16) on top of θ, m, v and ∇L_ref; when that
+does not fit the device, the fp32 θ waits on the host (`offload`) and `close()` brings it back bit for bit.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from montessori.models.chat import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 26  # elements per adam_dot call: bounds eager temporaries and keeps indices in int32
+CHUNK = 1 << 26  # elements per adam_dot call at most: bounds eager temporaries, keeps indices in int32
 
 
 def adam_dot(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
@@ -94,7 +96,7 @@ class FlatLinear:
             for p in self.params:
                 p.data = torch.empty(0, dtype=p.dtype, device=self.device)
         source = self.host or [p.detach() for p in self.params]
-        if grad_dtype == torch.float32 and not offload:  # the student itself: only its .grad is borrowed
+        if grad_dtype == torch.float32 and not offload:  # the student itself: only hooks on it are borrowed
             self.student, self.weights, self.own = model, None, self.params
         else:  # a copy whose parameters are views of one flat buffer in grad_dtype
             self.weights = torch.empty(self.r.numel(), dtype=grad_dtype, device=self.device)
@@ -103,32 +105,48 @@ class FlatLinear:
                 memo[id(p)] = torch.nn.Parameter(view.copy_(src), requires_grad=p.requires_grad)
             self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
             self.own = list(self.student.parameters())
-        self.g = torch.zeros(self.r.numel(), dtype=grad_dtype, device=self.device)
-        for p, view in zip(self.own, views_of(self.g, self.own)):
-            p.grad = view  # backward accumulates into it in place
+        # Where each parameter's slice of r, m and v starts (by position: the copy's parameters are in
+        # the student's order); its gradient is consumed by `_consume` as soon as backward completes it.
+        self.slot, offset = {}, 0
+        for p in self.own:
+            self.slot[p] = (offset, p.numel())
+            offset += p.numel()
+        self.hooks = [p.register_post_accumulate_grad_hook(self._consume) for p in self.own]
+        b1, b2 = state.betas
+        t = state.step + 1
+        self.consts = (b1, b2, (1 - b2 ** t) ** 0.5, state.eps)
+        self.scale = -lr / (1 - b1 ** t)
+        self.parts: list[torch.Tensor] = []
         self.out = torch.zeros((), dtype=torch.float64, device=self.device)
         self._dot_fn = adam_dot
         if fuse and self.device.type == "cuda":
-            self._dot_fn = torch.compile(adam_dot, dynamic=False, fullgraph=True)
+            # dynamic: one kernel for the few distinct parameter sizes (and any chunk remainder)
+            self._dot_fn = torch.compile(adam_dot, dynamic=True, fullgraph=True)
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
     # One candidate, static shapes only and no host synchronisation: the body of a CUDA graph.
     def _step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
-        s = self.state
-        self.g.zero_()
+        self.parts = []
         with precision_context(self.grad_precision, self.device):
             hidden = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state
             logits = self.student.get_output_embeddings()(hidden[0, :-1]).float()
             targets = labels[0, 1:]
             total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
             (total / (targets != IGNORE_INDEX).sum()).backward()  # token mean, as the engine's step
-        b1, b2 = s.betas
-        t = s.step + 1
-        dots = [self._dot(self.r[i:i + CHUNK], self.g[i:i + CHUNK], self.m[i:i + CHUNK], self.v[i:i + CHUNK],
-                             b1, b2, (1 - b2 ** t) ** 0.5, s.eps) for i in range(0, self.r.numel(), CHUNK)]
-        self.out.copy_(torch.stack(dots).double().sum() * (-self.lr / (1 - b1 ** t)))
+        self.out.copy_(torch.stack(self.parts).double().sum() * self.scale)
+        self.parts = []
+
+    # Runs inside backward when p's gradient is complete (backward no longer reads it): its share of
+    # the dot, in chunks of at most CHUNK elements, then the gradient is freed.
+    def _consume(self, p: torch.nn.Parameter) -> None:
+        offset, n = self.slot[p]
+        g = p.grad.reshape(-1)
+        for i in range(0, n, CHUNK):
+            j, k = offset + i, offset + min(n, i + CHUNK)
+            self.parts.append(self._dot(self.r[j:k], g[i:i + k - j], self.m[j:k], self.v[j:k], *self.consts))
+        p.grad = None
 
     def _dot(self, *args) -> torch.Tensor:
         """adam_dot, fused by torch.compile where it compiles (first met in an eager warm-up step, never
@@ -169,7 +187,7 @@ class FlatLinear:
     def _capture(self, ids, lab) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (cuBLAS workspaces, autograd, compilation), then capture one step.
         All graphs share one memory pool: they never run concurrently and leave nothing live in it
-        (inputs, gradient and output live outside)."""
+        (inputs and output live outside; gradients are freed inside the step)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -184,16 +202,18 @@ class FlatLinear:
         return graph
 
     def close(self) -> None:
-        """Drop graphs, the copy and the flat gradient, then give the student its .grad and (if
-        offloaded) its weights back: in that order, so that θ finds room on the device."""
+        """Drop graphs and the copy, then give the student its hooks and (if offloaded) its weights back:
+        in that order, so that θ finds room on the device."""
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
         self.pool = None
-        if self.own is not None:
-            for p in self.own:
-                p.grad = None
-        self.student = self.own = self.g = self.weights = None
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        for p in self.own or []:
+            p.grad = None
+        self.student = self.own = self.weights = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.host is not None:
