@@ -8,9 +8,11 @@ public code's strategy, on randomly initialised real architectures.
 
 A linear method name may end in `@hooks` (eager: the candidate gradient consumed in buckets of
 engine.BUCKET_BYTES during backward), `@perparam` (the same, one parameter at a time: the engine's
-earlier layout), `@flat` (fast.py: one flat gradient, fused update pass) or `@graphed` (flat + CUDA
-graphs); no suffix = the engine's default (hooks). The last column compares each method's values
-with the first method's: median relative difference and Spearman correlation. The moments start on
+earlier layout), `@flat` (fast.py: flat moments, a fused update pass per parameter) or `@graphed`
+(flat + CUDA graphs); no suffix = the engine's default (hooks). Column "vs row 1" compares each
+method's values with the first method's (median relative difference, Spearman correlation); column
+"repeat" the same engine's two scorings of the same candidates (linear: the untimed pass and the
+timed one), i.e. the kernels' own run-to-run nondeterminism (--sdpa, --deterministic to hunt it). The moments start on
 the host each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the
 table shows it with the peak device memory.
 

@@ -134,6 +134,8 @@ class InfluenceConfig(Section):
     lr: float | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
     eval_batch_size: int = 8
     max_length: int = 1024
+    # torch.compile (inductor, dynamic shapes): the student's forward and the eager step's update
+    # passes; on the flat/graphed paths, the forward of the copy that takes the candidate gradient.
     compile: bool = False
     # Memory layout (values are the same, bit for bit for `shadow`): auto keeps a fourth fp32 copy of
     # the weights on the device only when it fits (not for an 8B student on one 141 GB GPU): else
@@ -141,7 +143,7 @@ class InfluenceConfig(Section):
     ref_grad_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     shadow: Literal["auto", "device", "host"] = "auto"
     # How the linear step runs (same values up to float rounding): hooks = eager, the gradient consumed
-    # in buckets during backward; flat = one flat gradient and a fused update pass; graphed = flat +
+    # in buckets during backward; flat = flat moments and a fused update per parameter; graphed = flat +
     # the candidate padded to a multiple of pad_multiple tokens and replayed as a CUDA graph per length.
     # auto = hooks (graphed: 22 ms vs 89 ms per TinyLlama-1.1B candidate on an H200, but its bf16
     # values were not reproducible run to run there: docs/benchmarks.md). CUDA graphs need CUDA.

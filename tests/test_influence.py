@@ -244,3 +244,35 @@ def test_flat_linear_step_in_bf16_uses_a_bf16_copy(warm_dir, monkeypatch):
     assert spearman(flat, autocast) >= 0.9
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert_state_is_saved_one(model, state, warm_dir)
+
+
+def test_compile_on_the_flat_path_compiles_the_copys_forward(warm_dir):
+    """influence.compile on the fast path wraps the forward of the copy that takes the candidate
+    gradient (compiled on first call; the slow test below runs it)."""
+    from montessori.influence.engine import AdamWState, InfluenceEngine
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    state = AdamWState.from_state_dict(state, list(model.parameters()))
+    engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
+                             estimator="linear", grad_precision="bf16", linear_kernel="flat", compile=True)
+    try:
+        assert isinstance(engine.fast.forward, torch._dynamo.eval_frame.OptimizedModule)
+        assert engine.fast.forward._orig_mod is engine.fast.student.base_model is not model.base_model
+    finally:
+        engine.close()
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on CPU: ~1-2 minutes
+def test_compiled_flat_step_gives_the_eager_values(warm_dir):
+    """compile=True on the flat path with a bf16 copy, after the student was compiled in place (as the
+    stage does): the copy's forward, compiled with dynamic shapes, gives the eager copy's values and
+    leaves no gradient or hook on the student."""
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    eager = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
+                                         estimator="linear", grad_precision="bf16", linear_kernel="flat"))
+    model.base_model.compile(dynamic=True)
+    compiled = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
+                                            estimator="linear", grad_precision="bf16", linear_kernel="flat",
+                                            compile=True))
+    assert compiled == pytest.approx(eager, rel=0.05)
+    assert all(p.grad is None and not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())

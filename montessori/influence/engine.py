@@ -294,7 +294,7 @@ class InfluenceEngine:
             raise ValueError(f"estimator {estimator!r}: choose one of {ESTIMATORS}")
         if linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel {linear_kernel!r}: choose one of {LINEAR_KERNELS}")
-        self.model, self.state, self.estimator = model, state, estimator
+        self.model, self.state, self.estimator, self.compile = model, state, estimator, compile
         self.precision, self.grad_precision = precision, grad_precision
         self.lr = state.lr if lr is None else lr
         self.params = list(model.parameters())
@@ -346,7 +346,8 @@ class InfluenceEngine:
         offload = not fits_device(self.params, 12 + self.ref_grad[0].element_size() + copy)
         return FlatLinear(self.model, self.state, self.ref_grad, lr=self.lr, grad_dtype=grad_dtype,
                           grad_precision=grad_precision, pad_multiple=pad_multiple,
-                          graphs=self.linear_kernel == "graphed", fuse=self.device.type == "cuda", offload=offload)
+                          graphs=self.linear_kernel == "graphed", fuse=self.device.type == "cuda", offload=offload,
+                          compile_model=self.compile)
 
     def close(self) -> None:
         """Give the model back as it was (the linear fast path borrows its .grad and, at 8B, its memory)."""

@@ -78,7 +78,7 @@ class FlatLinear:
 
     def __init__(self, model, state, ref_grad: list[torch.Tensor], *, lr: float, grad_dtype: torch.dtype,
                  grad_precision: str, pad_multiple: int = 64, graphs: bool = False, fuse: bool = False,
-                 offload: bool = False):
+                 offload: bool = False, compile_model: bool = False):
         self.params = list(model.parameters())
         self.device = self.params[0].device
         # A bf16 copy needs no autocast (which would also run norms and losses in fp32 on bf16 weights).
@@ -105,6 +105,12 @@ class FlatLinear:
                 memo[id(p)] = torch.nn.Parameter(view.copy_(src), requires_grad=p.requires_grad)
             self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
             self.own = list(self.student.parameters())
+        # compile_model: inductor fuses the forward's (and through AOTAutograd the backward's) small
+        # elementwise kernels (norms, rotary, SiLU); one dynamic-shape compilation serves every length.
+        # (A copy never inherits a Module.compile() of the student: Module.__getstate__ drops it.)
+        self.forward = self.student.base_model
+        if compile_model and getattr(self.forward, "_compiled_call_impl", None) is None:
+            self.forward = torch.compile(self.forward, dynamic=True)
         # Where each parameter's slice of r, m and v starts (by position: the copy's parameters are in
         # the student's order); its gradient is consumed by `_consume` as soon as backward completes it.
         self.slot, offset = {}, 0
@@ -130,7 +136,7 @@ class FlatLinear:
     def _step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
         self.parts = []
         with precision_context(self.grad_precision, self.device):
-            hidden = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = self.forward(input_ids=ids, use_cache=False).last_hidden_state
             logits = self.student.get_output_embeddings()(hidden[0, :-1]).float()
             targets = labels[0, 1:]
             total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -213,7 +219,7 @@ class FlatLinear:
         self.hooks = []
         for p in self.own or []:
             p.grad = None
-        self.student = self.own = self.weights = None
+        self.student = self.own = self.weights = self.forward = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.host is not None:
