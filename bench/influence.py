@@ -8,12 +8,12 @@ public code's strategy, on randomly initialised real architectures.
 
 A linear method name may end in `@hooks` (eager: the candidate gradient consumed in buckets of
 engine.BUCKET_BYTES during backward), `@perparam` (the same, one parameter at a time: the engine's
-earlier layout), `@flat` (fast.py: flat moments, a fused update pass per parameter) or `@graphed`
-(flat + CUDA graphs); no suffix = the engine's default (hooks). Column "vs row 1" compares each
-method's values with the first method's (median relative difference, Spearman correlation); column
-"repeat" the same engine's two scorings of the same candidates (linear: the untimed pass and the
-timed one), i.e. the kernels' own run-to-run nondeterminism (--sdpa, --deterministic to hunt it). The moments start on
-the host each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the
+earlier layout), `@flat` (fast.py: a fused update pass per parameter) or `@graphed` (flat + CUDA
+graphs); no suffix = the engine's default (hooks). Column "vs row 1" compares each method's values
+with the first method's (median relative difference, Spearman correlation); column "repeat" the same
+engine's two scorings of the same candidates (linear: the untimed pass and the timed one), i.e. the
+kernels' own run-to-run nondeterminism (--sdpa, --deterministic to hunt it). The moments start on the
+host each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the
 table shows it with the peak device memory.
 
 Setup: random weights (fp32 master), a synthetic AdamW state (moments of a plausible size, step 1000),
@@ -22,8 +22,8 @@ SmolLM2 tokenizer, cut at 1024), random candidates of 300-600 tokens. Timings ex
 warm-up: one candidate for exact, every candidate once for linear (the graphed kernel captures one
 CUDA graph per padded length on first sight; `setup` includes it). For each method: seconds per
 candidate split into the step (candidate forward/backward + the elementwise AdamW pass) and the
-reference evaluation, achieved FLOP/s of the evaluation against a matmul of the same precision, and bytes/s of the step's update pass against a
-device copy, both measured in the same run. `public`: save weights + optimizer to disk once, then per
+reference evaluation, achieved FLOP/s of the evaluation against a matmul of the same precision, and
+bytes/s of the step's update pass against a device copy, both measured in the same run. `public`: save weights + optimizer to disk once, then per
 candidate torch.load + load_state_dict, a torch.optim.AdamW step and the reference loss under bf16
 autocast with full logits (the page cache usually holds the file after the first load: a warm read).
 Needs torch and transformers only.

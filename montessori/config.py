@@ -143,7 +143,7 @@ class InfluenceConfig(Section):
     ref_grad_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     shadow: Literal["auto", "device", "host"] = "auto"
     # How the linear step runs (same values up to float rounding): hooks = eager, the gradient consumed
-    # in buckets during backward; flat = flat moments and a fused update per parameter; graphed = flat +
+    # in buckets during backward; flat = a fused update per parameter as backward completes it; graphed = flat +
     # the candidate padded to a multiple of pad_multiple tokens and replayed as a CUDA graph per length.
     # auto = hooks (graphed: 22 ms vs 89 ms per TinyLlama-1.1B candidate on an H200, but its bf16
     # values were not reproducible run to run there: docs/benchmarks.md). CUDA graphs need CUDA.

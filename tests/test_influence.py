@@ -214,7 +214,7 @@ def test_weight_decay_is_part_of_the_step(warm_dir):
 
 @pytest.mark.parametrize("pad_multiple", [1, 64])
 def test_flat_linear_step_gives_the_eager_values(warm_dir, pad_multiple):
-    """linear_kernel="flat" (fast.py: flat moments, each parameter's gradient consumed by a fused update
+    """linear_kernel="flat" (fast.py: each parameter's gradient consumed by a fused update
     as backward completes it, candidate right-padded to a multiple of pad_multiple tokens: the
     CUDA-graph path without the graph) = the eager bucketed step, and it gives the student back
     untouched (weights, moments, no .grad, no hook left on it)."""

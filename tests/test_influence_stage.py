@@ -52,7 +52,7 @@ def test_influence_stage_scores_every_probing_pair_and_resumes(tmp_path, tiny_co
     assert all(r.status == "ok" and r.estimator == "linear" for r in linear)
     assert torch.tensor([r.influence for r in linear]).isfinite().all()
 
-    # The linear step's fast path (influence.linear_kernel=flat: flat gradient, fused update, padded
+    # The linear step's fast path (influence.linear_kernel=flat: fused update per parameter, padded
     # candidates) is a config key of the same estimator: the stage re-runs and gives the same values.
     tiny_config.influence.linear_kernel, tiny_config.influence.pad_multiple = "flat", 16
     run_pipeline(tiny_config, tmp_path, only="influence", progress=False)

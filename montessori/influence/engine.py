@@ -40,7 +40,7 @@ from montessori.records import InfluenceResult, Pair
 PRECISIONS = ("fp32", "tf32", "bf16")
 ESTIMATORS = ("exact", "linear")
 # How the linear step runs: hooks = eager, gradient consumed in buckets during backward (below);
-# flat / graphed = fast.py (flat moments, fused update per parameter; graphed adds CUDA graphs); auto = hooks for now.
+# flat / graphed = fast.py (a fused update per parameter; graphed adds CUDA graphs); auto = hooks for now.
 LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 # Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
@@ -322,8 +322,8 @@ class InfluenceEngine:
             # auto = hooks: the graphed path is 4-6x faster on the H200 but its bf16 values were not
             # reproducible run to run there (docs/benchmarks.md); opt in with linear_kernel="graphed".
             self.linear_kernel = "hooks" if linear_kernel == "auto" else linear_kernel
-            if self.linear_kernel != "hooks":  # fast.py: flat buffers, fused update, CUDA graphs
-                self.fast = self._flat_linear(grad_precision, pad_multiple)
+            if self.linear_kernel != "hooks":  # fast.py: fused update per parameter, CUDA graphs
+                self.fast = self._fast_linear(grad_precision, pad_multiple)
         elif self.shadow_mode == "device":
             self.shadow = [torch.empty_like(p) for p in self.params]
         else:
@@ -337,20 +337,20 @@ class InfluenceEngine:
         self._stepped, self._update_dots = wrap(foreach_stepped), wrap(foreach_update_dots)
         self.timing = {"step": 0.0, "eval": 0.0}  # seconds of the last candidate (synchronized on CUDA)
 
-    def _flat_linear(self, grad_precision: str, pad_multiple: int):
-        from montessori.influence.fast import FlatLinear  # imports this module: not at the top
+    def _fast_linear(self, grad_precision: str, pad_multiple: int):
+        from montessori.influence.fast import FastLinear  # imports this module: not at the top
         grad_dtype = torch.bfloat16 if grad_precision == "bf16" else torch.float32
         # θ, m, v, ∇L_ref and (bf16) the copy's weights; else θ waits on the host. The candidate
         # gradient is consumed parameter by parameter: never held whole.
         copy = grad_dtype.itemsize if grad_dtype != torch.float32 else 0
         offload = not fits_device(self.params, 12 + self.ref_grad[0].element_size() + copy)
-        return FlatLinear(self.model, self.state, self.ref_grad, lr=self.lr, grad_dtype=grad_dtype,
+        return FastLinear(self.model, self.state, self.ref_grad, lr=self.lr, grad_dtype=grad_dtype,
                           grad_precision=grad_precision, pad_multiple=pad_multiple,
                           graphs=self.linear_kernel == "graphed", fuse=self.device.type == "cuda", offload=offload,
                           compile_model=self.compile)
 
     def close(self) -> None:
-        """Give the model back as it was (the linear fast path borrows its .grad and, at 8B, its memory)."""
+        """Give the model back as it was (the linear fast path borrows hooks on it and, at 8B, its memory)."""
         if self.fast is not None:
             self.fast.close()
             self.fast = None

@@ -1,16 +1,16 @@
-"""The linear estimator's fast path: a flat layout, one fused elementwise pass, and CUDA graphs.
+"""The linear estimator's fast path: one fused elementwise pass per parameter, and CUDA graphs.
 
 It computes the engine's linear value, the Adam part of ∇L_ref · Δ_z, differently, not a different quantity:
 
   - the candidate's gradient at θ_warm comes from a copy of the student (its weights are bf16 when
     the candidate gradient is bf16: the cast autocast would make on every forward, made once);
-  - m and v and ∇L_ref are flat, and each parameter's gradient is consumed the moment backward
-    completes it (`register_post_accumulate_grad_hook`): the AdamW update and its dot with ∇L_ref are
-    one elementwise reduction over that parameter's views (`adam_dot`), fused by torch.compile on
-    CUDA into one read of g, m, v, ∇L_ref (eager, the same arithmetic is ~10 passes over memory), and
-    the gradient is freed. No full gradient is ever held, nothing is zeroed or accumulated into: the
-    gradient's only memory traffic is the matmul writing it and the fused pass reading it (a flat
-    gradient buffer that backward accumulates into costs 3 more passes: zero, read, write);
+  - each parameter's gradient is consumed the moment backward completes it
+    (`register_post_accumulate_grad_hook`): the AdamW update and its dot with ∇L_ref are one
+    elementwise reduction over that parameter (`adam_dot`), fused by torch.compile on CUDA into one
+    read of g, m, v, ∇L_ref (eager, the same arithmetic is ~10 passes over memory), and the gradient
+    is freed. No full gradient is ever held, nothing is zeroed or accumulated into: the gradient's
+    only memory traffic is the matmul writing it and the fused pass reading it (a gradient buffer
+    that backward accumulates into costs 3 more passes: zero, read, write);
   - the candidate is right-padded to a multiple of `pad_multiple` tokens (under causal attention,
     padding after the last token changes no earlier position, and it carries no loss), so a few static
     shapes cover every candidate and each is captured once as a CUDA graph: one launch replaces the
@@ -49,32 +49,12 @@ def adam_dot(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> t
     return torch.dot(r.float(), m1.div_(denom))
 
 
-def views_of(flat: torch.Tensor, shapes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive views of `flat`, one per tensor of `shapes`, with its shape."""
-    out, offset = [], 0
-    for t in shapes:
-        out.append(flat[offset:offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return out
-
-
-def flatten_(tensors: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
-    """Copy `tensors` into one flat buffer, replacing each list entry by its view (in place, one tensor
-    at a time: the peak is the buffer plus one tensor, and the values are unchanged)."""
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
-    for i, view in enumerate(views_of(flat, tensors)):
-        view.copy_(tensors[i])
-        tensors[i] = view
-    return flat
-
-
-class FlatLinear:
+class FastLinear:
     """Scores candidates for InfluenceEngine's linear estimator: `dot(example)` returns
     -lr/(1-β1^t) · Σ ∇L_ref · m'/denom (fp64 scalar on the device), the engine's `_dot`.
 
     model: the fp32 student at θ_warm (not modified; if `offload`, its weights wait on the host until
-    `close()`). state: AdamWState (moments anywhere; they become views of flat device buffers).
-    ref_grad: ∇L_ref per parameter (its entries become views of one flat buffer)."""
+    `close()`). state: AdamWState (moments anywhere; moved to the device). ref_grad: ∇L_ref per parameter."""
 
     def __init__(self, model, state, ref_grad: list[torch.Tensor], *, lr: float, grad_dtype: torch.dtype,
                  grad_precision: str, pad_multiple: int = 64, graphs: bool = False, fuse: bool = False,
@@ -85,9 +65,8 @@ class FlatLinear:
         self.state, self.lr = state, lr
         self.grad_precision = grad_precision if grad_dtype == torch.float32 else "fp32"
         self.pad_multiple, self.use_graphs = pad_multiple, graphs and self.device.type == "cuda"
-        self.r = flatten_(ref_grad, ref_grad[0].dtype, self.device)
-        self.m = flatten_(state.exp_avg, torch.float32, self.device)
-        self.v = flatten_(state.exp_avg_sq, torch.float32, self.device)
+        self.ref_grad = ref_grad
+        state.to(self.device)  # load_warmup leaves the moments on the host
         self.host = None
         if offload:  # first, so that the copy below never meets θ on the device
             self.host = [p.detach().to("cpu", copy=True) for p in self.params]
@@ -97,12 +76,10 @@ class FlatLinear:
                 p.data = torch.empty(0, dtype=p.dtype, device=self.device)
         source = self.host or [p.detach() for p in self.params]
         if grad_dtype == torch.float32 and not offload:  # the student itself: only hooks on it are borrowed
-            self.student, self.weights, self.own = model, None, self.params
-        else:  # a copy whose parameters are views of one flat buffer in grad_dtype
-            self.weights = torch.empty(self.r.numel(), dtype=grad_dtype, device=self.device)
-            memo = {}
-            for p, src, view in zip(self.params, source, views_of(self.weights, source)):
-                memo[id(p)] = torch.nn.Parameter(view.copy_(src), requires_grad=p.requires_grad)
+            self.student, self.own = model, self.params
+        else:  # a copy whose parameters are in grad_dtype
+            memo = {id(p): torch.nn.Parameter(src.to(self.device, grad_dtype, copy=True),
+                                              requires_grad=p.requires_grad) for p, src in zip(self.params, source)}
             self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
             self.own = list(self.student.parameters())
         # compile_model: inductor fuses the forward's (and through AOTAutograd the backward's) small
@@ -111,12 +88,9 @@ class FlatLinear:
         self.forward = self.student.base_model
         if compile_model and getattr(self.forward, "_compiled_call_impl", None) is None:
             self.forward = torch.compile(self.forward, dynamic=True)
-        # Where each parameter's slice of r, m and v starts (by position: the copy's parameters are in
-        # the student's order); its gradient is consumed by `_consume` as soon as backward completes it.
-        self.slot, offset = {}, 0
-        for p in self.own:
-            self.slot[p] = (offset, p.numel())
-            offset += p.numel()
+        # Each parameter's index in state and ref_grad (the copy's parameters are in the student's
+        # order); its gradient is consumed by `_consume` as soon as backward completes it.
+        self.index = {p: i for i, p in enumerate(self.own)}
         self.hooks = [p.register_post_accumulate_grad_hook(self._consume) for p in self.own]
         b1, b2 = state.betas
         t = state.step + 1
@@ -147,11 +121,12 @@ class FlatLinear:
     # Runs inside backward when p's gradient is complete (backward no longer reads it): its share of
     # the dot, in chunks of at most CHUNK elements, then the gradient is freed.
     def _consume(self, p: torch.nn.Parameter) -> None:
-        offset, n = self.slot[p]
-        g = p.grad.reshape(-1)
-        for i in range(0, n, CHUNK):
-            j, k = offset + i, offset + min(n, i + CHUNK)
-            self.parts.append(self._dot(self.r[j:k], g[i:i + k - j], self.m[j:k], self.v[j:k], *self.consts))
+        i = self.index[p]
+        r, g, m, v = (t.reshape(-1) for t in (self.ref_grad[i], p.grad, self.state.exp_avg[i],
+                                               self.state.exp_avg_sq[i]))
+        for j in range(0, g.numel(), CHUNK):
+            k = j + CHUNK
+            self.parts.append(self._dot(r[j:k], g[j:k], m[j:k], v[j:k], *self.consts))
         p.grad = None
 
     def _dot(self, *args) -> torch.Tensor:
@@ -219,7 +194,7 @@ class FlatLinear:
         self.hooks = []
         for p in self.own or []:
             p.grad = None
-        self.student = self.own = self.weights = self.forward = None
+        self.student = self.own = self.forward = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.host is not None:
