@@ -9,12 +9,12 @@ public code's strategy, on randomly initialised real architectures.
 A linear method name may end in `@hooks` (eager: the candidate gradient consumed in buckets of
 engine.BUCKET_BYTES during backward), `@perparam` (the same, one parameter at a time: the engine's
 earlier layout), `@flat` (fast.py: a fused update pass per parameter) or `@graphed` (flat + CUDA
-graphs); no suffix = the engine's default (hooks). Column "vs row 1" compares each method's values
-with the first method's (median relative difference, Spearman correlation); column "repeat" the same
-engine's two scorings of the same candidates (linear: the untimed pass and the timed one), i.e. the
-kernels' own run-to-run nondeterminism (--sdpa, --deterministic to hunt it). The moments start on the
-host each time, as `load_warmup` leaves them; the engine picks its memory layout (`auto`) and the
-table shows it with the peak device memory.
+graphs); no suffix = the engine's default (auto: graphed on CUDA, hooks on the CPU). Column "vs row
+1" compares each method's values with the first method's (median relative difference, Spearman
+correlation); column "repeat" the same engine's two scorings of the same candidates (linear: the
+untimed pass and the timed one), i.e. the kernels' own run-to-run nondeterminism (--sdpa,
+--deterministic to hunt it). The moments start on the host each time, as `load_warmup` leaves them;
+the engine picks its memory layout (`auto`) and the table shows it with the peak device memory.
 
 Setup: random weights (fp32 master), a synthetic AdamW state (moments of a plausible size, step 1000),
 the 256 reference examples' real (prompt, response) lengths (the public code's Alpaca-Eval/GPT-4 set,
@@ -32,6 +32,7 @@ Needs torch and transformers only.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -284,7 +285,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of each linear method's step")
     ap.add_argument("--no-flash", action="store_true", help="disable the flash SDPA backend (determinism check)")
     ap.add_argument("--sdpa", default=None, choices=["math", "flash", "efficient", "cudnn"],
-                    help="allow only this SDPA backend (determinism check)")
+                    help="allow only this SDPA backend in every pass (fails where the fp32 reference pass has "
+                         "no kernel in it: 'Invalid backend'); --fast-sdpa restricts only the fast step")
+    ap.add_argument("--fast-sdpa", default=None, choices=["all", "no-cudnn", "math"],
+                    help="attention backends of the fast path's step (default: fast.SDPA_BACKENDS, math)")
+    ap.add_argument("--out", default=None, help="append each method's row (and its values) to this JSONL file")
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace")
     args = ap.parse_args()
@@ -294,6 +299,11 @@ def main() -> None:
     if args.sdpa:
         for backend in ("math", "flash", "mem_efficient", "cudnn"):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(args.sdpa in backend)
+    if args.fast_sdpa:
+        import montessori.influence.fast as fast
+        from torch.nn.attention import SDPBackend as B
+        fast.SDPA_BACKENDS = {"all": list(B.__members__.values())[1:5], "math": [B.MATH],
+                              "no-cudnn": [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]}[args.fast_sdpa]
     if args.deterministic:  # before the first cuBLAS call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -323,23 +333,24 @@ def main() -> None:
     flops = eval_flops(model, ref)
     update_bytes = 5 * 4 * n_params  # read θ, g, m, v; write θ_z (exact) - the same for linear (reads ∇L_ref)
 
-    rows = [run_engine(model, state, ref, cands, m, args, device) for m in args.methods.split(",") if m]
-    if not args.no_public:
-        rows.append(run_public(model, state, ref, cands, args, device))
-
     print(f"\n{args.arch} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{args.candidates} timed candidates, eval batch {args.eval_batch_size}, compile={args.compile}, "
           f"pad multiple {args.pad_multiple}, ref grad dtype {args.ref_grad_dtype}, sdpa {args.sdpa or 'default'}"
-          f"{', no flash' if args.no_flash else ''}{', deterministic' if args.deterministic else ''}")
+          f"{', no flash' if args.no_flash else ''}{', fast-path sdpa ' + args.fast_sdpa if args.fast_sdpa else ''}{', deterministic' if args.deterministic else ''}")
     # The step's floor: forward + backward (3x the forward FLOPs) of the mean candidate at the gradient's
     # precision, plus the update pass over θ, g, m, v (and ∇L_ref or the shadow) at device-copy speed.
     cand_flops = sum(eval_flops(model, [c]) for c in cands[1:]) / max(1, len(cands) - 1)
-    print("| method | layout | s/candidate | step s | step floor s | reference eval s | reload s "
-          "| eval TFLOP/s (% of matmul) | eval floor s | setup s | peak GiB | vs row 1: median rel. diff / Spearman "
-          "| repeat: max rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    first = rows[0]["values"]
-    for r in rows:
+    header = ("| method | layout | s/candidate | step s | step floor s | reference eval s | reload s "
+              "| eval TFLOP/s (% of matmul) | eval floor s | setup s | peak GiB | vs row 1: median rel. diff / Spearman "
+              "| repeat: max rel. diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(header, flush=True)
+    lines, first = [], None
+    runs = [lambda m=m: run_engine(model, state, ref, cands, m, args, device) for m in args.methods.split(",") if m]
+    if not args.no_public:
+        runs.append(lambda: run_public(model, state, ref, cands, args, device))
+    for run in runs:  # each row as soon as it is measured: a later method that fails loses only itself
+        r = run()
+        first = r["values"] if first is None else first
         rel = sorted(abs(a - b) / abs(b) for a, b in zip(r["values"], first) if b)
         diff = f"{rel[len(rel) // 2]:.1e} / {spearman(r['values'], first):.3f}" if rel else "-"
         total = r["step"] + r["eval"] + r.get("load", 0.0)
@@ -348,10 +359,15 @@ def main() -> None:
         floor = f"{flops / rate:.3f}" if r["eval"] else "-"
         step_floor = 3 * cand_flops / rates[r["grad_precision"]] + update_bytes / copy
         repeat = "-" if r.get("repeat") is None else f"{r['repeat']:.1e}"
-        print(f"| {r['method']} | {r['layout']} | {total:.4f} | {r['step']:.4f} | {step_floor:.4f} | {r['eval']:.4f} | "
-              f"{r.get('load', 0.0):.3f} | {achieved} | {floor} | {r['setup']:.2f} | {r['peak_gib']:.1f} | "
-              f"{diff} | {repeat} |")
-
+        line = (f"| {r['method']} | {r['layout']} | {total:.4f} | {r['step']:.4f} | {step_floor:.4f} | {r['eval']:.4f} | "
+                f"{r.get('load', 0.0):.3f} | {achieved} | {floor} | {r['setup']:.2f} | {r['peak_gib']:.1f} | "
+                f"{diff} | {repeat} |")
+        lines.append(line)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(dict(r, arch=args.arch, total=total, step_floor=step_floor, argv=sys.argv[1:])) + "\n")
+    print("\n" + header + "\n" + "\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -145,8 +145,8 @@ class InfluenceConfig(Section):
     # How the linear step runs (same values up to float rounding): hooks = eager, the gradient consumed
     # in buckets during backward; flat = a fused update per parameter as backward completes it; graphed = flat +
     # the candidate padded to a multiple of pad_multiple tokens and replayed as a CUDA graph per length.
-    # auto = hooks (graphed: 22 ms vs 89 ms per TinyLlama-1.1B candidate on an H200, but its bf16
-    # values were not reproducible run to run there: docs/benchmarks.md). CUDA graphs need CUDA.
+    # auto = graphed on CUDA (30 vs 128 ms per TinyLlama-1.1B candidate on an H200, reproducible bit
+    # for bit), hooks elsewhere (the CPU step is matmul-bound: no gain). docs/benchmarks.md.
     linear_kernel: Literal["auto", "hooks", "flat", "graphed"] = "auto"
     pad_multiple: PositiveInt = 64
 

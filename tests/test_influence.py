@@ -229,6 +229,29 @@ def test_flat_linear_step_gives_the_eager_values(warm_dir, pad_multiple):
     assert_state_is_saved_one(model, state, warm_dir)
 
 
+def test_fused_update_pass_summed_by_rows_is_the_plain_dot():
+    """fast.adam_dot_rows (the form compiled on CUDA: per-row sums of ROW elements, then their sum)
+    = adam_dot, the AdamW update's dot with ∇L_ref in one sum (the tiny model's norm weights, 64
+    elements, take adam_dot itself: the flat tests cover that split)."""
+    from montessori.influence.fast import ROW, adam_dot, adam_dot_rows
+    gen = torch.Generator().manual_seed(0)
+    n = ROW * 37
+    r, m = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-4
+    g, v = torch.randn(n, generator=gen).bfloat16(), torch.randn(n, generator=gen).square() * 1e-6
+    consts = (0.9, 0.999, (1 - 0.999 ** 1001) ** 0.5, 1e-8)
+    plain = adam_dot(r, g, m, v, *consts)
+    assert float(adam_dot_rows(r, g, m, v, *consts)) == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_auto_linear_kernel_is_graphed_on_cuda_only():
+    from montessori.influence.engine import resolve_linear_kernel
+    assert resolve_linear_kernel("auto", torch.device("cuda")) == "graphed"
+    assert resolve_linear_kernel("auto", torch.device("cpu")) == "hooks"
+    assert resolve_linear_kernel("flat", torch.device("cuda")) == "flat"
+    with pytest.raises(ValueError, match="linear_kernel"):
+        resolve_linear_kernel("gpu", torch.device("cpu"))
+
+
 def test_flat_linear_step_in_bf16_uses_a_bf16_copy(warm_dir, monkeypatch):
     """grad_precision=bf16 on the flat path: the candidate gradient of a bf16 copy of the student (the
     cast autocast makes on every forward, made once), close to the autocast step; with the fp32 weights

@@ -40,8 +40,21 @@ from montessori.records import InfluenceResult, Pair
 PRECISIONS = ("fp32", "tf32", "bf16")
 ESTIMATORS = ("exact", "linear")
 # How the linear step runs: hooks = eager, gradient consumed in buckets during backward (below);
-# flat / graphed = fast.py (a fused update per parameter; graphed adds CUDA graphs); auto = hooks for now.
+# flat / graphed = fast.py (a fused update per parameter; graphed adds CUDA graphs);
+# auto = graphed on CUDA, hooks elsewhere (`resolve_linear_kernel`).
 LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
+
+
+def resolve_linear_kernel(kernel: str, device: torch.device) -> str:
+    """auto -> graphed on CUDA: 4x faster than hooks on the H200 (30 vs 128 ms per TinyLlama-1.1B
+    candidate) and reproducible bit for bit (its attention runs on the deterministic math backend,
+    fast.SDPA_BACKENDS); on the CPU the step is matmul-bound and the fast path buys nothing, and CUDA
+    graphs need CUDA: hooks. Measurements: docs/benchmarks.md."""
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"linear_kernel {kernel!r}: choose one of {LINEAR_KERNELS}")
+    if kernel == "auto":
+        return "graphed" if device.type == "cuda" else "hooks"
+    return kernel
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 # Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
 # ~13 kernel launches per tensor (2,600 for TinyLlama's 201 tensors) and dominated the linear step;
@@ -319,9 +332,7 @@ class InfluenceEngine:
             if state.weight_decay:  # the update's weight-decay term, -lr·wd·∇L_ref·θ, is fixed per state
                 self.ref_dot_theta = float(sum(torch.dot(r.flatten().double(), p.detach().flatten().double())
                                                for r, p in zip(grads, self.params)))
-            # auto = hooks: the graphed path is 4-6x faster on the H200 but its bf16 values were not
-            # reproducible run to run there (docs/benchmarks.md); opt in with linear_kernel="graphed".
-            self.linear_kernel = "hooks" if linear_kernel == "auto" else linear_kernel
+            self.linear_kernel = resolve_linear_kernel(linear_kernel, self.device)
             if self.linear_kernel != "hooks":  # fast.py: fused update per parameter, CUDA graphs
                 self.fast = self._fast_linear(grad_precision, pad_multiple)
         elif self.shadow_mode == "device":

@@ -6,15 +6,17 @@ It computes the engine's linear value, the Adam part of ∇L_ref · Δ_z, differ
     the candidate gradient is bf16: the cast autocast would make on every forward, made once);
   - each parameter's gradient is consumed the moment backward completes it
     (`register_post_accumulate_grad_hook`): the AdamW update and its dot with ∇L_ref are one
-    elementwise reduction over that parameter (`adam_dot`), fused by torch.compile on CUDA into one
-    read of g, m, v, ∇L_ref (eager, the same arithmetic is ~10 passes over memory), and the gradient
-    is freed. No full gradient is ever held, nothing is zeroed or accumulated into: the gradient's
+    elementwise reduction over that parameter (`adam_dot_rows`), fused by torch.compile on CUDA into
+    one read of g, m, v, ∇L_ref (eager, the same arithmetic is ~10 passes over memory), and the
+    gradient is freed. No full gradient is ever held, nothing is zeroed or accumulated into: the gradient's
     only memory traffic is the matmul writing it and the fused pass reading it (a gradient buffer
     that backward accumulates into costs 3 more passes: zero, read, write);
   - the candidate is right-padded to a multiple of `pad_multiple` tokens (under causal attention,
     padding after the last token changes no earlier position, and it carries no loss), so a few static
     shapes cover every candidate and each is captured once as a CUDA graph: one launch replaces the
-    ~3,000 kernel launches of an eager forward/backward, which made the eager step host-bound.
+    ~3,000 kernel launches of an eager forward/backward, which made the eager step host-bound;
+  - attention runs on the math backend (SDPA_BACKENDS), so a candidate's value is the same bit for
+    bit every time it is scored.
 
 Why our own code here and not a library: the eager engine's step measured 0.13 s per TinyLlama-1.1B
 candidate on an H200, of which 41 ms GPU time; docs/benchmarks.md has the numbers for this path.
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from montessori.influence.engine import precision_context
 from montessori.models.chat import IGNORE_INDEX
@@ -38,6 +41,13 @@ from montessori.models.chat import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 26  # elements per adam_dot call at most: bounds eager temporaries, keeps indices in int32
+ROW = 1024  # adam_dot_rows' row width; CHUNK is a multiple of it
+# Attention of the candidate step: math, the deterministic backend. Without an attention mask, SDPA
+# picks cuDNN for bf16 on Hopper, whose backward is not deterministic by default: two scorings of
+# the same candidates differed by up to 2.8x (relative) on a random TinyLlama-1.1B, H200; with math,
+# bit for bit. At candidate lengths (<= max_length, 1024 by default) its cost is small
+# (docs/benchmarks.md). The eager `hooks` step passes a padding mask, which rules cuDNN out there.
+SDPA_BACKENDS = [SDPBackend.MATH]
 
 
 def adam_dot(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
@@ -47,6 +57,18 @@ def adam_dot(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> t
     m1 = torch.lerp(m, g, 1 - b1)
     denom = torch.addcmul(v * b2, g, g, value=1 - b2).sqrt_().div_(bc2_sqrt).add_(eps)
     return torch.dot(r.float(), m1.div_(denom))
+
+
+def adam_dot_rows(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
+    """adam_dot over a multiple of ROW elements, summed row by row: the form torch.compile turns into one
+    pass over r, g, m, v (a reduction of static width per row, then a sum of n/ROW partials). Compiled
+    with a dynamic length, `torch.dot` became a pointwise kernel writing every product to memory and a
+    second kernel summing them: 22 instead of 14 bytes per parameter (6.2 ms per TinyLlama-1.1B
+    candidate on the H200)."""
+    g = g.float()
+    m1 = torch.lerp(m, g, 1 - b1)
+    denom = torch.addcmul(v * b2, g, g, value=1 - b2).sqrt().div(bc2_sqrt).add(eps)
+    return (r.float() * m1 / denom).view(-1, ROW).sum(1).double().sum()
 
 
 class FastLinear:
@@ -63,7 +85,9 @@ class FastLinear:
         self.device = self.params[0].device
         # A bf16 copy needs no autocast (which would also run norms and losses in fp32 on bf16 weights).
         self.state, self.lr = state, lr
-        self.grad_precision = grad_precision if grad_dtype == torch.float32 else "fp32"
+        # The bf16 copy's only fp32 matmuls are the math attention's (it computes bf16 inputs in fp32):
+        # tf32 holds bf16 inputs exactly, and it is ~8x faster there.
+        self.grad_precision = grad_precision if grad_dtype == torch.float32 else "tf32"
         self.pad_multiple, self.use_graphs = pad_multiple, graphs and self.device.type == "cuda"
         self.ref_grad = ref_grad
         state.to(self.device)  # load_warmup leaves the moments on the host
@@ -98,10 +122,21 @@ class FastLinear:
         self.scale = -lr / (1 - b1 ** t)
         self.parts: list[torch.Tensor] = []
         self.out = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._dot_fn = adam_dot
+        self._dot_fn = adam_dot_rows
         if fuse and self.device.type == "cuda":
-            # dynamic: one kernel for the few distinct parameter sizes (and any chunk remainder)
-            self._dot_fn = torch.compile(adam_dot, dynamic=True, fullgraph=True)
+            # dynamic: one kernel for every parameter size (and chunk remainder). Compiled here, on the
+            # largest size and with grad mode off as inside backward (dynamo guards on it): inductor
+            # shapes the reduction (how many blocks share it) from the size it first compiles for, and
+            # a kernel compiled in the first hook, for a 2,048-element norm weight, reduced every
+            # parameter in one block: 0.46 s per TinyLlama-1.1B candidate on the H200.
+            self._dot_fn = torch.compile(adam_dot_rows, dynamic=True, fullgraph=True)
+            n = max(ROW, min(CHUNK, max(p.numel() for p in self.own)) // ROW * ROW)
+            with torch.no_grad():
+                sample = (torch.zeros(n, dtype=ref_grad[0].dtype, device=self.device),
+                          torch.zeros(n, dtype=grad_dtype, device=self.device),
+                          *(torch.zeros(n, dtype=state.exp_avg[0].dtype, device=self.device) for _ in range(2)))
+                self._dot(*sample, *self.consts)
+            del sample
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -109,7 +144,7 @@ class FastLinear:
     # One candidate, static shapes only and no host synchronisation: the body of a CUDA graph.
     def _step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
         self.parts = []
-        with precision_context(self.grad_precision, self.device):
+        with precision_context(self.grad_precision, self.device), sdpa_kernel(SDPA_BACKENDS):
             hidden = self.forward(input_ids=ids, use_cache=False).last_hidden_state
             logits = self.student.get_output_embeddings()(hidden[0, :-1]).float()
             targets = labels[0, 1:]
@@ -124,22 +159,26 @@ class FastLinear:
         i = self.index[p]
         r, g, m, v = (t.reshape(-1) for t in (self.ref_grad[i], p.grad, self.state.exp_avg[i],
                                                self.state.exp_avg_sq[i]))
-        for j in range(0, g.numel(), CHUNK):
-            k = j + CHUNK
+        n = g.numel()
+        rows = n - n % ROW
+        for j in range(0, rows, CHUNK):  # whole rows: the compiled (one-pass) reduction
+            k = min(j + CHUNK, rows)
             self.parts.append(self._dot(r[j:k], g[j:k], m[j:k], v[j:k], *self.consts))
+        if rows < n:  # the last n % ROW elements (a norm weight of a 576-wide model, say): eager
+            self.parts.append(adam_dot(r[rows:], g[rows:], m[rows:], v[rows:], *self.consts).double())
         p.grad = None
 
     def _dot(self, *args) -> torch.Tensor:
-        """adam_dot, fused by torch.compile where it compiles (first met in an eager warm-up step, never
-        inside a capture), else eager."""
+        """adam_dot, fused by torch.compile where it compiles (compiled in __init__, never inside a
+        capture), else eager."""
         try:
             return self._dot_fn(*args)
         except Exception as e:  # noqa: BLE001 - no Triton, an inductor bug: the eager form is the same math
-            if self._dot_fn is adam_dot:
+            if self._dot_fn is adam_dot_rows:
                 raise
             log.warning("torch.compile of the update pass failed (%s); running it eagerly", e)
-            self._dot_fn = adam_dot
-            return adam_dot(*args)
+            self._dot_fn = adam_dot_rows
+            return adam_dot_rows(*args)
 
     def _width(self, n: int) -> int:
         width = math.ceil(n / self.pad_multiple) * self.pad_multiple
