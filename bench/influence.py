@@ -287,11 +287,13 @@ def main() -> None:
     ap.add_argument("--sdpa", default=None, choices=["math", "flash", "efficient", "cudnn"],
                     help="allow only this SDPA backend in every pass (fails where the fp32 reference pass has "
                          "no kernel in it: 'Invalid backend'); --fast-sdpa restricts only the fast step")
-    ap.add_argument("--fast-sdpa", default=None, choices=["all", "no-cudnn", "math"],
+    ap.add_argument("--fast-sdpa", default=None, choices=["all", "no-cudnn", "cudnn", "math"],
                     help="attention backends of the fast path's step (default: fast.SDPA_BACKENDS, math)")
     ap.add_argument("--out", default=None, help="append each method's row (and its values) to this JSONL file")
-    ap.add_argument("--deterministic", action="store_true",
-                    help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace")
+    ap.add_argument("--deterministic", nargs="?", const="warn", choices=["warn", "strict"],
+                    help="torch.use_deterministic_algorithms and a fixed cuBLAS workspace; warn (default): "
+                         "nondeterministic kernels still run, with a warning; strict: the deterministic "
+                         "algorithm where one exists (cuDNN attention's, say), an error where none does")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.no_flash:
@@ -303,10 +305,11 @@ def main() -> None:
         import montessori.influence.fast as fast
         from torch.nn.attention import SDPBackend as B
         fast.SDPA_BACKENDS = {"all": list(B.__members__.values())[1:5], "math": [B.MATH],
+                              "cudnn": [B.CUDNN_ATTENTION, B.MATH],
                               "no-cudnn": [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]}[args.fast_sdpa]
     if args.deterministic:  # before the first cuBLAS call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=args.deterministic == "warn")
     rng = random.Random(0)
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in REFERENCE_LENGTHS.split()][: args.reference]
     if args.arch == "tiny":
@@ -336,7 +339,7 @@ def main() -> None:
     print(f"\n{args.arch} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{args.candidates} timed candidates, eval batch {args.eval_batch_size}, compile={args.compile}, "
           f"pad multiple {args.pad_multiple}, ref grad dtype {args.ref_grad_dtype}, sdpa {args.sdpa or 'default'}"
-          f"{', no flash' if args.no_flash else ''}{', fast-path sdpa ' + args.fast_sdpa if args.fast_sdpa else ''}{', deterministic' if args.deterministic else ''}")
+          f"{', no flash' if args.no_flash else ''}{', fast-path sdpa ' + args.fast_sdpa if args.fast_sdpa else ''}{', deterministic ' + args.deterministic if args.deterministic else ''}")
     # The step's floor: forward + backward (3x the forward FLOPs) of the mean candidate at the gradient's
     # precision, plus the update pass over θ, g, m, v (and ∇L_ref or the shadow) at device-copy speed.
     cand_flops = sum(eval_flops(model, [c]) for c in cands[1:]) / max(1, len(cands) - 1)
