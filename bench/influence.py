@@ -304,7 +304,8 @@ def main() -> None:
     if args.fast_sdpa:
         import montessori.influence.fast as fast
         from torch.nn.attention import SDPBackend as B
-        fast.SDPA_BACKENDS = {"all": list(B.__members__.values())[1:5], "math": [B.MATH],
+        fast.SDPA_BACKENDS = {"all": [B.MATH, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION],
+                              "math": [B.MATH],
                               "cudnn": [B.CUDNN_ATTENTION, B.MATH],
                               "no-cudnn": [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]}[args.fast_sdpa]
     if args.deterministic:  # before the first cuBLAS call

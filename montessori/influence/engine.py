@@ -305,13 +305,12 @@ class InfluenceEngine:
                  pad_multiple: int = 64):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: choose one of {ESTIMATORS}")
-        if linear_kernel not in LINEAR_KERNELS:
-            raise ValueError(f"linear_kernel {linear_kernel!r}: choose one of {LINEAR_KERNELS}")
         self.model, self.state, self.estimator, self.compile = model, state, estimator, compile
         self.precision, self.grad_precision = precision, grad_precision
         self.lr = state.lr if lr is None else lr
         self.params = list(model.parameters())
         self.device = self.params[0].device
+        kernel = resolve_linear_kernel(linear_kernel, self.device)  # checked before the reference pass
         if any(p.dtype != torch.float32 for p in self.params):
             raise ValueError("the influence engine needs fp32 master weights (precision is set by `precision`)")
         self.batches = length_batches(reference, eval_batch_size, pad_id, self.device)
@@ -332,7 +331,7 @@ class InfluenceEngine:
             if state.weight_decay:  # the update's weight-decay term, -lr·wd·∇L_ref·θ, is fixed per state
                 self.ref_dot_theta = float(sum(torch.dot(r.flatten().double(), p.detach().flatten().double())
                                                for r, p in zip(grads, self.params)))
-            self.linear_kernel = resolve_linear_kernel(linear_kernel, self.device)
+            self.linear_kernel = kernel
             if self.linear_kernel != "hooks":  # fast.py: fused update per parameter, CUDA graphs
                 self.fast = self._fast_linear(grad_precision, pad_multiple)
         elif self.shadow_mode == "device":
@@ -357,8 +356,7 @@ class InfluenceEngine:
         offload = not fits_device(self.params, 12 + self.ref_grad[0].element_size() + copy)
         return FastLinear(self.model, self.state, self.ref_grad, lr=self.lr, grad_dtype=grad_dtype,
                           grad_precision=grad_precision, pad_multiple=pad_multiple,
-                          graphs=self.linear_kernel == "graphed", fuse=self.device.type == "cuda", offload=offload,
-                          compile_model=self.compile)
+                          graphs=self.linear_kernel == "graphed", offload=offload, compile_model=self.compile)
 
     def close(self) -> None:
         """Give the model back as it was (the linear fast path borrows hooks on it and, at 8B, its memory)."""

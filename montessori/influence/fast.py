@@ -43,32 +43,34 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 26  # elements per adam_dot call at most: bounds eager temporaries, keeps indices in int32
 ROW = 1024  # adam_dot_rows' row width; CHUNK is a multiple of it
 # Attention of the candidate step: math, the deterministic backend. Without an attention mask, SDPA
-# picks cuDNN for bf16 on Hopper, whose backward is not deterministic by default: two scorings of
-# the same candidates differed by up to 2.8x (relative) on a random TinyLlama-1.1B, H200; with math,
-# bit for bit. At candidate lengths (<= max_length, 1024 by default) its cost is small
-# (docs/benchmarks.md). The eager `hooks` step passes a padding mask, which rules cuDNN out there.
+# picks cuDNN for bf16 on Hopper; captured in the CUDA graphs, its backward made two scorings of the
+# same candidates differ by up to 22x (relative) on a random TinyLlama-1.1B, H200 (the same step
+# without graphs repeated exactly); with math, bit for bit. At candidate lengths (<= max_length, 1024
+# by default) its cost is small (docs/benchmarks.md). The eager `hooks` step passes a padding mask.
 SDPA_BACKENDS = [SDPBackend.MATH]
 
 
-def adam_dot(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
-    """Σ r · m'/denom over one chunk: torch's AdamW moment update and denominator, op for op as
-    `engine.foreach_update_dots` (the caller multiplies by -lr/(1-β1^t))."""
+def adam_ratio(g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
+    """m'/denom of one chunk: torch's AdamW moment update and denominator, op for op as
+    `engine.foreach_update_dots` (in place on its own temporaries)."""
     g = g.float()
     m1 = torch.lerp(m, g, 1 - b1)
     denom = torch.addcmul(v * b2, g, g, value=1 - b2).sqrt_().div_(bc2_sqrt).add_(eps)
-    return torch.dot(r.float(), m1.div_(denom))
+    return m1.div_(denom)
 
 
-def adam_dot_rows(r, g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
+def adam_dot(r, g, m, v, *consts) -> torch.Tensor:
+    """Σ r · m'/denom (the caller multiplies by -lr/(1-β1^t))."""
+    return torch.dot(r.float(), adam_ratio(g, m, v, *consts))
+
+
+def adam_dot_rows(r, g, m, v, *consts) -> torch.Tensor:
     """adam_dot over a multiple of ROW elements, summed row by row: the form torch.compile turns into one
     pass over r, g, m, v (a reduction of static width per row, then a sum of n/ROW partials). Compiled
     with a dynamic length, `torch.dot` became a pointwise kernel writing every product to memory and a
     second kernel summing them: 22 instead of 14 bytes per parameter (6.2 ms per TinyLlama-1.1B
     candidate on the H200)."""
-    g = g.float()
-    m1 = torch.lerp(m, g, 1 - b1)
-    denom = torch.addcmul(v * b2, g, g, value=1 - b2).sqrt().div(bc2_sqrt).add(eps)
-    return (r.float() * m1 / denom).view(-1, ROW).sum(1).double().sum()
+    return (r.float() * adam_ratio(g, m, v, *consts)).view(-1, ROW).sum(1).double().sum()
 
 
 class FastLinear:
@@ -79,8 +81,8 @@ class FastLinear:
     `close()`). state: AdamWState (moments anywhere; moved to the device). ref_grad: ∇L_ref per parameter."""
 
     def __init__(self, model, state, ref_grad: list[torch.Tensor], *, lr: float, grad_dtype: torch.dtype,
-                 grad_precision: str, pad_multiple: int = 64, graphs: bool = False, fuse: bool = False,
-                 offload: bool = False, compile_model: bool = False):
+                 grad_precision: str, pad_multiple: int = 64, graphs: bool = False, offload: bool = False,
+                 compile_model: bool = False):
         self.params = list(model.parameters())
         self.device = self.params[0].device
         # A bf16 copy needs no autocast (which would also run norms and losses in fp32 on bf16 weights).
@@ -123,7 +125,7 @@ class FastLinear:
         self.parts: list[torch.Tensor] = []
         self.out = torch.zeros((), dtype=torch.float64, device=self.device)
         self._dot_fn = adam_dot_rows
-        if fuse and self.device.type == "cuda":
+        if self.device.type == "cuda":  # on the CPU inductor's kernel gains nothing (matmul-bound step)
             # dynamic: one kernel for every parameter size (and chunk remainder). Compiled here, on the
             # largest size and with grad mode off as inside backward (dynamo guards on it): inductor
             # shapes the reduction (how many blocks share it) from the size it first compiles for, and
@@ -169,8 +171,8 @@ class FastLinear:
         p.grad = None
 
     def _dot(self, *args) -> torch.Tensor:
-        """adam_dot, fused by torch.compile where it compiles (compiled in __init__, never inside a
-        capture), else eager."""
+        """adam_dot_rows, fused by torch.compile on CUDA where it compiles (compiled in __init__, never
+        inside a capture), else eager."""
         try:
             return self._dot_fn(*args)
         except Exception as e:  # noqa: BLE001 - no Triton, an inductor bug: the eager form is the same math
