@@ -269,6 +269,31 @@ def test_flat_linear_step_in_bf16_uses_a_bf16_copy(warm_dir, monkeypatch):
     assert_state_is_saved_one(model, state, warm_dir)
 
 
+def test_fast_step_attention_is_math_only_and_the_bf16_copy_allows_tf32(warm_dir):
+    """The fast path's forward runs with SDPA restricted to the math backend (deterministic: cuDNN
+    attention in the CUDA graphs was not) and, for the bf16 copy, tf32 allowed (only the math
+    attention's fp32 matmuls see it); both flags are restored after the step."""
+    from montessori.influence.engine import AdamWState, InfluenceEngine
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    state = AdamWState.from_state_dict(state, list(model.parameters()))
+    engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
+                             estimator="linear", grad_precision="bf16", linear_kernel="flat")
+    seen = []
+    b = torch.backends.cuda
+    flags = lambda: (b.math_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),  # noqa: E731
+                     b.cudnn_sdp_enabled(), b.matmul.allow_tf32)
+    handle = engine.fast.student.base_model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(flags()))
+    before = flags()
+    try:
+        engine.score(encode_pairs(tokenizer, CANDIDATES[:1], 128)[0])
+    finally:
+        handle.remove()
+        engine.close()
+    assert seen == [(True, False, False, False, True)]
+    assert flags() == before
+
+
 def test_compile_on_the_flat_path_compiles_the_copys_forward(warm_dir):
     """influence.compile on the fast path wraps the forward of the copy that takes the candidate
     gradient (compiled on first call; the slow test below runs it)."""
