@@ -229,6 +229,30 @@ def test_flat_linear_step_gives_the_eager_values(warm_dir, pad_multiple):
     assert_state_is_saved_one(model, state, warm_dir)
 
 
+def test_pipelined_scoring_gives_each_candidate_its_own_value_in_order(warm_dir):
+    """score_many on the fast path queues candidate k+1 before it reads candidate k's value (both
+    use the same input buffers and output scalar): every result equals scoring that candidate
+    alone, in the input order, an empty-response candidate included where it stands."""
+    from montessori.influence.engine import AdamWState, Example, InfluenceEngine
+    model, tokenizer, state = load_warmup(warm_dir, "cpu")
+    state = AdamWState.from_state_dict(state, list(model.parameters()))
+    engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
+                             estimator="linear", linear_kernel="flat")
+    examples = encode_pairs(tokenizer, CANDIDATES[:4], 128)
+    empty = Example("empty", examples[0].input_ids, [-100] * len(examples[0].input_ids))
+    examples = examples[:2] + [empty] + examples[2:]
+    try:
+        alone = [engine.score(e) for e in reversed(examples)][::-1]
+        piped = list(engine.score_many(examples))
+    finally:
+        engine.close()
+    assert [r.id for r in piped] == [e.id for e in examples]
+    assert [r.status for r in piped] == [r.status for r in alone] == ["ok", "ok", "empty_response", "ok", "ok"]
+    values = [r.influence for r in piped]
+    assert values == [r.influence for r in alone]
+    assert values[2] is None and len(set(values)) == 5  # distinct: no result read another's scalar
+
+
 def test_fused_update_pass_summed_by_rows_is_the_plain_dot():
     """fast.adam_dot_rows (the form compiled on CUDA: per-row sums of ROW elements, then their sum)
     = adam_dot, the AdamW update's dot with ∇L_ref in one sum (the tiny model's norm weights, 64
@@ -294,17 +318,20 @@ def test_fast_step_attention_is_math_only_and_the_bf16_copy_allows_tf32(warm_dir
     assert flags() == before
 
 
-def test_compile_on_the_flat_path_compiles_the_copys_forward(warm_dir):
-    """influence.compile on the fast path wraps the forward of the copy that takes the candidate
-    gradient (compiled on first call; the slow test below runs it)."""
+def test_compile_on_the_flat_path_compiles_the_copys_layers(warm_dir):
+    """influence.compile on the fast path compiles each decoder layer of the copy that takes the
+    candidate gradient (regional compilation; compiled on first call; the slow test below runs it),
+    never the student's."""
     from montessori.influence.engine import AdamWState, InfluenceEngine
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     state = AdamWState.from_state_dict(state, list(model.parameters()))
     engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
                              estimator="linear", grad_precision="bf16", linear_kernel="flat", compile=True)
     try:
-        assert isinstance(engine.fast.forward, torch._dynamo.eval_frame.OptimizedModule)
-        assert engine.fast.forward._orig_mod is engine.fast.student.base_model is not model.base_model
+        layers = engine.fast.student.base_model.layers
+        assert engine.fast.compiled == list(layers) and layers[0] is not model.base_model.layers[0]
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        assert all(layer._compiled_call_impl is None for layer in model.base_model.layers)
     finally:
         engine.close()
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())

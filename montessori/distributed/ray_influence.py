@@ -62,11 +62,12 @@ class Scorer:
     def score(self, items: list) -> list[InfluenceResult]:
         from montessori.influence.engine import encode_pairs
         out = []
-        for item in items:
+        examples = [encode_pairs(self.tokenizer, [item], self.max_length)[0] if isinstance(item, Pair) else item
+                    for item in items]
+        for result in self.engine.score_many(examples):
             if self.die_after is not None and self.scored >= self.die_after:
                 os._exit(17)  # fault injection (tests): the process vanishes mid-task, as on a node loss
-            example = encode_pairs(self.tokenizer, [item], self.max_length)[0] if isinstance(item, Pair) else item
-            out.append(self.engine.score(example))
+            out.append(result)
             self.scored += 1
         return out
 

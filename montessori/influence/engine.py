@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -412,6 +412,34 @@ class InfluenceEngine:
         result.seconds = round(time.perf_counter() - started, 4)
         return result
 
+    def score_many(self, examples: Iterable[Example]) -> Iterator[InfluenceResult]:
+        """`score` of each example, in order, as each is ready. On the linear fast path one candidate is
+        queued on the GPU ahead: its step runs while the host reads the previous one's value and
+        prepares its inputs (so at most two are in flight; `seconds` is the time between results)."""
+        if self.fast is None:
+            yield from map(self.score, examples)
+            return
+        pending, last = None, time.perf_counter()
+        for example in examples:
+            if example.num_targets == 0:
+                value = None
+            else:
+                value = self.fast.submit(example.input_ids, example.labels)
+            if pending is not None:
+                yield self._finish(*pending, last)
+                last = time.perf_counter()
+            pending = (example, value)
+        if pending is not None:
+            yield self._finish(*pending, last)
+
+    def _finish(self, example: Example, value, since: float) -> InfluenceResult:
+        if value is None:
+            result = InfluenceResult(example.id, None, self.loss_before, None, "empty_response", self.estimator)
+        else:
+            result = self._linear_result(example, value())
+        result.seconds = self.timing["step"] = round(time.perf_counter() - since, 4)
+        return result
+
     def _score(self, example: Example) -> InfluenceResult:
         def invalid(status, after=None):
             return InfluenceResult(example.id, None, self.loss_before, after, status, self.estimator)
@@ -419,7 +447,7 @@ class InfluenceEngine:
             return invalid("empty_response")
         if self.fast is not None:
             started = time.perf_counter()
-            dot = float(self.fast.dot(example.input_ids, example.labels))
+            dot = self.fast.dot(example.input_ids, example.labels)
             self.timing["step"] = self._since(started)
             return self._linear_result(example, dot)
         in_place = self.estimator == "exact" and self.shadow_mode == "host"
@@ -497,9 +525,9 @@ def compute_influence(student, optimizer_state, candidates: Sequence[Pair], refe
                              linear_kernel=linear_kernel, pad_multiple=pad_multiple)
     results = []
     try:
-        for example in tqdm(encode_pairs(tokenizer, candidates, max_length), desc=f"influence ({estimator})",
-                            unit="cand", disable=not progress):
-            result = engine.score(example)
+        examples = encode_pairs(tokenizer, candidates, max_length)
+        for result in tqdm(engine.score_many(examples), total=len(examples), desc=f"influence ({estimator})",
+                           unit="cand", disable=not progress):
             results.append(result)
             if on_result is not None:
                 on_result(result)

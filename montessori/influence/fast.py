@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,8 @@ def adam_dot_rows(r, g, m, v, *consts) -> torch.Tensor:
 
 
 class FastLinear:
-    """Scores candidates for InfluenceEngine's linear estimator: `dot(example)` returns
-    -lr/(1-β1^t) · Σ ∇L_ref · m'/denom (fp64 scalar on the device), the engine's `_dot`.
+    """Scores candidates for InfluenceEngine's linear estimator: `dot(input_ids, labels)` returns
+    -lr/(1-β1^t) · Σ ∇L_ref · m'/denom (computed in fp64), the engine's `_dot`; `submit` queues it.
 
     model: the fp32 student at θ_warm (not modified; if `offload`, its weights wait on the host until
     `close()`). state: AdamWState (moments anywhere; moved to the device). ref_grad: ∇L_ref per parameter."""
@@ -109,11 +109,21 @@ class FastLinear:
             self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
             self.own = list(self.student.parameters())
         # compile_model: inductor fuses the forward's (and through AOTAutograd the backward's) small
-        # elementwise kernels (norms, rotary, SiLU); one dynamic-shape compilation serves every length.
-        # (A copy never inherits a Module.compile() of the student: Module.__getstate__ drops it.)
+        # elementwise kernels (norms, rotary, SiLU). Layer by layer ("regional compilation"): every decoder
+        # layer runs the same compiled code, so compiling costs one layer's time, not the model's (the
+        # whole 22-layer TinyLlama did not compile within 150 s on the H200's host); dynamic shapes: one
+        # compilation for every length. (A copy never inherits a Module.compile() of the student:
+        # Module.__getstate__ drops it; if the student itself takes the gradient, `close` undoes it.)
         self.forward = self.student.base_model
-        if compile_model and getattr(self.forward, "_compiled_call_impl", None) is None:
-            self.forward = torch.compile(self.forward, dynamic=True)
+        self.compiled = []
+        if compile_model:
+            layers = getattr(self.forward, "layers", None)
+            if isinstance(layers, torch.nn.ModuleList):
+                self.compiled = [layer for layer in layers if getattr(layer, "_compiled_call_impl", None) is None]
+                for layer in self.compiled:
+                    layer.compile(dynamic=True)
+            elif getattr(self.forward, "_compiled_call_impl", None) is None:
+                self.forward = torch.compile(self.forward, dynamic=True)
         # Each parameter's index in state and ref_grad (the copy's parameters are in the student's
         # order); its gradient is consumed by `_consume` as soon as backward completes it.
         self.index = {p: i for i, p in enumerate(self.own)}
@@ -187,7 +197,16 @@ class FastLinear:
         limit = getattr(self.student.config, "max_position_embeddings", None)
         return n if limit and width > limit >= n else width
 
-    def dot(self, input_ids: Sequence[int], labels: Sequence[int]) -> torch.Tensor:
+    def dot(self, input_ids: Sequence[int], labels: Sequence[int]) -> float:
+        return self.submit(input_ids, labels)()
+
+    def submit(self, input_ids: Sequence[int], labels: Sequence[int]) -> Callable[[], float]:
+        """Queue one candidate's step; returns a function that waits for its value (`dot`'s).
+
+        On CUDA nothing here waits for the GPU (pinned inputs, value copied to pinned host memory behind
+        an event), so the engine queues the next candidate before it reads this one's value and the
+        host's share of a candidate (~4 ms on the H200: building inputs, launching the graph, reading
+        the value) overlaps the GPU's."""
         n = len(input_ids)
         width = self._width(n)
         if width not in self.inputs:
@@ -195,16 +214,30 @@ class FastLinear:
                                   torch.empty((1, width), dtype=torch.long, device=self.device))
         ids, lab = self.inputs[width]
         pad = width - n
-        ids.copy_(torch.tensor([list(input_ids) + [0] * pad]))  # pad id is arbitrary: no position sees it
-        lab.copy_(torch.tensor([list(labels) + [IGNORE_INDEX] * pad]))
+        cuda = self.device.type == "cuda"
+        # copies ordered on the stream after the previous candidate's step, which reads the same buffers
+        ids.copy_(torch.tensor([list(input_ids) + [0] * pad], pin_memory=cuda),  # pad id: no position sees it
+                  non_blocking=cuda)
+        lab.copy_(torch.tensor([list(labels) + [IGNORE_INDEX] * pad], pin_memory=cuda), non_blocking=cuda)
         if not self.use_graphs:
             self._step(ids, lab)
-            return self.out
-        graph = self.graphs.get(width)
-        if graph is None:
-            graph = self.graphs[width] = self._capture(ids, lab)
-        graph.replay()
-        return self.out
+        else:
+            graph = self.graphs.get(width)
+            if graph is None:
+                graph = self.graphs[width] = self._capture(ids, lab)
+            graph.replay()
+        if not cuda:
+            value = float(self.out)
+            return lambda: value
+        host = torch.empty((), dtype=torch.float64, pin_memory=True)
+        host.copy_(self.out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> float:
+            done.synchronize()
+            return float(host)
+        return wait
 
     def _capture(self, ids, lab) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (cuBLAS workspaces, autograd, compilation), then capture one step.
@@ -233,6 +266,9 @@ class FastLinear:
         for h in self.hooks:
             h.remove()
         self.hooks = []
+        for layer in self.compiled:  # Module.compile() undone (it only matters on the student itself)
+            layer._compiled_call_impl = None
+        self.compiled = []
         for p in self.own or []:
             p.grad = None
         self.student = self.own = self.forward = None
