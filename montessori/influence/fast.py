@@ -65,12 +65,13 @@ def adam_dot(r, g, m, v, *consts) -> torch.Tensor:
 
 
 def adam_dot_rows(r, g, m, v, *consts) -> torch.Tensor:
-    """adam_dot over a multiple of ROW elements, summed row by row: the form torch.compile turns into one
-    pass over r, g, m, v (a reduction of static width per row, then a sum of n/ROW partials). Compiled
-    with a dynamic length, `torch.dot` became a pointwise kernel writing every product to memory and a
-    second kernel summing them: 22 instead of 14 bytes per parameter (6.2 ms per TinyLlama-1.1B
-    candidate on the H200)."""
-    return (r.float() * adam_ratio(g, m, v, *consts)).view(-1, ROW).sum(1).double().sum()
+    """adam_dot over (rows, ROW) views, summed row by row: the form torch.compile turns into one pass
+    over r, g, m, v (a reduction of static width per row, then a sum of the row sums). Measured on the
+    H200 (TinyLlama-1.1B, per candidate): `torch.dot` over a dynamic length compiled to a pointwise kernel
+    writing every product plus a reduction kernel reading them back (22 instead of 14 bytes per parameter,
+    6.2 ms); so did this sum when it viewed a 1-D input as rows inside the compiled function (6.5 ms:
+    inductor cannot match the dynamic n with (n/ROW)·ROW), hence the caller passes the 2-D views."""
+    return (r.float() * adam_ratio(g, m, v, *consts)).sum(1).double().sum()
 
 
 class FastLinear:
@@ -136,19 +137,20 @@ class FastLinear:
         self.out = torch.zeros((), dtype=torch.float64, device=self.device)
         self._dot_fn = adam_dot_rows
         if self.device.type == "cuda":  # on the CPU inductor's kernel gains nothing (matmul-bound step)
-            # dynamic: one kernel for every parameter size (and chunk remainder). Compiled here, on the
-            # largest size and with grad mode off as inside backward (dynamo guards on it): inductor
-            # shapes the reduction (how many blocks share it) from the size it first compiles for, and
-            # a kernel compiled in the first hook, for a 2,048-element norm weight, reduced every
-            # parameter in one block: 0.46 s per TinyLlama-1.1B candidate on the H200.
-            self._dot_fn = torch.compile(adam_dot_rows, dynamic=True, fullgraph=True)
-            n = max(ROW, min(CHUNK, max(p.numel() for p in self.own)) // ROW * ROW)
+            # Compiled here, never inside backward (in a hook) or a capture, and with grad mode off as
+            # inside backward (dynamo guards on it). A kernel that torch.compile(dynamic=True) compiled in
+            # the first hook, for a 2,048-element norm weight, reduced every parameter in one block (0.46 s
+            # per TinyLlama-1.1B candidate on the H200). Now: automatic dynamic shapes, compiled for the
+            # two largest row counts, so the row count is dynamic and the row width (the reduction) static.
+            self._dot_fn = torch.compile(adam_dot_rows, fullgraph=True)
+            sizes = sorted({min(CHUNK, p.numel()) // ROW for p in self.own if p.numel() >= ROW}, reverse=True)
             with torch.no_grad():
-                sample = (torch.zeros(n, dtype=ref_grad[0].dtype, device=self.device),
-                          torch.zeros(n, dtype=grad_dtype, device=self.device),
-                          *(torch.zeros(n, dtype=state.exp_avg[0].dtype, device=self.device) for _ in range(2)))
-                self._dot(*sample, *self.consts)
-            del sample
+                for rows in sizes[:2]:
+                    sample = (torch.zeros(rows, ROW, dtype=ref_grad[0].dtype, device=self.device),
+                              torch.zeros(rows, ROW, dtype=grad_dtype, device=self.device),
+                              *(torch.zeros(rows, ROW, dtype=state.exp_avg[0].dtype, device=self.device)
+                                for _ in range(2)))
+                    self._dot(*sample, *self.consts)
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -175,7 +177,7 @@ class FastLinear:
         rows = n - n % ROW
         for j in range(0, rows, CHUNK):  # whole rows: the compiled (one-pass) reduction
             k = min(j + CHUNK, rows)
-            self.parts.append(self._dot(r[j:k], g[j:k], m[j:k], v[j:k], *self.consts))
+            self.parts.append(self._dot(*(t[j:k].view(-1, ROW) for t in (r, g, m, v)), *self.consts))
         if rows < n:  # the last n % ROW elements (a norm weight of a 576-wide model, say): eager
             self.parts.append(adam_dot(r[rows:], g[rows:], m[rows:], v[rows:], *self.consts).double())
         p.grad = None
