@@ -144,22 +144,26 @@ class FastLinear:
             # two largest row counts, so the row count is dynamic and the row width (the reduction) static.
             self._dot_fn = torch.compile(adam_dot_rows, fullgraph=True)
             sizes = sorted({min(CHUNK, p.numel()) // ROW for p in self.own if p.numel() >= ROW}, reverse=True)
-            with torch.no_grad():
-                for rows in sizes[:2]:
+            with torch.no_grad(), precision_context(self.grad_precision, self.device):  # as in the hooks:
+                for rows in sizes[:2]:  # dynamo guards on allow_tf32 too
                     sample = (torch.zeros(rows, ROW, dtype=ref_grad[0].dtype, device=self.device),
                               torch.zeros(rows, ROW, dtype=grad_dtype, device=self.device),
                               *(torch.zeros(rows, ROW, dtype=state.exp_avg[0].dtype, device=self.device)
                                 for _ in range(2)))
                     self._dot(*sample, *self.consts)
-        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
     # One candidate, static shapes only and no host synchronisation: the body of a CUDA graph.
-    def _step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+    # The causal mask is given as a prepared 4-D mask (True: attend), the same tensor in the warm-up runs
+    # and in the capture: left to transformers, it is None (SDPA's is_causal) outside a capture and a
+    # mask built inside one (it treats capturing as tracing), which made a compiled layer recompile
+    # inside the capture (a CUDA error).
+    def _step(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         self.parts = []
         with precision_context(self.grad_precision, self.device), sdpa_kernel(SDPA_BACKENDS):
-            hidden = self.forward(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = self.forward(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             logits = self.student.get_output_embeddings()(hidden[0, :-1]).float()
             targets = labels[0, 1:]
             total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -212,9 +216,10 @@ class FastLinear:
         n = len(input_ids)
         width = self._width(n)
         if width not in self.inputs:
+            causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril_()
             self.inputs[width] = (torch.empty((1, width), dtype=torch.long, device=self.device),
-                                  torch.empty((1, width), dtype=torch.long, device=self.device))
-        ids, lab = self.inputs[width]
+                                  torch.empty((1, width), dtype=torch.long, device=self.device), causal[None, None])
+        ids, lab, mask = self.inputs[width]
         pad = width - n
         cuda = self.device.type == "cuda"
         # copies ordered on the stream after the previous candidate's step, which reads the same buffers
@@ -222,11 +227,11 @@ class FastLinear:
                   non_blocking=cuda)
         lab.copy_(torch.tensor([list(labels) + [IGNORE_INDEX] * pad], pin_memory=cuda), non_blocking=cuda)
         if not self.use_graphs:
-            self._step(ids, lab)
+            self._step(ids, lab, mask)
         else:
             graph = self.graphs.get(width)
             if graph is None:
-                graph = self.graphs[width] = self._capture(ids, lab)
+                graph = self.graphs[width] = self._capture(ids, lab, mask)
             graph.replay()
         if not cuda:
             value = float(self.out)
@@ -241,7 +246,7 @@ class FastLinear:
             return float(host)
         return wait
 
-    def _capture(self, ids, lab) -> torch.cuda.CUDAGraph:
+    def _capture(self, ids, lab, mask) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (cuBLAS workspaces, autograd, compilation), then capture one step.
         All graphs share one memory pool: they never run concurrently and leave nothing live in it
         (inputs and output live outside; gradients are freed inside the step)."""
@@ -249,11 +254,11 @@ class FastLinear:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(ids, lab)
+                self._step(ids, lab, mask)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._step(ids, lab)
+            self._step(ids, lab, mask)
         self.pool = self.pool or graph.pool()
         log.debug("captured the linear step for %d tokens", ids.shape[1])
         return graph
