@@ -179,7 +179,7 @@ def run_engine(model, state, ref, cands, method, args, device):
         started = time.perf_counter()
         engine = InfluenceEngine(model, state, ref, pad_id=0, estimator=estimator, precision=precision,
                                  grad_precision=grad_precision, eval_batch_size=args.eval_batch_size,
-                                 compile=args.compile, linear_kernel=kernel, pad_multiple=args.pad_multiple,
+                                 compile={"on": True, "off": False}.get(args.compile, "auto"), linear_kernel=kernel, pad_multiple=args.pad_multiple,
                                  ref_grad_dtype=args.ref_grad_dtype)
         # Untimed: allocator, kernels, compilation; the linear methods see every candidate once (one CUDA
         # graph per padded length is captured on first sight: a one-off cost, counted in `setup`).
@@ -279,7 +279,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="timed candidates per method (+1 untimed)")
     ap.add_argument("--reference", type=int, default=256, help="reference examples (of the 256 real lengths)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the elementwise update passes and (fast path) each decoder layer of the copy")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="influence.compile: auto (the library default: the graphed step's copy, layer by layer, "
+                         "on CUDA), on (also the eager passes and the flat step), off")
     ap.add_argument("--pad-multiple", type=int, default=64, help="graphed/flat: candidates padded to a multiple")
     ap.add_argument("--ref-grad-dtype", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--no-public", action="store_true", help="skip the public code's reload strategy")

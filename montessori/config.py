@@ -134,9 +134,11 @@ class InfluenceConfig(Section):
     lr: float | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
     eval_batch_size: int = 8
     max_length: int = 1024
-    # torch.compile (inductor, dynamic shapes): the student's forward and the eager step's update
-    # passes; on the flat/graphed paths, the forward of the copy that takes the candidate gradient.
-    compile: bool = False
+    # torch.compile (inductor, dynamic shapes). auto: only the graphed linear step on CUDA, whose copy
+    # of the student is compiled decoder layer by decoder layer (25 -> 17 ms per TinyLlama-1.1B candidate
+    # on an H200, ~7 s more setup; docs/benchmarks.md); true: also the student's forward and the eager
+    # step's update passes, and the flat step; false: nothing.
+    compile: Literal["auto"] | bool = "auto"
     # Memory layout (values are the same, bit for bit for `shadow`): auto keeps a fourth fp32 copy of
     # the weights on the device only when it fits (not for an 8B student on one 141 GB GPU): else
     # ∇L_ref is stored in bf16 and exact steps θ in place, restoring it from a pinned host copy.

@@ -335,6 +335,13 @@ def test_compile_on_the_flat_path_compiles_the_copys_layers(warm_dir):
         assert all(layer._compiled_call_impl is None for layer in model.base_model.layers)
     finally:
         engine.close()
+    # compile="auto" (the default) compiles only the graphed step on CUDA: the flat step stays eager
+    engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
+                             estimator="linear", grad_precision="bf16", linear_kernel="flat")
+    try:
+        assert engine.fast.compiled == [] and engine.fast.forward is engine.fast.student.base_model
+    finally:
+        engine.close()
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
 
 

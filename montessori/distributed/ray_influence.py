@@ -36,7 +36,7 @@ class InfluenceSettings:
     max_length: int = 1024
     reference_max_length: int = 1024
     lr: float | None = None
-    compile: bool = False
+    compile: bool | str = "auto"
     device: str = "auto"
     ref_grad_dtype: str = "auto"
     shadow: str = "auto"
@@ -81,7 +81,7 @@ def build_scorer(warmup_dir: str, reference: list[Pair], settings: InfluenceSett
     from montessori.influence.warmup import load_warmup
     model, tokenizer, state = load_warmup(Path(warmup_dir), settings.device)
     device = next(model.parameters()).device
-    if settings.compile:
+    if settings.compile is True:
         model.base_model.compile(dynamic=True)
     engine = InfluenceEngine(model, AdamWState.from_state_dict(state, list(model.parameters())),
                              encode_pairs(tokenizer, reference, settings.reference_max_length or settings.max_length),

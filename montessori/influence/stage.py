@@ -54,7 +54,7 @@ def run_influence(ctx) -> dict:
                          icfg.estimator, icfg.precision)
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
             model, tokenizer, state = load_warmup(ctx.input("warmup").path, cfg.models.device)
-            if icfg.compile:  # the forward passes; the engine compiles its elementwise update itself
+            if icfg.compile is True:  # the forward passes; the engine compiles the rest itself
                 model.base_model.compile(dynamic=True)
             compute_influence(model, state, todo, reference.records, tokenizer=tokenizer,
                               estimator=icfg.estimator, precision=icfg.precision,
