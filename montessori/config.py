@@ -147,8 +147,8 @@ class InfluenceConfig(Section):
     # How the linear step runs (same values up to float rounding): hooks = eager, the gradient consumed
     # in buckets during backward; flat = a fused update per parameter as backward completes it; graphed = flat +
     # the candidate padded to a multiple of pad_multiple tokens and replayed as a CUDA graph per length.
-    # auto = graphed on CUDA (30 vs 128 ms per TinyLlama-1.1B candidate on an H200, reproducible bit
-    # for bit), hooks elsewhere (the CPU step is matmul-bound: no gain). docs/benchmarks.md.
+    # auto = graphed on CUDA (17 vs 119 ms per TinyLlama-1.1B candidate on an H200 with compile=auto,
+    # reproducible bit for bit), hooks elsewhere (the CPU step is matmul-bound: no gain). docs/benchmarks.md.
     linear_kernel: Literal["auto", "hooks", "flat", "graphed"] = "auto"
     pad_multiple: PositiveInt = 64
 

@@ -46,8 +46,8 @@ LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
 
 
 def resolve_linear_kernel(kernel: str, device: torch.device) -> str:
-    """auto -> graphed on CUDA: 4x faster than hooks on the H200 (30 vs 128 ms per TinyLlama-1.1B
-    candidate) and reproducible bit for bit (its attention runs on the deterministic math backend,
+    """auto -> graphed on CUDA: 7x faster than hooks on the H200 (17 vs 119 ms per TinyLlama-1.1B
+    candidate, with compile="auto") and reproducible bit for bit (its attention runs on the deterministic math backend,
     fast.SDPA_BACKENDS); on the CPU the step is matmul-bound and the fast path buys nothing, and CUDA
     graphs need CUDA: hooks. Measurements: docs/benchmarks.md."""
     if kernel not in LINEAR_KERNELS:

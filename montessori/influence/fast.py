@@ -16,10 +16,13 @@ It computes the engine's linear value, the Adam part of ∇L_ref · Δ_z, differ
     shapes cover every candidate and each is captured once as a CUDA graph: one launch replaces the
     ~3,000 kernel launches of an eager forward/backward, which made the eager step host-bound;
   - attention runs on the math backend (SDPA_BACKENDS), so a candidate's value is the same bit for
-    bit every time it is scored.
+    bit every time it is scored;
+  - `compile_model` compiles the copy's decoder layers (inductor fuses their small elementwise kernels);
+  - `submit` only queues a candidate: the engine queues the next one before it reads a value.
 
 Why our own code here and not a library: the eager engine's step measured 0.13 s per TinyLlama-1.1B
-candidate on an H200, of which 41 ms GPU time; docs/benchmarks.md has the numbers for this path.
+candidate on an H200, of which 41 ms GPU time; this path 17 ms (with the layers compiled, 25 ms
+without); docs/benchmarks.md has the numbers for this path.
 Memory: the copy's weights (2 bytes per parameter in bf16) on top of θ, m, v and ∇L_ref; when that
 does not fit the device, the fp32 θ waits on the host (`offload`) and `close()` brings it back bit for bit.
 """
@@ -42,11 +45,11 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 26  # elements per adam_dot call at most: bounds eager temporaries, keeps indices in int32
 ROW = 1024  # adam_dot_rows' row width; CHUNK is a multiple of it
-# Attention of the candidate step: math, the deterministic backend. Without an attention mask, SDPA
-# picks cuDNN for bf16 on Hopper; captured in the CUDA graphs, its backward made two scorings of the
-# same candidates differ by up to 22x (relative) on a random TinyLlama-1.1B, H200 (the same step
-# without graphs repeated exactly); with math, bit for bit. At candidate lengths (<= max_length, 1024
-# by default) its cost is small (docs/benchmarks.md). The eager `hooks` step passes a padding mask.
+# Attention of the candidate step: math, the deterministic backend. Left free, SDPA picked cuDNN for
+# bf16 on Hopper; captured in the CUDA graphs, its backward made two scorings of the same candidates
+# differ by up to 22x (relative) on a random TinyLlama-1.1B, H200; with math, bit for bit. Flash or
+# cuDNN under torch.use_deterministic_algorithms were no faster (28 ms vs 27 ms per candidate),
+# memory-efficient attention 2.6 ms faster but not deterministic (docs/benchmarks.md).
 SDPA_BACKENDS = [SDPBackend.MATH]
 
 
