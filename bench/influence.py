@@ -20,7 +20,8 @@ Setup: random weights (fp32 master), a synthetic AdamW state (moments of a plaus
 the 256 reference examples' real (prompt, response) lengths (the public code's Alpaca-Eval/GPT-4 set,
 SmolLM2 tokenizer, cut at 1024), random candidates of 300-600 tokens. Timings exclude an untimed
 warm-up: one candidate for exact, every candidate once for linear (the graphed kernel captures one
-CUDA graph per padded length on first sight; `setup` includes it). For each method: seconds per
+CUDA graph per padded length on first sight; `setup` includes it); the fast path's step time is the
+timed loop's wall time per candidate (it keeps one candidate queued ahead: `score_many`). For each method: seconds per
 candidate split into the step (candidate forward/backward + the elementwise AdamW pass) and the
 reference evaluation, achieved FLOP/s of the evaluation against a matmul of the same precision, and
 bytes/s of the step's update pass against a device copy, both measured in the same run. `public`: save weights + optimizer to disk once, then per
@@ -179,8 +180,8 @@ def run_engine(model, state, ref, cands, method, args, device):
         started = time.perf_counter()
         engine = InfluenceEngine(model, state, ref, pad_id=0, estimator=estimator, precision=precision,
                                  grad_precision=grad_precision, eval_batch_size=args.eval_batch_size,
-                                 compile={"on": True, "off": False}.get(args.compile, "auto"), linear_kernel=kernel, pad_multiple=args.pad_multiple,
-                                 ref_grad_dtype=args.ref_grad_dtype)
+                                 compile={"on": True, "off": False}.get(args.compile, "auto"), linear_kernel=kernel,
+                                 pad_multiple=args.pad_multiple, ref_grad_dtype=args.ref_grad_dtype)
         # Untimed: allocator, kernels, compilation; the linear methods see every candidate once (one CUDA
         # graph per padded length is captured on first sight: a one-off cost, counted in `setup`).
         first = [r.influence for r in engine.score_many(cands if estimator == "linear" else cands[:1])]
@@ -279,7 +280,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="timed candidates per method (+1 untimed)")
     ap.add_argument("--reference", type=int, default=256, help="reference examples (of the 256 real lengths)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+    ap.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                     help="influence.compile: auto (the library default: the graphed step's copy, layer by layer, "
                          "on CUDA), on (also the eager passes and the flat step), off")
     ap.add_argument("--pad-multiple", type=int, default=64, help="graphed/flat: candidates padded to a multiple")

@@ -47,8 +47,8 @@ LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
 
 def resolve_linear_kernel(kernel: str, device: torch.device) -> str:
     """auto -> graphed on CUDA: 7x faster than hooks on the H200 (17 vs 119 ms per TinyLlama-1.1B
-    candidate, with compile="auto") and reproducible bit for bit (its attention runs on the deterministic math backend,
-    fast.SDPA_BACKENDS); on the CPU the step is matmul-bound and the fast path buys nothing, and CUDA
+    candidate, with compile="auto") and reproducible bit for bit (its attention runs on the
+    deterministic math backend, fast.SDPA_BACKENDS); on the CPU the step is matmul-bound and the fast path buys nothing, and CUDA
     graphs need CUDA: hooks. Measurements: docs/benchmarks.md."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear_kernel {kernel!r}: choose one of {LINEAR_KERNELS}")
@@ -297,7 +297,8 @@ class InfluenceEngine:
     fp32 copies fit the device). shadow (exact): "device" (stepped weights in a second fp32 buffer,
     swapped in by pointer), "host" (θ stepped in place, restored from a pinned host copy) or "auto".
     compile: True (torch.compile the eager passes and the fast path's copy), False, or "auto" (only the
-    graphed linear step's copy, on CUDA). The moments may be given on the host: they move to the device after ∇L_ref is computed."""
+    graphed linear step's copy, on CUDA). The moments may be given on the host: they move to the device
+    after ∇L_ref is computed."""
 
     def __init__(self, model, state: AdamWState, reference: Sequence[Example], *, pad_id: int,
                  estimator: str = "exact", precision: str = "fp32", grad_precision: str = "fp32",
