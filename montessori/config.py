@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -296,12 +297,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+_UNION_TAG = re.compile(r"^(bool|int|float|str|none|literal\[.*\]|function-.*)$")
+
+
 def _format_validation_error(source: str, err: ValidationError) -> str:
+    def key_of(e) -> str:  # a union's member tags (e.g. "literal['auto']", "bool") are not keys
+        return ".".join(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p)))
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    key = key_of(first)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
-    return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
+    msgs = list(dict.fromkeys(e["msg"] for e in err.errors() if key_of(e) == key))  # every union member's
+    return f"{source}: key '{key}': {' or '.join(msgs)} (got {first.get('input')!r})"
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:

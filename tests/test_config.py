@@ -38,6 +38,7 @@ def test_overrides_are_typed(tmp_path):
     ({}, ["rounds=two"], "key 'rounds'"),
     ({}, ["nonsense"], "expected key=value"),
     ({}, ["influence.estimator=quadratic"], "key 'influence.estimator'"),
+    ({}, ["influence.compile=maybe"], "key 'influence.compile': Input should be 'auto' or .*boolean"),  # a union
 ])
 def test_bad_config_names_the_key(tmp_path, content, override, expected):
     path = tmp_path / "c.yaml"
