@@ -48,13 +48,15 @@ LINEAR_KERNELS = ("auto", "hooks", "flat", "graphed")
 def resolve_linear_kernel(kernel: str, device: torch.device) -> str:
     """auto -> graphed on CUDA: 7x faster than hooks on the H200 (17 vs 119 ms per TinyLlama-1.1B
     candidate, with compile="auto") and reproducible bit for bit (its attention runs on the
-    deterministic math backend, fast.SDPA_BACKENDS); on the CPU the step is matmul-bound and the fast path buys nothing, and CUDA
-    graphs need CUDA: hooks. Measurements: docs/benchmarks.md."""
+    deterministic math backend, fast.SDPA_BACKENDS); on the CPU the step is matmul-bound and the fast
+    path buys nothing, and CUDA graphs need CUDA: hooks. Measurements: docs/benchmarks.md."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear_kernel {kernel!r}: choose one of {LINEAR_KERNELS}")
     if kernel == "auto":
         return "graphed" if device.type == "cuda" else "hooks"
     return kernel
+
+
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 # Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
 # ~13 kernel launches per tensor (2,600 for TinyLlama's 201 tensors) and dominated the linear step;

@@ -236,11 +236,10 @@ class FastLinear:
             if graph is None:
                 graph = self.graphs[width] = self._capture(ids, lab, mask)
             graph.replay()
+        host = torch.empty((), dtype=torch.float64, pin_memory=cuda)  # this candidate's own: `out` is reused
+        host.copy_(self.out, non_blocking=cuda)
         if not cuda:
-            value = float(self.out)
-            return lambda: value
-        host = torch.empty((), dtype=torch.float64, pin_memory=True)
-        host.copy_(self.out, non_blocking=True)
+            return lambda: float(host)
         done = torch.cuda.Event()
         done.record()
 
