@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from montessori.generation.backends.base import Backend, Completion, Request, Sampling
 from montessori.models.chat import prompt_text
@@ -91,19 +92,23 @@ class TransformersBackend(Backend):
         return cls(model, tokenizer)
 
     @torch.no_grad()
-    def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
+    def generate(self, requests: list[Request], sampling: Sampling,
+                 stop: Callable[[], bool] | None = None) -> list[list[Completion]]:
+        """`stop`, if given, is asked after every decoding step; True ends generation there (what was
+        generated so far is returned; `montessori serve` uses it when a client hangs up)."""
         if not requests:
             return []
         texts = [prompt_text(self.tokenizer, r.messages, r.prefill) for r in requests]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         # n samples per prompt in the same call: rows prompt0/s0, prompt0/s1, ..., prompt1/s0, ...
-        generated = self.generate_ids(batch["input_ids"], batch["attention_mask"], sampling, requests[0].seed)
+        generated = self.generate_ids(batch["input_ids"], batch["attention_mask"], sampling, requests[0].seed,
+                                      stop=stop)
         completions = [self._completion(row) for row in generated]
         return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(requests))]
 
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
-                     seed: int) -> list[list[int]]:
+                     seed: int, stop: Callable[[], bool] | None = None) -> list[list[int]]:
         """`sampling.n` rows of sampled token ids per left-padded prompt row (prompt-major order).
 
         With n > 1 the prompts are encoded once and their KV cache copied n times: the prompt, usually
@@ -135,6 +140,7 @@ class TransformersBackend(Backend):
         with _quiet():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                          generation_config=config, logits_processor=processors,
+                                         stopping_criteria=StoppingCriteriaList([_Stop(stop)] if stop else []),
                                          past_key_values=cache)
         return output[:, prompt_length:].tolist()
 
@@ -143,6 +149,16 @@ class TransformersBackend(Backend):
         if end is None:
             return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids), "length")
         return Completion(self.tokenizer.decode(ids[:end], skip_special_tokens=True), end + 1, "stop")
+
+
+class _Stop(StoppingCriteria):
+    """Ends every row when `stop()` says so (transformers asks once per decoding step)."""
+
+    def __init__(self, stop: Callable[[], bool]):
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
 
 
 @contextlib.contextmanager
