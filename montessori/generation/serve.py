@@ -356,7 +356,8 @@ class _JSONErrorsH11(H11Protocol):
     number, a broken header) gets its 400 as the same JSON error body as every other refusal."""
 
     def send_400_response(self, msg: str) -> None:
-        payload = json.dumps({"error": {"message": f"malformed HTTP request: {msg}",
+        payload = json.dumps({"error": {"message": "malformed HTTP request (a header or Content-Length that "
+                                                   "cannot be parsed)",
                                         "type": "invalid_request_error", "code": None}}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                    (b"connection", b"close")]
