@@ -173,15 +173,20 @@ def test_a_lying_content_length_is_answered_not_hung(server):
 
 
 def test_a_full_queue_answers_503_at_once_and_bad_requests_never_wait(serve):
-    server = serve(limits=Limits(max_pending=1))
-    long = raw_post(server, json.dumps({"messages": MESSAGES, "max_tokens": LONG}).encode())
+    server = serve(limits=Limits(max_pending=2))
+    running = raw_post(server, json.dumps({"messages": MESSAGES, "max_tokens": LONG}).encode())
     assert wait_for(lambda: health(server)["running"] == 1, 10)
+    waiting = raw_post(server, json.dumps({"messages": MESSAGES, "max_tokens": 2}).encode())
+    assert wait_for(lambda: health(server)["pending"] == 2, 10)
     start = time.monotonic()
     busy = chat(server, {"messages": MESSAGES, "max_tokens": 2})
     assert busy.status_code == 503 and busy.headers["Retry-After"] and busy.json()["error"]["code"] == "overloaded"
     assert chat(server, {"messages": MESSAGES, "n": -3}).status_code == 400  # parsed before any wait
     assert time.monotonic() - start < 3
-    long.close()
+    waiting.close()  # a waiting request that hangs up frees its place at once, not when it would have run
+    assert wait_for(lambda: health(server)["pending"] == 1, 3) and health(server)["running"] == 1
+    running.close()
+    assert wait_for(lambda: health(server)["pending"] == 0, 5)
 
 
 def test_generation_stops_when_the_client_hangs_up(server):
@@ -328,7 +333,7 @@ def test_load_every_request_gets_an_http_answer_and_the_server_stays_up(server):
     kinds = [(json.dumps(valid).encode(), {200, 503}),
              (json.dumps({"messages": [{"role": "user"}]}).encode(), {400}),
              (json.dumps({"messages": MESSAGES, "n": -3}).encode(), {400}),
-             (json.dumps({"messages": MESSAGES, "max_tokens": 1_000_000}).encode(), {400}),
+             (json.dumps({"messages": MESSAGES, "max_tokens": 1_000_000}).encode(), {400, 503}),  # once admitted
              (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', {400}),
              (b'{"messages": [', {400}),
              (json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode(), {404}),

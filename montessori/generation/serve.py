@@ -263,6 +263,16 @@ class ChatServer:
         start = time.monotonic()
         body = self.parse(raw)
         name = self.served_name(body.model)
+        if self.pending >= self.limits.max_pending:
+            raise APIError(503, f"the server is busy ({self.pending} requests running or waiting); retry later",
+                           "server_error", "overloaded", headers={"Retry-After": "1"})
+        self.pending += 1  # from here the request holds a place: counting its tokens, waiting, generating
+        try:
+            return await self._answer(request, body, name, start)
+        finally:
+            self.pending -= 1
+
+    async def _answer(self, request: HTTPRequest, body: ChatRequest, name: str, start: float) -> Response:
         messages = [m.model_dump() for m in body.messages]
         prefill = ""
         if body.continue_final_message:
@@ -273,27 +283,22 @@ class ChatServer:
                             presence_penalty=body.presence_penalty, repetition_penalty=body.repetition_penalty,
                             max_new_tokens=self.max_new_tokens(body, prompt_tokens))
         seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-        if self.pending >= self.limits.max_pending:
-            raise APIError(503, f"the server is busy ({self.pending} requests running or waiting); retry later",
-                           "server_error", "overloaded", headers={"Retry-After": "1"})
         job = _Job(start + self.limits.request_timeout, lambda: self.uvicorn.should_exit)
-        self.pending += 1
+        future = loop.run_in_executor(self.model_pool, self._generate, Request(messages, prefill, seed), sampling, job)
         try:
-            future = loop.run_in_executor(self.model_pool, self._generate, Request(messages, prefill, seed),
-                                          sampling, job)
-            while not future.done():  # watch for a hang-up while the model works
+            while not future.done():  # watch for a hang-up while the request waits and the model works
                 await asyncio.wait({future}, timeout=0.2)
                 if not future.done() and await request.is_disconnected():
-                    job.disconnected.set()
-            completions = future.result()
+                    job.disconnected.set()  # a running generation stops at its next step (job.stop)
+                    future.cancel()  # a waiting one never starts, and its place is free now
         except asyncio.CancelledError:  # the server dropped the request: stop its generation too
             job.disconnected.set()
+            future.cancel()
             raise
-        finally:
-            self.pending -= 1
         if job.disconnected.is_set():
             log.info("client hung up: generation cancelled")
             return Response(status_code=499)  # nobody reads it
+        completions = future.result()
         if job.stopped:
             if self.uvicorn.should_exit:
                 raise APIError(503, "the server is shutting down", "server_error")
