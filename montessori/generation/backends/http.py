@@ -50,12 +50,15 @@ class HTTPBackend(Backend):
 
     @property
     def client(self) -> httpx.Client:
-        if self._client is None:  # one pool for all threads (httpx.Client is thread-safe)
-            limits = httpx.Limits(max_connections=max(1, self.concurrency),
-                                  max_keepalive_connections=max(1, self.concurrency))
-            self._client = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 30.0)),
-                                        limits=limits)
+        with self._lock:
+            if self._client is None:  # one pool for all threads (httpx.Client is thread-safe)
+                self._client = self._new_client()
         return self._client
+
+    def _new_client(self) -> httpx.Client:
+        limits = httpx.Limits(max_connections=max(1, self.concurrency),
+                              max_keepalive_connections=max(1, self.concurrency))
+        return httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 30.0)), limits=limits)
 
     def close(self) -> None:
         if self._client is not None:
