@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.influence import ARCHS, REFERENCE_LENGTHS, build_model, examples, sync  # noqa: E402
 from montessori.evaluation.loss import score_examples, token_mean  # noqa: E402
-from montessori.influence.engine import length_batches  # noqa: E402
+from montessori.models.batching import length_batches  # noqa: E402
 
 
 def peak_reset(device):

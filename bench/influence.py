@@ -47,8 +47,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import montessori.influence.engine as engine_module  # noqa: E402
-from montessori.influence.engine import (  # noqa: E402
-    AdamWState, Example, InfluenceEngine, length_batches, precision_context)
+from montessori.influence.engine import AdamWState, InfluenceEngine  # noqa: E402
+from montessori.models.batching import Example, length_batches, precision_context  # noqa: E402
 
 from bench.archs import ARCHS  # noqa: E402
 from montessori.influence.metrics import spearman  # noqa: E402

@@ -57,7 +57,7 @@ def reference_lengths(n: int) -> tuple[list[tuple[int, int]], str]:
 
 
 def random_examples(lengths, vocab: int, prefix: str, seed: int):
-    from montessori.influence.engine import Example
+    from montessori.models.batching import Example
     rng = random.Random(seed)
     out = []
     for i, (n_prompt, n_response) in enumerate(lengths):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from montessori.config import WarmupConfig
 from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup
-from montessori.influence.engine import encode_pairs
+from montessori.models.batching import encode_pairs
 from montessori.influence.metrics import spearman
 from montessori.records import Pair
 
@@ -233,7 +233,8 @@ def test_pipelined_scoring_gives_each_candidate_its_own_value_in_order(warm_dir)
     """score_many on the fast path queues candidate k+1 before it reads candidate k's value (both
     use the same input buffers and output scalar): every result equals scoring that candidate
     alone, in the input order, an empty-response candidate included where it stands."""
-    from montessori.influence.engine import AdamWState, Example, InfluenceEngine
+    from montessori.influence.engine import AdamWState, InfluenceEngine
+    from montessori.models.batching import Example
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     state = AdamWState.from_state_dict(state, list(model.parameters()))
     engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,

@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mont
 from montessori.config import WarmupConfig  # noqa: E402
 from montessori.distributed.ray_influence import InfluenceSettings, run_influence_ray, score_distributed  # noqa: E402
 from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup  # noqa: E402
-from montessori.influence.engine import encode_pairs  # noqa: E402
+from montessori.models.batching import encode_pairs  # noqa: E402
 from montessori.pipeline import StageContext, run_pipeline  # noqa: E402
 from montessori.records import InfluenceResult, Pair  # noqa: E402
 from montessori.store import JsonlAppender, RunStore, read_jsonl, write_jsonl  # noqa: E402

@@ -90,7 +90,7 @@ def test_local_processes_survive_a_killed_worker_with_the_single_process_values(
     from montessori.config import WarmupConfig
     from montessori.distributed.ray_influence import InfluenceSettings, score_distributed
     from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup
-    from montessori.influence.engine import encode_pairs
+    from montessori.models.batching import encode_pairs
     from montessori.models import load_model
     from montessori.records import Pair
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from montessori.influence.engine import precision_context
+from montessori.models.batching import precision_context
 from montessori.models.chat import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
