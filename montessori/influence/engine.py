@@ -1,6 +1,7 @@
 """Local data influence: I(z) = L_ref(θ_warm) - L_ref(θ_z), θ_z = one AdamW step on z from the warm-up state.
 
-Two estimators of the same definition:
+Two estimators of the same definition (influence/core.py states it plainly; this module computes it
+at scale, and tests/test_influence_core.py holds every layout here to core.py):
 
   exact   take the step, evaluate the reference set, restore. The stepped weights are written into a
           separate buffer (`shadow`) and swapped in by pointer, so θ_warm is never modified and the
