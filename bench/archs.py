@@ -11,3 +11,18 @@ ARCHS = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
+
+
+def build_model(arch: str, device="cpu", dtype=None, **config):
+    """A randomly initialised LlamaForCausalLM of `arch`, the one builder of every script here: seed 0
+    (every script and worker builds the same weights), built on `device` directly (an 8B model never
+    exists on the host), SDPA attention, in eval mode. `config` overrides LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    fields = dict(max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**{**fields, **ARCHS[arch], **config})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return (model if dtype is None else model.to(dtype)).eval()

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.influence import ARCHS, REFERENCE_LENGTHS, build_model, examples, sync  # noqa: E402
+from bench.archs import ARCHS, build_model  # noqa: E402
+from bench.influence import REFERENCE_LENGTHS, examples, sync  # noqa: E402
 from montessori.evaluation.loss import score_examples, token_mean  # noqa: E402
-from montessori.influence.engine import length_batches  # noqa: E402
+from montessori.models.batching import length_batches  # noqa: E402
 
 
 def peak_reset(device):
@@ -120,7 +121,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = build_model(args.arch, device).to(dtype)
+    model = build_model(args.arch, device, dtype)
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in REFERENCE_LENGTHS.split()][: args.examples]
     exs = examples(lengths, model.config.vocab_size, "ref", random.Random(0))
     print(f"arch {args.arch}, {dtype}, device {device}, {len(exs)} reference examples, torch {torch.__version__}")

@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from montessori.influence.engine import AdamWState, InfluenceEngine, encode_pairs  # noqa: E402
+from montessori.influence.engine import AdamWState, InfluenceEngine  # noqa: E402
+from montessori.models.batching import encode_pairs  # noqa: E402
 from montessori.influence.metrics import median_relative_error, sign_agreement, spearman  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

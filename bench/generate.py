@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.archs import ARCHS  # noqa: E402
+from bench.archs import ARCHS, build_model  # noqa: E402
 
 
 def build(args):
@@ -29,14 +29,9 @@ def build(args):
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.arch:
-        from transformers import LlamaConfig, LlamaForCausalLM
-        config = LlamaConfig(**ARCHS[args.arch], max_position_embeddings=4096, eos_token_id=None,
-                             bos_token_id=None, pad_token_id=0)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype)
+        model = build_model(args.arch, device, dtype, eos_token_id=None, bos_token_id=None)
         model.generation_config.eos_token_id = None
-        return TransformersBackend(model, None), config.vocab_size
+        return TransformersBackend(model, None), model.config.vocab_size
     from montessori.models.load import load_model
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     backend = TransformersBackend(model, tokenizer)

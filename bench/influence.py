@@ -47,10 +47,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import montessori.influence.engine as engine_module  # noqa: E402
-from montessori.influence.engine import (  # noqa: E402
-    AdamWState, Example, InfluenceEngine, length_batches, precision_context)
+from montessori.influence.engine import AdamWState, InfluenceEngine  # noqa: E402
+from montessori.models.batching import Example, length_batches, precision_context  # noqa: E402
 
-from bench.archs import ARCHS  # noqa: E402
+from bench.archs import ARCHS, build_model  # noqa: E402
 from montessori.influence.metrics import spearman  # noqa: E402
 METHODS = {  # name: (estimator, precision of the reference pass, precision of the candidate gradient)
     "linear-fp32": ("linear", "fp32", "fp32"),
@@ -113,17 +113,6 @@ def copy_rate(device: torch.device) -> float:
     x = torch.empty(2 ** 28 if device.type == "cuda" else 2 ** 24, device=device)
     y = torch.empty_like(x)
     return 2 * x.numel() * 4 / timed(lambda: y.copy_(x), device)
-
-
-def build_model(arch: str, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**ARCHS[arch], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).float()
-    return model.eval()
 
 
 def synthetic_state(model) -> AdamWState:
@@ -322,7 +311,7 @@ def main() -> None:
     lengths = [tuple(int(x) for x in pair.split(":")) for pair in REFERENCE_LENGTHS.split()][: args.reference]
     if args.arch == "tiny":
         lengths = [(min(a, 32), min(b, 64)) for a, b in lengths]
-    model = build_model(args.arch, device)
+    model = build_model(args.arch, device, torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     state = synthetic_state(model).to("cpu")
     ref = examples(lengths, model.config.vocab_size, "ref", rng)

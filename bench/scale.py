@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.archs import ARCHS  # noqa: E402
+from bench.archs import ARCHS, build_model  # noqa: E402
 REFERENCE_FILE = ROOT.parent / "shared" / "data" / "reference_alpaca_eval_gpt4_256.jsonl"
 MAX_LENGTH = 1024
 TEMPLATE_TOKENS = 30  # chat-template tokens around a user turn and an assistant turn
@@ -57,7 +57,7 @@ def reference_lengths(n: int) -> tuple[list[tuple[int, int]], str]:
 
 
 def random_examples(lengths, vocab: int, prefix: str, seed: int):
-    from montessori.influence.engine import Example
+    from montessori.models.batching import Example
     rng = random.Random(seed)
     out = []
     for i, (n_prompt, n_response) in enumerate(lengths):
@@ -78,18 +78,14 @@ def build_scorer(arch: str, device: str, lengths, estimator: str, precision: str
     """One worker's state, built once in the worker process: random fp32 model, synthetic AdamW
     moments (|g| ~ 1e-3), the reference set. Every worker builds the same (seed 0)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from montessori.distributed.ray_influence import Scorer
     from montessori.influence.engine import AdamWState, InfluenceEngine
     if device == "cpu":
         torch.set_num_threads(threads)
-    config = LlamaConfig(**ARCHS[arch], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
+    model = build_model(arch, device, torch.float32)
+    config = model.config
     with torch.device(device):
-        model = LlamaForCausalLM(config).float().eval()
         params = list(model.parameters())
         m = [torch.randn_like(p).mul_(1e-4) for p in params]
         v = [torch.randn_like(p).square_().mul_(1e-6) for p in params]

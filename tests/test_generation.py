@@ -136,8 +136,9 @@ def test_seeded_sampling_is_reproducible_and_independent_of_global_rng(backend):
 
 
 def test_top_p_near_zero_and_temperature_zero_are_greedy(backend):
-    greedy = backend.generate(REQUESTS, Sampling(n=1, temperature=0.0, max_new_tokens=10))
-    narrow = backend.generate(REQUESTS, Sampling(n=2, temperature=1.0, top_p=1e-9, max_new_tokens=10))
+    greedy = backend.generate(REQUESTS, Sampling(n=1, temperature=0.0, presence_penalty=0.0, max_new_tokens=10))
+    narrow = backend.generate(REQUESTS, Sampling(n=2, temperature=1.0, top_p=1e-9, presence_penalty=0.0,
+                                                 max_new_tokens=10))
     assert [cs[0].text for cs in greedy] == [cs[0].text for cs in narrow] == [cs[1].text for cs in narrow]
     reference = backend.model.generate(**backend.tokenizer([prompt_text(backend.tokenizer, REQUESTS[0].messages)],
                                                            return_tensors="pt", add_special_tokens=False),

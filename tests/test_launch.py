@@ -90,4 +90,5 @@ def test_maybe_launch_runs_in_process_without_a_launcher_or_for_other_stages(tmp
     assert maybe_launch("sft", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
     ctx.config.distributed.launcher = "torchrun"
     assert maybe_launch("influence", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
-    json.dumps(ctx.config.model_dump(mode="json"))  # the config with a launcher stays serialisable
+    # the config with a launcher stays serialisable (the launched ranks read it back from disk)
+    assert json.loads(json.dumps(ctx.config.model_dump(mode="json")))["distributed"]["launcher"] == "torchrun"

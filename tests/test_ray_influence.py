@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mont
 from montessori.config import WarmupConfig  # noqa: E402
 from montessori.distributed.ray_influence import InfluenceSettings, run_influence_ray, score_distributed  # noqa: E402
 from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup  # noqa: E402
-from montessori.influence.engine import encode_pairs  # noqa: E402
+from montessori.models.batching import encode_pairs  # noqa: E402
 from montessori.pipeline import StageContext, run_pipeline  # noqa: E402
 from montessori.records import InfluenceResult, Pair  # noqa: E402
 from montessori.store import JsonlAppender, RunStore, read_jsonl, write_jsonl  # noqa: E402
@@ -30,7 +30,7 @@ def pairs(prefix: str, n: int) -> list[Pair]:
 
 
 WARM, CANDIDATES, REFERENCE = pairs("w", 6), pairs("r1-p", 12), pairs("ref", 5)
-SETTINGS = InfluenceSettings(max_length=128, reference_max_length=128, eval_batch_size=4, device="cpu")
+SETTINGS = InfluenceSettings(estimator="exact", max_length=128, reference_max_length=128, eval_batch_size=4, device="cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +55,8 @@ def warm_dir(tmp_path_factory, tiny_spec):
 @pytest.fixture(scope="module")
 def single_process(warm_dir):
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
-    results = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer, max_length=128,
+    results = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                estimator="exact", max_length=128,
                                 eval_batch_size=4)
     assert all(r.status == "ok" for r in results)
     return {r.id: r.influence for r in results}

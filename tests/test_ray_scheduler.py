@@ -90,7 +90,7 @@ def test_local_processes_survive_a_killed_worker_with_the_single_process_values(
     from montessori.config import WarmupConfig
     from montessori.distributed.ray_influence import InfluenceSettings, score_distributed
     from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup
-    from montessori.influence.engine import encode_pairs
+    from montessori.models.batching import encode_pairs
     from montessori.models import load_model
     from montessori.records import Pair
 
@@ -104,9 +104,10 @@ def test_local_processes_survive_a_killed_worker_with_the_single_process_values(
                                 pad_id=tokenizer.pad_token_id)
     save_warmup(tmp_path, model, tokenizer, optimizer)
     model, tokenizer, state = load_warmup(tmp_path, "cpu")
-    single = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer, max_length=128,
+    single = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                               estimator="exact", max_length=128,
                                eval_batch_size=4)
-    settings = InfluenceSettings(max_length=128, reference_max_length=128, eval_batch_size=4, device="cpu")
+    settings = InfluenceSettings(estimator="exact", max_length=128, reference_max_length=128, eval_batch_size=4, device="cpu")
     results, stats = score_distributed(tmp_path, CANDIDATES, REFERENCE, settings, backend="mp", num_workers=2,
                                        die_after={1: 1})
     # It dies on its 2nd candidate, which it holds from the start (two tasks are queued per worker);

@@ -9,7 +9,7 @@ import torch
 
 from montessori.config import WarmupConfig
 from montessori.errors import InputError
-from montessori.influence.engine import encode_pairs
+from montessori.models.batching import encode_pairs
 from montessori.influence.warmup import split_pairs, train_warmup
 from montessori.pipeline import run_pipeline
 from montessori.records import Pair

@@ -120,7 +120,11 @@ def run_launched(stage: str, ctx) -> dict:
 
 def maybe_launch(stage: str, ctx, fn):
     """The pipeline's hook: a training stage under a launcher when distributed.launcher is set (and
-    we are not already inside one), else the stage function in this process."""
+    we are not already inside one); influence on Ray when distributed.ray is set (stages import no
+    executor: the choice is made here); else the stage function in this process."""
+    if stage == "influence" and ctx.config.distributed.ray:
+        from montessori.distributed.ray_influence import run_influence_ray
+        return run_influence_ray(ctx)
     if ctx.config.distributed.launcher == "none" or stage not in LAUNCHED_STAGES or "LOCAL_RANK" in os.environ:
         return fn(ctx)
     return run_launched(stage, ctx)

@@ -17,50 +17,27 @@ must be on storage every node sees (NFS, a shared volume), as it is for any mult
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 from montessori.distributed.scheduler import (ProcessPool, RayPool, cluster_gpus, dispatch, init_ray, start_actors,
                                               worker_count)
+from montessori.influence.settings import InfluenceSettings
+from montessori.influence.stage import influence_counts, probing_pairs, run_utility
+from montessori.models.batching import encode_pairs
 from montessori.records import InfluenceResult, Pair
-
-
-@dataclass(frozen=True)
-class InfluenceSettings:
-    """What a worker needs from the config to build the engine exactly as the single-process stage does."""
-    estimator: str = "exact"
-    precision: str = "fp32"
-    grad_precision: str = "auto"  # resolved on the worker's device, as the single-process stage does
-    eval_batch_size: int = 8
-    max_length: int = 1024
-    reference_max_length: int = 1024
-    lr: float | None = None
-    compile: bool | str = "auto"
-    device: str = "auto"
-    ref_grad_dtype: str = "auto"
-    shadow: str = "auto"
-    linear_kernel: str = "auto"
-    pad_multiple: int = 64
-
-    @classmethod
-    def from_config(cls, config) -> InfluenceSettings:
-        i = config.influence
-        return cls(i.estimator, i.precision, i.grad_precision, i.eval_batch_size, i.max_length,
-                   config.data.reference_max_length, i.lr, i.compile, config.models.device,
-                   i.ref_grad_dtype, i.shadow, i.linear_kernel, i.pad_multiple)
 
 
 class Scorer:
     """An InfluenceEngine plus the tokenizer that encodes pairs for it; scores a task of pairs
-    (or of already encoded engine.Example, as bench/scale.py sends)."""
+    (or of already encoded batching.Example, as bench/scale.py sends)."""
 
     def __init__(self, engine, tokenizer=None, max_length: int | None = None, die_after: int | None = None):
         self.engine, self.tokenizer, self.max_length = engine, tokenizer, max_length
         self.die_after, self.scored = die_after, 0
 
     def score(self, items: list) -> list[InfluenceResult]:
-        from montessori.influence.engine import encode_pairs
         out = []
         examples = [encode_pairs(self.tokenizer, [item], self.max_length)[0] if isinstance(item, Pair) else item
                     for item in items]
@@ -76,20 +53,14 @@ def build_scorer(warmup_dir: str, reference: list[Pair], settings: InfluenceSett
                  die_after: int | None = None) -> Scorer:
     """The single-process stage's engine, built from the saved warm-up folder (same encoding, same
     padding id, same precision), so values equal `compute_influence`'s."""
-    from montessori.influence.engine import AdamWState, InfluenceEngine, encode_pairs
-    from montessori.influence.stage import grad_precision
+    from montessori.influence.engine import AdamWState, InfluenceEngine
     from montessori.influence.warmup import load_warmup
     model, tokenizer, state = load_warmup(Path(warmup_dir), settings.device)
-    device = next(model.parameters()).device
     if settings.compile is True:
         model.base_model.compile(dynamic=True)
     engine = InfluenceEngine(model, AdamWState.from_state_dict(state, list(model.parameters())),
                              encode_pairs(tokenizer, reference, settings.reference_max_length or settings.max_length),
-                             pad_id=tokenizer.pad_token_id or 0, estimator=settings.estimator,
-                             precision=settings.precision, grad_precision=grad_precision(settings, device),
-                             eval_batch_size=settings.eval_batch_size, lr=settings.lr, compile=settings.compile,
-                             ref_grad_dtype=settings.ref_grad_dtype, shadow=settings.shadow,
-                             linear_kernel=settings.linear_kernel, pad_multiple=settings.pad_multiple)
+                             pad_id=tokenizer.pad_token_id or 0, settings=settings)
     del state  # the engine keeps the moments it needs
     return Scorer(engine, tokenizer, settings.max_length, die_after)
 
@@ -168,25 +139,25 @@ def run_influence_ray(ctx) -> dict:
     montessori.influence.stage.run_influence, with the candidates spread over the cluster."""
     import torch
 
-    from montessori.influence.stage import grad_precision, probing_pairs
     from montessori.readers import read_pairs
     from montessori.store import JsonlAppender
     cfg, icfg, dcfg = ctx.config, ctx.config.influence, ctx.config.distributed
+    if icfg.utility != "influence":  # the ablations' signals run in this process
+        return run_utility(ctx)
+    settings = InfluenceSettings.from_config(cfg)
     candidates = probing_pairs(ctx)
     workers, lost, on_gpu = 0, 0, False
     with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as out:
         todo = [c for c in candidates if c.id not in out]
         if todo:
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
-            _, stats = score_distributed(ctx.input("warmup").path, todo, reference.records,
-                                         InfluenceSettings.from_config(cfg), backend="ray", address=dcfg.address,
-                                         num_workers=dcfg.num_workers, gpus_per_worker=dcfg.gpus_per_worker,
-                                         cpus_per_worker=dcfg.cpus_per_worker, on_result=out.append,
-                                         progress=ctx.progress)
+            _, stats = score_distributed(ctx.input("warmup").path, todo, reference.records, settings, backend="ray",
+                                         address=dcfg.address, num_workers=dcfg.num_workers,
+                                         gpus_per_worker=dcfg.gpus_per_worker, cpus_per_worker=dcfg.cpus_per_worker,
+                                         on_result=out.append, progress=ctx.progress)
             workers, lost, on_gpu = stats.workers, len(stats.lost_workers), cluster_gpus() > 0
             ctx.log.info("%d candidates on %d Ray workers (%d lost): %s", len(todo), workers, lost, stats.per_worker)
         wanted = {c.id for c in candidates}
         results = [r for r in out.records if r.id in wanted]
-    from montessori.influence.stage import influence_counts
-    return influence_counts(results, icfg, grad_precision(icfg, torch.device("cuda" if on_gpu else "cpu")),
-                            ray_workers=workers, ray_workers_lost=lost)
+    grad_precision = settings.resolve(torch.device("cuda" if on_gpu else "cpu")).grad_precision
+    return influence_counts(results, icfg, grad_precision, ray_workers=workers, ray_workers_lost=lost)

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from montessori.influence.engine import LOGIT_CHUNK, Example, encode_pairs, length_batches
-from montessori.models.chat import IGNORE_INDEX
+from montessori.models.batching import Example, encode_pairs, length_batches, row_loss_sums
 from montessori.records import Pair
 
 
@@ -51,30 +49,12 @@ def score_examples(model, examples: Sequence[Example], *, batch_size: int = 8, p
         from tqdm.auto import tqdm
         iterator = tqdm(batches, desc="reference loss", unit="batch", leave=False)
     for batch in iterator:
-        sums.extend(_row_loss_sums(model, batch))
+        sums.extend(row_loss_sums(model, batch))
     model.train(was_training)
     out: list[ExampleLoss | None] = [None] * len(examples)
     for pos, (s, n) in zip(ordered, sums):
         out[pos] = ExampleLoss(examples[pos].id, s, n)
     return out
-
-
-def _row_loss_sums(model, batch) -> list[tuple[float, int]]:
-    # lm_head only on response positions, in chunks (as the influence engine does): a full fp32
-    # (batch, length, vocab) logits tensor is gigabytes for a 128k vocabulary.
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              use_cache=False).last_hidden_state
-    targets = batch.labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]
-    h, y = hidden[:, :-1][keep], targets[keep]
-    head = model.get_output_embeddings()
-    sums = torch.zeros(targets.shape[0], dtype=torch.float64, device=hidden.device)
-    for i in range(0, y.numel(), LOGIT_CHUNK):
-        token_losses = F.cross_entropy(head(h[i:i + LOGIT_CHUNK]).float(), y[i:i + LOGIT_CHUNK], reduction="none")
-        sums.index_add_(0, rows[i:i + LOGIT_CHUNK], token_losses.double())
-    counts = keep.sum(dim=1)
-    return list(zip(sums.tolist(), counts.tolist()))
 
 
 def token_mean(losses: Sequence[ExampleLoss]) -> float:

@@ -1,6 +1,7 @@
 """Local data influence: I(z) = L_ref(θ_warm) - L_ref(θ_z), θ_z = one AdamW step on z from the warm-up state.
 
-Two estimators of the same definition:
+Two estimators of the same definition (influence/core.py states it plainly; this module computes it
+at scale, and tests/test_influence_core.py holds every layout here to core.py):
 
   exact   take the step, evaluate the reference set, restore. The stepped weights are written into a
           separate buffer (`shadow`) and swapped in by pointer, so θ_warm is never modified and the
@@ -28,16 +29,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
+from montessori.influence.settings import InfluenceSettings
+from montessori.models.batching import Batch, Example, encode_pairs, length_batches, precision_context, token_loss_sum
+from montessori.models.chat import IGNORE_INDEX
 from montessori.records import InfluenceResult, Pair
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 ESTIMATORS = ("exact", "linear")
 # How the linear step runs: hooks = eager, gradient consumed in buckets during backward (below);
 # flat / graphed = fast.py (a fused update per parameter; graphed adds CUDA graphs);
@@ -57,7 +57,6 @@ def resolve_linear_kernel(kernel: str, device: torch.device) -> str:
     return kernel
 
 
-LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 # Candidate gradients held before one batched (torch._foreach_*) update. Per-parameter updates cost
 # ~13 kernel launches per tensor (2,600 for TinyLlama's 201 tensors) and dominated the linear step;
 # measured in docs/benchmarks.md.
@@ -68,84 +67,7 @@ RESIDENT_SHARE = 0.8
 
 
 # ---------------------------------------------------------------------------------------------
-# Precision, data, loss
-
-
-@contextmanager
-def precision_context(precision: str, device: torch.device):
-    """fp32: true fp32 matmuls. tf32: TF32 tensor-core matmuls (CUDA only; a no-op on CPU).
-    bf16: bf16 autocast over fp32 master weights."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@dataclass
-class Example:
-    id: str
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens
-
-    @property
-    def num_targets(self) -> int:
-        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
-
-
-def encode_pairs(tokenizer, pairs: Iterable[Pair], max_length: int | None) -> list[Example]:
-    """Each pair as one user turn + its response, prompt tokens masked (the project-wide encoding)."""
-    out = []
-    for p in pairs:
-        ids, labels = encode_example(tokenizer, user_turn(p.instruction), p.response, max_length=max_length)
-        out.append(Example(p.id, ids, labels))
-    return out
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-
-def length_batches(examples: Sequence[Example], batch_size: int, pad_id: int, device) -> list[Batch]:
-    """Sort by length and cut into batches (right-padded): similar lengths together, little padding."""
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))
-    batches = []
-    for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i:i + batch_size]
-        width = len(chunk[-1].input_ids)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-        batches.append(Batch(ids.to(device), mask.to(device), labels.to(device)))
-    return batches
-
-
-def token_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(sum of response-token cross-entropies in fp32, number of response tokens).
-
-    The lm_head runs only on response positions, in chunks: prompt positions need no logits, and a
-    full (batch, length, vocab) fp32 logits tensor would be ~8 GB for Llama-3's vocabulary."""
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              use_cache=False).last_hidden_state
-    targets = batch.labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    h, y = hidden[:, :-1][keep], targets[keep]
-    head = model.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, y.numel(), LOGIT_CHUNK):
-        logits = head(h[i:i + LOGIT_CHUNK]).float()
-        total = total + F.cross_entropy(logits, y[i:i + LOGIT_CHUNK], reduction="sum")
-    return total, int(y.numel())
+# The reference set: L_ref and ∇L_ref
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -256,8 +178,9 @@ def fits_device(params: Sequence[torch.Tensor], bytes_per_param: float) -> bool:
 
 
 def foreach_denoms(G, M, V, step: int, betas, eps):
-    """torch.optim.AdamW's moment update and denominator over lists of tensors, op for op as torch's
-    foreach AdamW, into new tensors (m, v untouched). Returns (m', denom, 1-β1^t) for t = step + 1."""
+    """core.adamw_delta's moment update and denominator over lists of tensors, op for op as torch's
+    foreach AdamW, into new tensors (m, v untouched). Returns (m', denom, 1-β1^t) for t = step + 1.
+    fast.adam_ratio is the same per tensor; tests/test_influence_core.py holds both to core."""
     b1, b2 = betas
     t = step + 1
     m1 = torch._foreach_lerp(M, G, 1 - b1)
@@ -303,31 +226,31 @@ class InfluenceEngine:
     after ∇L_ref is computed."""
 
     def __init__(self, model, state: AdamWState, reference: Sequence[Example], *, pad_id: int,
-                 estimator: str = "exact", precision: str = "fp32", grad_precision: str = "fp32",
-                 eval_batch_size: int = 8, lr: float | None = None, compile: bool | str = "auto",
-                 ref_grad_dtype: str = "auto", shadow: str = "auto", linear_kernel: str = "auto",
-                 pad_multiple: int = 64):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator {estimator!r}: choose one of {ESTIMATORS}")
-        self.model, self.state, self.estimator, self.compile = model, state, estimator, compile
-        self.precision, self.grad_precision = precision, grad_precision
-        self.lr = state.lr if lr is None else lr
+                 settings: InfluenceSettings | None = None, **knobs):
+        """settings (or InfluenceSettings' fields as keywords, overriding it): how to compute; its
+        max_length, reference_max_length and device are the caller's (reference is encoded already)."""
         self.params = list(model.parameters())
         self.device = self.params[0].device
-        kernel = resolve_linear_kernel(linear_kernel, self.device)  # checked before the reference pass
+        s = self.settings = replace(settings or InfluenceSettings(), **knobs).resolve(self.device)
+        if s.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {s.estimator!r}: choose one of {ESTIMATORS}")
+        self.model, self.state, self.estimator, self.compile = model, state, s.estimator, s.compile
+        self.precision, self.grad_precision = s.precision, s.grad_precision
+        self.lr = state.lr if s.lr is None else s.lr
+        kernel = resolve_linear_kernel(s.linear_kernel, self.device)  # checked before the reference pass
         if any(p.dtype != torch.float32 for p in self.params):
             raise ValueError("the influence engine needs fp32 master weights (precision is set by `precision`)")
-        self.batches = length_batches(reference, eval_batch_size, pad_id, self.device)
+        self.batches = length_batches(reference, s.eval_batch_size, pad_id, self.device)
         model.eval()  # no dropout: the same state must give the same value
-        self.loss_before = reference_loss(model, self.batches, precision)
+        self.loss_before = reference_loss(model, self.batches, s.precision)
         fits = fits_device(self.params, 16)
-        self.ref_grad_dtype = ("fp32" if fits else "bf16") if ref_grad_dtype == "auto" else ref_grad_dtype
-        self.shadow_mode = ("device" if fits else "host") if shadow == "auto" else shadow
+        self.ref_grad_dtype = ("fp32" if fits else "bf16") if s.ref_grad_dtype == "auto" else s.ref_grad_dtype
+        self.shadow_mode = ("device" if fits else "host") if s.shadow == "auto" else s.shadow
         self.ref_dot_theta = 0.0
         self.fast = None
         self.linear_kernel = None
-        if estimator == "linear":  # one example per backward: activations of a batch would not fit an 8B
-            grads = reference_grad(model, length_batches(reference, 1, pad_id, self.device), precision)
+        if s.estimator == "linear":  # one example per backward: activations of a batch would not fit an 8B
+            grads = reference_grad(model, length_batches(reference, 1, pad_id, self.device), s.precision)
             dtype = torch.bfloat16 if self.ref_grad_dtype == "bf16" else torch.float32
             for i, g in enumerate(grads):  # tensor by tensor: the fp32 copy is freed as it goes
                 grads[i] = g.to(dtype)
@@ -336,8 +259,6 @@ class InfluenceEngine:
                 self.ref_dot_theta = float(sum(torch.dot(r.flatten().double(), p.detach().flatten().double())
                                                for r, p in zip(grads, self.params)))
             self.linear_kernel = kernel
-            if self.linear_kernel != "hooks":  # fast.py: fused update per parameter, CUDA graphs
-                self.fast = self._fast_linear(grad_precision, pad_multiple)
         elif self.shadow_mode == "device":
             self.shadow = [torch.empty_like(p) for p in self.params]
         else:
@@ -347,12 +268,16 @@ class InfluenceEngine:
         state.to(self.device)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         # torch.compile of the bucketed elementwise passes (foreach kernels fused by inductor).
-        wrap = (lambda f: torch.compile(f, dynamic=True)) if compile is True else (lambda f: f)
+        wrap = (lambda f: torch.compile(f, dynamic=True)) if s.compile is True else (lambda f: f)
         self._stepped, self._update_dots = wrap(foreach_stepped), wrap(foreach_update_dots)
         self.timing = {"step": 0.0, "eval": 0.0}  # seconds of the last candidate (synchronized on CUDA)
+        # Last: the fast path may move θ to the host (an 8B student) and gives it back only on close(),
+        # so nothing that can fail comes after it (and FastLinear gives θ back if it fails itself).
+        if self.linear_kernel not in (None, "hooks"):  # fast.py: fused update per parameter, CUDA graphs
+            self.fast = self._fast_linear(s.grad_precision, s.pad_multiple)
 
     def _fast_linear(self, grad_precision: str, pad_multiple: int):
-        from montessori.influence.fast import FastLinear  # imports this module: not at the top
+        from montessori.influence.fast import FastLinear  # CUDA-only machinery: imported when used
         grad_dtype = torch.bfloat16 if grad_precision == "bf16" else torch.float32
         # θ, m, v, ∇L_ref and (bf16) the copy's weights; else θ waits on the host. The candidate
         # gradient is consumed parameter by parameter: never held whole.
@@ -506,16 +431,15 @@ class InfluenceEngine:
 
 
 def compute_influence(student, optimizer_state, candidates: Sequence[Pair], reference: Sequence[Pair], *,
-                      tokenizer=None, estimator: str = "exact", precision: str = "fp32",
-                      grad_precision: str | None = None, eval_batch_size: int = 8, max_length: int = 1024,
-                      reference_max_length: int | None = None, lr: float | None = None, compile: bool | str = "auto",
-                      ref_grad_dtype: str = "auto", shadow: str = "auto", linear_kernel: str = "auto",
-                      pad_multiple: int = 64, on_result: Callable[[InfluenceResult], None] | None = None,
-                      progress: bool = False) -> list[InfluenceResult]:
+                      tokenizer=None, settings: InfluenceSettings | None = None,
+                      on_result: Callable[[InfluenceResult], None] | None = None, progress: bool = False,
+                      **knobs) -> list[InfluenceResult]:
     """Influence of each candidate pair on the reference set, from one warm-up state (notebook API).
 
     student: an fp32 HF causal LM (model and `tokenizer`), or a (model, tokenizer) tuple.
     optimizer_state: a `torch.optim.AdamW` state_dict over `student.parameters()`, or an AdamWState.
+    settings: an InfluenceSettings (default: the config's defaults, the linear estimator); keywords
+    named like its fields override it: `compute_influence(..., estimator="exact")`.
     Returns one InfluenceResult per candidate, in order; `on_result` sees each as soon as it is ready.
     """
     from tqdm.auto import tqdm
@@ -523,22 +447,21 @@ def compute_influence(student, optimizer_state, candidates: Sequence[Pair], refe
         student, tokenizer = student
     if tokenizer is None:
         raise ValueError("compute_influence needs the student's tokenizer")
+    settings = replace(settings or InfluenceSettings(), **knobs)
     params = list(student.parameters())
     state = optimizer_state if isinstance(optimizer_state, AdamWState) else \
         AdamWState.from_state_dict(optimizer_state, params)
-    engine = InfluenceEngine(student, state, encode_pairs(tokenizer, reference, reference_max_length or max_length),
-                             pad_id=tokenizer.pad_token_id or 0, estimator=estimator, precision=precision,
-                             grad_precision=grad_precision or precision, eval_batch_size=eval_batch_size, lr=lr,
-                             compile=compile, ref_grad_dtype=ref_grad_dtype, shadow=shadow,
-                             linear_kernel=linear_kernel, pad_multiple=pad_multiple)
-    results = []
-    try:
-        examples = encode_pairs(tokenizer, candidates, max_length)
-        for result in tqdm(engine.score_many(examples), total=len(examples), desc=f"influence ({estimator})",
-                           unit="cand", disable=not progress):
+    reference = encode_pairs(tokenizer, reference, settings.reference_max_length or settings.max_length)
+    results, engine = [], None
+    try:  # the engine inside: whatever fails, close() gives the student back as it was
+        engine = InfluenceEngine(student, state, reference, pad_id=tokenizer.pad_token_id or 0, settings=settings)
+        examples = encode_pairs(tokenizer, candidates, settings.max_length)
+        for result in tqdm(engine.score_many(examples), total=len(examples),
+                           desc=f"influence ({settings.estimator})", unit="cand", disable=not progress):
             results.append(result)
             if on_result is not None:
                 on_result(result)
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
     return results

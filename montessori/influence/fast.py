@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from montessori.influence.engine import precision_context
+from montessori.models.batching import precision_context
 from montessori.models.chat import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ SDPA_BACKENDS = [SDPBackend.MATH]
 
 
 def adam_ratio(g, m, v, b1: float, b2: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
-    """m'/denom of one chunk: torch's AdamW moment update and denominator, op for op as
-    `engine.foreach_update_dots` (in place on its own temporaries)."""
+    """m'/denom of one chunk (in place on its own temporaries): the Adam part of core.adamw_delta,
+    Δ = -lr/(1-β1^t) · m'/denom - lr·wd·θ, in torch's order of operations (tests/test_influence_core.py
+    holds this, the engine's foreach form and core's to the same values)."""
     g = g.float()
     m1 = torch.lerp(m, g, 1 - b1)
     denom = torch.addcmul(v * b2, g, g, value=1 - b2).sqrt_().div_(bc2_sqrt).add_(eps)
@@ -97,66 +98,70 @@ class FastLinear:
         self.pad_multiple, self.use_graphs = pad_multiple, graphs and self.device.type == "cuda"
         self.ref_grad = ref_grad
         state.to(self.device)  # load_warmup leaves the moments on the host
-        self.host = None
-        if offload:  # first, so that the copy below never meets θ on the device
-            self.host = [p.detach().to("cpu", copy=True) for p in self.params]
-            if self.device.type == "cuda":
-                self.host = [h.pin_memory() for h in self.host]
-            for p in self.params:
-                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
-        source = self.host or [p.detach() for p in self.params]
-        if grad_dtype == torch.float32 and not offload:  # the student itself: only hooks on it are borrowed
-            self.student, self.own = model, self.params
-        else:  # a copy whose parameters are in grad_dtype
-            memo = {id(p): torch.nn.Parameter(src.to(self.device, grad_dtype, copy=True),
-                                              requires_grad=p.requires_grad) for p, src in zip(self.params, source)}
-            self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
-            self.own = list(self.student.parameters())
-        # compile_model: inductor fuses the forward's (and through AOTAutograd the backward's) small
-        # elementwise kernels (norms, rotary, SiLU). Layer by layer ("regional compilation"): every decoder
-        # layer runs the same compiled code, so compiling costs one layer's time, not the model's (the
-        # whole 22-layer TinyLlama did not compile within 150 s on the H200's host); dynamic shapes: one
-        # compilation for every length. (A copy never inherits a Module.compile() of the student:
-        # Module.__getstate__ drops it; if the student itself takes the gradient, `close` undoes it.)
-        self.forward = self.student.base_model
-        self.compiled = []
-        if compile_model:
-            layers = getattr(self.forward, "layers", None)
-            if isinstance(layers, torch.nn.ModuleList):
-                self.compiled = [layer for layer in layers if getattr(layer, "_compiled_call_impl", None) is None]
-                for layer in self.compiled:
-                    layer.compile(dynamic=True)
-            elif getattr(self.forward, "_compiled_call_impl", None) is None:
-                self.forward = torch.compile(self.forward, dynamic=True)
-        # Each parameter's index in state and ref_grad (the copy's parameters are in the student's
-        # order); its gradient is consumed by `_consume` as soon as backward completes it.
-        self.index = {p: i for i, p in enumerate(self.own)}
-        self.hooks = [p.register_post_accumulate_grad_hook(self._consume) for p in self.own]
-        b1, b2 = state.betas
-        t = state.step + 1
-        self.consts = (b1, b2, (1 - b2 ** t) ** 0.5, state.eps)
-        self.scale = -lr / (1 - b1 ** t)
-        self.parts: list[torch.Tensor] = []
-        self.out = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._dot_fn = adam_dot_rows
-        if self.device.type == "cuda":  # on the CPU inductor's kernel gains nothing (matmul-bound step)
-            # Compiled here, never inside backward (in a hook) or a capture, and with grad mode off as
-            # inside backward (dynamo guards on it). A kernel that torch.compile(dynamic=True) compiled in
-            # the first hook, for a 2,048-element norm weight, reduced every parameter in one block (0.46 s
-            # per TinyLlama-1.1B candidate on the H200). Now: automatic dynamic shapes, compiled for the
-            # two largest row counts, so the row count is dynamic and the row width (the reduction) static.
-            self._dot_fn = torch.compile(adam_dot_rows, fullgraph=True)
-            sizes = sorted({min(CHUNK, p.numel()) // ROW for p in self.own if p.numel() >= ROW}, reverse=True)
-            with torch.no_grad(), precision_context(self.grad_precision, self.device):  # as in the hooks:
-                for rows in sizes[:2]:  # dynamo guards on allow_tf32 too
-                    sample = (torch.zeros(rows, ROW, dtype=ref_grad[0].dtype, device=self.device),
-                              torch.zeros(rows, ROW, dtype=grad_dtype, device=self.device),
-                              *(torch.zeros(rows, ROW, dtype=state.exp_avg[0].dtype, device=self.device)
-                                for _ in range(2)))
-                    self._dot(*sample, *self.consts)
-        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
+        # What close() undoes, empty until built: close() also runs when __init__ fails part way.
+        self.host, self.student, self.own, self.forward = None, None, None, None
+        self.hooks, self.compiled, self.graphs, self.pool = [], [], {}, None
+        try:
+            if offload:  # first, so that the copy below never meets θ on the device
+                self.host = [p.detach().to("cpu", copy=True) for p in self.params]
+                if self.device.type == "cuda":
+                    self.host = [h.pin_memory() for h in self.host]
+                for p in self.params:
+                    p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+            source = self.host or [p.detach() for p in self.params]
+            if grad_dtype == torch.float32 and not offload:  # the student itself: only hooks on it are borrowed
+                self.student, self.own = model, self.params
+            else:  # a copy whose parameters are in grad_dtype
+                memo = {id(p): torch.nn.Parameter(src.to(self.device, grad_dtype, copy=True),
+                                                  requires_grad=p.requires_grad) for p, src in zip(self.params, source)}
+                self.student = copy.deepcopy(model, memo)  # parameters from memo: no fp32 copy is made
+                self.own = list(self.student.parameters())
+            # compile_model: inductor fuses the forward's (and through AOTAutograd the backward's) small
+            # elementwise kernels (norms, rotary, SiLU). Layer by layer ("regional compilation"): every decoder
+            # layer runs the same compiled code, so compiling costs one layer's time, not the model's (the
+            # whole 22-layer TinyLlama did not compile within 150 s on the H200's host); dynamic shapes: one
+            # compilation for every length. (A copy never inherits a Module.compile() of the student:
+            # Module.__getstate__ drops it; if the student itself takes the gradient, `close` undoes it.)
+            self.forward = self.student.base_model
+            self.compiled = []
+            if compile_model:
+                layers = getattr(self.forward, "layers", None)
+                if isinstance(layers, torch.nn.ModuleList):
+                    self.compiled = [layer for layer in layers if getattr(layer, "_compiled_call_impl", None) is None]
+                    for layer in self.compiled:
+                        layer.compile(dynamic=True)
+                elif getattr(self.forward, "_compiled_call_impl", None) is None:
+                    self.forward = torch.compile(self.forward, dynamic=True)
+            # Each parameter's index in state and ref_grad (the copy's parameters are in the student's
+            # order); its gradient is consumed by `_consume` as soon as backward completes it.
+            self.index = {p: i for i, p in enumerate(self.own)}
+            self.hooks = [p.register_post_accumulate_grad_hook(self._consume) for p in self.own]
+            b1, b2 = state.betas
+            t = state.step + 1
+            self.consts = (b1, b2, (1 - b2 ** t) ** 0.5, state.eps)
+            self.scale = -lr / (1 - b1 ** t)
+            self.parts: list[torch.Tensor] = []
+            self.out = torch.zeros((), dtype=torch.float64, device=self.device)
+            self._dot_fn = adam_dot_rows
+            if self.device.type == "cuda":  # on the CPU inductor's kernel gains nothing (matmul-bound step)
+                # Compiled here, never inside backward (in a hook) or a capture, and with grad mode off as
+                # inside backward (dynamo guards on it). A kernel that torch.compile(dynamic=True) compiled in
+                # the first hook, for a 2,048-element norm weight, reduced every parameter in one block (0.46 s
+                # per TinyLlama-1.1B candidate on the H200). Now: automatic dynamic shapes, compiled for the
+                # two largest row counts, so the row count is dynamic and the row width (the reduction) static.
+                self._dot_fn = torch.compile(adam_dot_rows, fullgraph=True)
+                sizes = sorted({min(CHUNK, p.numel()) // ROW for p in self.own if p.numel() >= ROW}, reverse=True)
+                with torch.no_grad(), precision_context(self.grad_precision, self.device):  # as in the hooks:
+                    for rows in sizes[:2]:  # dynamo guards on allow_tf32 too
+                        sample = (torch.zeros(rows, ROW, dtype=ref_grad[0].dtype, device=self.device),
+                                  torch.zeros(rows, ROW, dtype=grad_dtype, device=self.device),
+                                  *(torch.zeros(rows, ROW, dtype=state.exp_avg[0].dtype, device=self.device)
+                                    for _ in range(2)))
+                        self._dot(*sample, *self.consts)
+            self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        except BaseException:  # θ may be on the host already: give it back before the error propagates
+            self.close()
+            raise
 
     # One candidate, static shapes only and no host synchronisation: the body of a CUDA graph.
     # The causal mask is given as a prepared 4-D mask (True: attend), the same tensor in the warm-up runs

@@ -14,6 +14,7 @@ import math
 
 from montessori.errors import InputError
 from montessori.influence.engine import compute_influence
+from montessori.influence.settings import InfluenceSettings
 from montessori.influence.warmup import load_warmup
 from montessori.models.load import resolve_device
 from montessori.readers import read_pairs
@@ -32,20 +33,13 @@ def probing_pairs(ctx) -> list[Pair]:
     return [by_id[i] for i in ids]
 
 
-def grad_precision(icfg, device) -> str:
-    if icfg.grad_precision != "auto":
-        return icfg.grad_precision
-    return "bf16" if icfg.estimator == "linear" and device.type == "cuda" else "fp32"
-
-
 def run_influence(ctx) -> dict:
+    """In this process. (distributed.ray=true runs distributed.ray_influence.run_influence_ray instead:
+    the executor is chosen by distributed.launch, which imports this stage; this stage imports no executor.)"""
     if ctx.config.influence.utility != "influence":
         return run_utility(ctx)
-    if ctx.config.distributed.ray:  # one actor per GPU, same values (montessori.distributed)
-        from montessori.distributed.ray_influence import run_influence_ray
-        return run_influence_ray(ctx)
     cfg, icfg = ctx.config, ctx.config.influence
-    grad_prec = grad_precision(icfg, resolve_device(cfg.models.device))
+    settings = InfluenceSettings.from_config(cfg)
     candidates = probing_pairs(ctx)
     with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as out:
         todo = [c for c in candidates if c.id not in out]
@@ -53,18 +47,13 @@ def run_influence(ctx) -> dict:
             ctx.log.info("%d of %d candidates to score (%s, precision %s)", len(todo), len(candidates),
                          icfg.estimator, icfg.precision)
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
-            model, tokenizer, state = load_warmup(ctx.input("warmup").path, cfg.models.device)
-            if icfg.compile is True:  # the forward passes; the engine compiles the rest itself
+            model, tokenizer, state = load_warmup(ctx.input("warmup").path, settings.device)
+            if settings.compile is True:  # the forward passes; the engine compiles the rest itself
                 model.base_model.compile(dynamic=True)
-            compute_influence(model, state, todo, reference.records, tokenizer=tokenizer,
-                              estimator=icfg.estimator, precision=icfg.precision,
-                              grad_precision=grad_prec, eval_batch_size=icfg.eval_batch_size,
-                              max_length=icfg.max_length, reference_max_length=cfg.data.reference_max_length,
-                              lr=icfg.lr, compile=icfg.compile, ref_grad_dtype=icfg.ref_grad_dtype,
-                              shadow=icfg.shadow, linear_kernel=icfg.linear_kernel,
-                              pad_multiple=icfg.pad_multiple, on_result=out.append, progress=ctx.progress)
+            compute_influence(model, state, todo, reference.records, tokenizer=tokenizer, settings=settings,
+                              on_result=out.append, progress=ctx.progress)
         results = [r for r in out.records if r.id in {c.id for c in candidates}]
-    return influence_counts(results, icfg, grad_prec)
+    return influence_counts(results, icfg, settings.resolve(resolve_device(cfg.models.device)).grad_precision)
 
 
 def influence_counts(results, icfg, grad_prec: str, **extra) -> dict:

@@ -25,8 +25,8 @@ import torch
 
 from montessori.config import WarmupConfig
 from montessori.errors import InputError
-from montessori.influence.engine import Example, encode_pairs, length_batches, precision_context, token_loss_sum
 from montessori.models import load_model
+from montessori.models.batching import Example, encode_pairs, length_batches, precision_context, token_loss_sum
 from montessori.models.load import resolve_device
 from montessori.records import Pair
 from montessori.store import atomic_write_json, read_jsonl, write_jsonl
