@@ -35,7 +35,7 @@ FINGERPRINT_RULE = 2  # 2: declared keys + input files by content (1: whole conf
 # Executor: runs a stage's function for its context and returns its counts.
 Executor = Callable[[str, StageContext, Callable[[StageContext], dict]], dict]
 
-__all__ = ["STAGES", "STAGE_NAMES", "Stage", "StageContext", "run_pipeline", "stage_status", "preflight"]
+__all__ = ["STAGES", "STAGE_NAMES", "Stage", "StageContext", "plan", "preflight", "run_pipeline", "stage_status"]
 
 TEACHER = ("models.teacher", "models.device", "models.dtype")
 STUDENT = ("models.student", "models.device", "models.dtype")
@@ -190,22 +190,47 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
     with RunLock(store.root):
         atomic_write_text(store.root / "config.resolved.yaml", config.to_yaml())  # never the user's file
         file_hashes: dict[str, str | None] = {}
-        for round_ in range(1, config.rounds + 1):
-            for stage in stages:
-                if only_at is not None and (stage.name != only_at[1] or only_at[0] not in (None, round_)):
-                    continue
-                stage_dir = store.stage(round_, stage.name)
-                stage_dir.recover()
-                ctx = StageContext(config, store, round_, stage_dir, active, progress)
-                fingerprint, inputs = _fingerprint(config, stage, ctx, active, file_hashes)
-                if stage_dir.is_done(fingerprint) and not force:
-                    log.info("round %d %s: done, skipped (inputs and config unchanged)", round_, stage.name)
-                    shutil.rmtree(stage_dir.pending().path, ignore_errors=True)  # an abandoned re-run
-                else:
-                    _run_stage(stage, ctx, fingerprint, inputs, executor)
-                if until_at is not None and until_at[1] == stage.name and (until_at[0] or 1) == round_:
-                    return store
+        for round_, stage in _schedule(config, only_at, until_at):
+            stage_dir = store.stage(round_, stage.name)
+            stage_dir.recover()
+            ctx = StageContext(config, store, round_, stage_dir, active, progress)
+            fingerprint, inputs = _fingerprint(config, stage, ctx, active, file_hashes)
+            if stage_dir.is_done(fingerprint) and not force:
+                log.info("round %d %s: done, skipped (inputs and config unchanged)", round_, stage.name)
+                shutil.rmtree(stage_dir.pending().path, ignore_errors=True)  # an abandoned re-run
+            else:
+                _run_stage(stage, ctx, fingerprint, inputs, executor)
     return store
+
+
+def _schedule(config: Config, only_at, until_at):
+    """(round, stage) in the order they run, as selected by --only and --until."""
+    for round_ in range(1, config.rounds + 1):
+        for stage in stages_for(config):
+            if only_at is None or (stage.name == only_at[1] and only_at[0] in (None, round_)):
+                yield round_, stage
+            if until_at is not None and until_at[1] == stage.name and (until_at[0] or 1) == round_:
+                return
+
+
+def plan(config: Config, run_dir: str | Path, *, only: str | None = None, until: str | None = None,
+         force: bool = False) -> list[tuple[int, str]]:
+    """The (round, stage) pairs `run_pipeline` would run now, computed without running or changing
+    anything: a stage runs when its fingerprint changed or a stage it reads runs before it."""
+    active = tuple(s.name for s in stages_for(config))
+    store = RunStore(run_dir)
+    runs: list[tuple[int, str]] = []
+    file_hashes: dict[str, str | None] = {}
+    for round_, stage in _schedule(config, parse_stage_arg("--only", only, config, active),
+                                   parse_stage_arg("--until", until, config, active)):
+        upstream = {(round_, n) for n in stage.inputs} | {(round_ - 1, n) for n in stage.round_inputs}
+        if force or upstream & set(runs):
+            runs.append((round_, stage.name))
+            continue
+        ctx = StageContext(config, store, round_, store.stage(round_, stage.name), active, False)
+        if not ctx.stage.is_done(_fingerprint(config, stage, ctx, active, file_hashes)[0]):
+            runs.append((round_, stage.name))
+    return runs
 
 
 def preflight(config: Config) -> None:

@@ -15,6 +15,7 @@ record id, so an interrupted stage loses at most the record in flight.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -34,14 +35,26 @@ from montessori.records import Record, R
 MANIFEST = "manifest.json"
 
 
+def located(err: OSError, path: Path) -> OSError:
+    """The same OS error, naming the file: a write to a full disk fails without a file name."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise located(err, path) from None
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -98,21 +111,27 @@ class JsonlAppender:
         # Rewrite without a torn tail so appends start on a clean line.
         if path.exists() and len(existing) != _count_lines(path):
             write_jsonl(path, existing)
-        self._f = open(path, "a")
+        self._f = open(path, "a", encoding="utf-8")
 
     def __contains__(self, record_id: str) -> bool:
         return record_id in self.ids
 
     def append(self, record: Record | dict) -> None:
         data = record.to_dict() if isinstance(record, Record) else record
-        self._f.write(json.dumps(data, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(data, ensure_ascii=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as err:
+            raise located(err, self.path) from None
         self.records.append(record)
         self.ids.add(data["id"])
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()  # flushes what a failed write left in the buffer: may fail the same way
+        except OSError as err:
+            raise located(err, self.path) from None
 
     def __enter__(self) -> JsonlAppender:
         return self
