@@ -138,11 +138,13 @@ def _done_fingerprint(stage_dir: StageDir, stage: Stage, name: str) -> str:
     manifest = stage_dir.manifest()
     if manifest is None:
         raise InputError(f"stage '{stage.name}' of round {stage_dir.round} needs stage '{name}' "
-                         f"of round {stage_dir.round}, which has not run: run with --until {name} first")
+                         f"of round {stage_dir.round}, which has not run: run with --until "
+                         f"{name if stage_dir.round == 1 else f'{stage_dir.round}:{name}'} first")
     return manifest["fingerprint"]
 
 
-def parse_stage_arg(flag: str, value: str | None, config: Config, active: tuple[str, ...]) -> tuple[int | None, str] | None:
+def parse_stage_arg(flag: str, value: str | None, config: Config,
+                    active: tuple[str, ...]) -> tuple[int | None, str] | None:
     """`STAGE` or `ROUND:STAGE` (e.g. `2:influence`) -> (round or None, stage)."""
     if value is None:
         return None

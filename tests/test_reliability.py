@@ -122,7 +122,7 @@ def test_a_failing_rerun_leaves_the_last_good_result(finished_copy, capsys):
 # --- one line, the right exit code ---------------------------------------------------------------
 
 @pytest.fixture()
-def tiny_config(tmp_path) -> Path:
+def tiny_config_file(tmp_path) -> Path:
     assert main(["init", str(tmp_path / "run"), "--preset", "tiny"]) == 0
     return tmp_path / "run" / "config.yaml"
 
@@ -134,9 +134,9 @@ def non_utf8_jsonl(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("key", ["data.seeds", "data.reference", "eval.prompts"])
-def test_a_non_utf8_input_file_is_one_line_naming_file_and_line(tiny_config, tmp_path, key, capsys):
+def test_a_non_utf8_input_file_is_one_line_naming_file_and_line(tiny_config_file, tmp_path, key, capsys):
     bad = non_utf8_jsonl(tmp_path / "bad.jsonl")
-    assert main(["run", str(tiny_config), f"{key}={bad}"]) == 2
+    assert main(["run", str(tiny_config_file), f"{key}={bad}"]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and str(bad) in err[0] and "line 2" in err[0] and "UTF-8" in err[0]
 
@@ -149,27 +149,27 @@ def test_a_non_utf8_config_file_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and str(config) in err[0] and "UTF-8" in err[0]
 
 
-def test_a_directory_where_a_file_is_expected_is_one_line(tiny_config, tmp_path, capsys):
+def test_a_directory_where_a_file_is_expected_is_one_line(tiny_config_file, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["run", str(tiny_config), f"data.seeds={empty}"]) == 2
+    assert main(["run", str(tiny_config_file), f"data.seeds={empty}"]) == 2
     assert main(["run", str(empty)]) == 2  # a folder as the config file
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 2 and all(str(empty) in line for line in err)
 
 
-def test_a_run_dir_that_is_a_file_is_one_line(tiny_config, tmp_path, capsys):
+def test_a_run_dir_that_is_a_file_is_one_line(tiny_config_file, tmp_path, capsys):
     file = tmp_path / "a-file"
     file.write_text("x")
-    assert main(["run", str(tiny_config), "--run-dir", str(file)]) == 2
+    assert main(["run", str(tiny_config_file), "--run-dir", str(file)]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and str(file) in err[0] and "not a directory" in err[0]
 
 
-def test_a_huge_seed_record_is_refused_by_rule(tiny_config, tmp_path, capsys):
+def test_a_huge_seed_record_is_refused_by_rule(tiny_config_file, tmp_path, capsys):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text(json.dumps({"instruction": "Summarise: " + "word " * 10_000}) + "\n")
-    assert main(["run", str(tiny_config), f"data.seeds={seeds}"]) == 2
+    assert main(["run", str(tiny_config_file), f"data.seeds={seeds}"]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "data.max_seed_chars" in err[0] and "line 1" in err[0]
     # The limit is a key: raised, the record is accepted (the run stops at the first stage here).
