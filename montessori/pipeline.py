@@ -249,6 +249,13 @@ def preflight(config: Config) -> None:
         read_pairs(config.data.reference, lenient=lenient)
     if "eval" in active:
         read_pairs(config.eval.prompts, lenient=lenient)
+        if config.eval.questions:
+            from montessori.evaluation.answers import read_questions
+            try:
+                read_questions(config.eval.questions)
+            except UnicodeDecodeError as err:
+                raise InputError(f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
+                                 file=config.eval.questions) from None
     teacher_stages = {"instructions", "responses", "dpo", "data"}
     if active & teacher_stages:
         check_model_spec(config.models.teacher, "models.teacher")

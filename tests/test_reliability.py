@@ -141,6 +141,14 @@ def test_a_non_utf8_input_file_is_one_line_naming_file_and_line(tiny_config_file
     assert len(err) == 1 and str(bad) in err[0] and "line 2" in err[0] and "UTF-8" in err[0]
 
 
+def test_a_non_utf8_question_file_is_refused_before_any_stage(tiny_config_file, tmp_path, capsys):
+    bad = non_utf8_jsonl(tmp_path / "questions.jsonl")
+    assert main(["run", str(tiny_config_file), f"eval.questions={bad}", "eval.judge=tiny-random:0"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(bad) in err[0] and "UTF-8" in err[0]
+    assert not (tiny_config_file.parent / "round-1").exists()
+
+
 def test_a_non_utf8_config_file_is_one_line(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_bytes(b"name: caf\xe9\n")
