@@ -272,7 +272,8 @@ class Config(Section):
     distributed: DistributedConfig = DistributedConfig()
 
     def section_hash(self, *sections: str) -> str:
-        """Hash of the named top-level sections: a stage re-runs only when what it reads changed."""
+        """Hash of whole top-level sections, LATER_KEYS at their default left out. Stage fingerprints
+        use `keys_dump` of the keys each stage declares (montessori.pipeline)."""
         payload = {s: _dump(getattr(self, s)) for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
