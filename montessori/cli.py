@@ -1,11 +1,13 @@
 """The `montessori` command: a thin layer over the library API.
 
-Exit codes: 0 done, 2 bad input or config (one line), 1 failure at run time, 130 interrupted.
+Exit codes: 0 done, 2 bad input or config (one line), 1 failure at run time (one line; the disk,
+permissions and other OS errors name the path and the reason), 130 interrupted. --debug shows tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.metadata
 import logging
 import platform
@@ -53,6 +55,8 @@ def cmd_run(args) -> int:
     from montessori.pipeline import run_pipeline
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.config).resolve().parent
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir}: not a directory (the run directory must be a folder)")
     setup_logging(run_dir, args.verbose)
     log.info("run dir %s, config %s (%s)", run_dir, args.config, config.name)
     run_pipeline(config, run_dir, only=args.only, until=args.until, force=args.force)
@@ -70,7 +74,7 @@ def _print_status(run_dir: Path) -> None:
     table = Table(title=f"montessori status: {run_dir}")
     for col in ("round", "stage", "state", "records", "time"):
         table.add_column(col)
-    colors = {"done": "green", "partial": "yellow", "pending": "dim"}
+    colors = {"done": "green", "partial": "yellow", "pending": "dim", "damaged": "red"}
     for row in stage_status(RunStore(run_dir)):
         counts = ", ".join(f"{k} {_fmt(v)}" for k, v in row["counts"].items() if not isinstance(v, (dict, list)))
         seconds = f"{row['seconds']:.1f}s" if row["seconds"] is not None else ""
@@ -83,9 +87,10 @@ def _fmt(v) -> str:
 
 
 def cmd_status(args) -> int:
+    from montessori.store import RunStore
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: not a run directory")
+    if not run_dir.is_dir() or not RunStore(run_dir).is_run():
+        raise InputError(f"{run_dir}: not a run directory (no config.resolved.yaml, no round-N folder)")
     _print_status(run_dir)
     return EXIT_OK
 
@@ -143,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--run-dir", help="run directory (default: the config file's folder)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--only", choices=STAGE_NAMES, metavar="STAGE", help="run only this stage")
-    group.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE", help="stop after this stage")
+    group.add_argument("--only", metavar="STAGE",
+                       help=f"run only this stage ({', '.join(STAGE_NAMES)}), in every round, or ROUND:STAGE")
+    group.add_argument("--until", metavar="STAGE",
+                       help="stop after this stage of round 1, or after ROUND:STAGE (e.g. 2:influence)")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if up to date")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
@@ -188,18 +195,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InputError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INPUT
+        return _fail(args, err, str(err), EXIT_INPUT)
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("interrupted: finished records are kept; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MontessoriError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(args, err, str(err), EXIT_FAILURE)
+    except OSError as err:
+        # A wrong path the user gave is theirs to fix (2); a full, read-only or forbidden disk is the
+        # environment's (1). Either way: one line with the path and the OS's reason.
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        reason = err.strerror or str(err)
+        code = EXIT_INPUT if err.errno in USER_ERRNOS else EXIT_FAILURE
+        return _fail(args, err, f"{where}: {reason}" if where else reason, code)
+    except UnicodeDecodeError as err:  # a file read as text somewhere below: bad bytes are the user's input
+        return _fail(args, err, f"not UTF-8 text ({err.reason} at byte {err.start})", EXIT_INPUT)
+
+
+# A path that names nothing, or a file where a folder is expected (and the reverse).
+USER_ERRNOS = (errno.ENOENT, errno.EISDIR, errno.ENOTDIR)
+
+
+def _fail(args, err: BaseException, message: str, code: int) -> int:
+    _end_progress_bars()
+    if args.debug:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _end_progress_bars() -> None:
+    """Close open progress bars so the error starts its own line (a bar leaves its line unfinished)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot redraw must not hide the error
+            pass
 
 
 if __name__ == "__main__":

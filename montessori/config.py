@@ -11,14 +11,19 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, model_validator)
 
 from montessori.errors import InputError
 
 PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b")
+
+# Every size, rate and probability is bounded here, so a bad value is refused (exit 2, naming the key)
+# before any stage runs or any old output is touched.
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class Section(BaseModel):
@@ -49,19 +54,23 @@ class DataConfig(Section):
     # `builtin` = the seed/reference sets shipped in the package, else a path (jsonl/json/parquet/HF dir).
     seeds: str = "builtin"
     reference: str = "builtin"
-    max_seeds: int | None = None
-    max_reference: int | None = None
-    reference_max_length: int = 1024
+    max_seeds: PositiveInt | None = None
+    max_reference: PositiveInt | None = None
+    reference_max_length: PositiveInt = 1024
     lenient: bool = False
+    # Longest text field of a seed task, in characters: seeds go verbatim into the teacher's prompts, so
+    # a longer one is refused (skipped with `lenient`) rather than becoming a prompt of millions of
+    # tokens. Reference and evaluation records are cut to data.reference_max_length / eval.max_length tokens.
+    max_seed_chars: PositiveInt = 20000
 
 
 class SamplingConfig(Section):
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 0.9
+    n: PositiveInt = 1
+    temperature: NonNegativeFloat = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     presence_penalty: float = 1.0
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 1024
+    repetition_penalty: PositiveFloat = 1.0
+    max_new_tokens: PositiveInt = 1024
 
 
 class GenerationConfig(Section):
@@ -69,46 +78,57 @@ class GenerationConfig(Section):
     # OpenAI-compatible endpoint for backend=http; the API key is read from `api_key_env`, never stored.
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
-    http_concurrency: int = 8
-    http_timeout: float = 120.0
-    http_max_retries: int = 5
+    http_concurrency: PositiveInt = 8
+    http_timeout: PositiveFloat = 120.0
+    http_max_retries: NonNegativeInt = 5
     # Sequences (prompt x sample) per generate call; the n samples of a prompt share its encoding.
     # 16 from bench/generate.py on CPU (docs/benchmarks.md); GPU presets use more.
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     prompt_style: Literal["tagged", "list"] = "tagged"
-    num_prompts: int = 64  # generation prompts per probing round (each sampled `instructions.n` times)
-    examples_per_prompt: int = 8
-    synthetic_per_prompt: int = 2  # once >= 2 synthetic instructions exist: 6 seeds + 2 synthetic
+    num_prompts: PositiveInt = 64  # generation prompts per probing round (each sampled `instructions.n` times)
+    examples_per_prompt: PositiveInt = 8
+    synthetic_per_prompt: NonNegativeInt = 2  # once >= 2 synthetic instructions exist: 6 seeds + 2 synthetic
     instructions: SamplingConfig = SamplingConfig(n=4, temperature=1.0)
     responses: SamplingConfig = SamplingConfig(n=1, temperature=0.6)
-    min_chars: int = 6
-    max_chars: int = 400
+    min_chars: NonNegativeInt = 6
+    max_chars: PositiveInt = 400
     banned_words: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures", "file",
                                "files", "map", "maps", "draw", "plot", "go to"]
-    rouge_threshold: float = 0.7
+    rouge_threshold: Fraction = 0.7
     # Stage `data`: give up after this many prompts per wanted pair (sft.num_pairs) if too few are kept.
-    data_max_prompts_per_pair: float = 3.0
+    data_max_prompts_per_pair: PositiveFloat = 3.0
     seed: int = 0
 
 
 class SplitConfig(Section):
-    warmup: int = 1000  # W: the first W generated pairs
-    probing: int = 1000  # P: the next P pairs
+    warmup: PositiveInt = 1000  # W: the first W generated pairs
+    probing: PositiveInt = 1000  # P: the next P pairs
 
 
 class WarmupConfig(Section):
-    epochs: int = 1
-    lr: float = 5e-6
-    batch_size: int = 1
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_length: int = 1024
+    # One pass over the W warm-up pairs (METHOD.md step 3); there is no `epochs` key.
+    lr: PositiveFloat = 5e-6
+    batch_size: PositiveInt = 1
+    grad_accum: PositiveInt = 1
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    max_length: PositiveInt = 1024
     seed: int = 0
     # Arithmetic over fp32 master weights: auto = bf16 autocast on CUDA (METHOD.md), fp32 on CPU.
     precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_epochs(cls, data: Any) -> Any:
+        # `epochs` was accepted but never read; configs written then say 1, which is what runs.
+        if isinstance(data, dict) and "epochs" in data:
+            if data["epochs"] != 1:
+                raise InputError("key 'warmup.epochs': removed; the warm-up is one pass over the split.warmup "
+                                 "pairs (delete the key)")
+            data = {k: v for k, v in data.items() if k != "epochs"}
+        return data
 
 
 class InfluenceConfig(Section):
@@ -132,9 +152,9 @@ class InfluenceConfig(Section):
     # Arithmetic of the candidate's forward/backward (an ordinary training gradient). auto = bf16 for
     # the linear estimator on CUDA, fp32 otherwise.
     grad_precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
-    lr: float | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
-    eval_batch_size: int = 8
-    max_length: int = 1024
+    lr: PositiveFloat | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
+    eval_batch_size: PositiveInt = 8
+    max_length: PositiveInt = 1024
     # torch.compile (inductor, dynamic shapes). auto: only the graphed linear step on CUDA, whose copy
     # of the student is compiled decoder layer by decoder layer (25 -> 17 ms per TinyLlama-1.1B candidate
     # on an H200, ~7 s more setup; docs/benchmarks.md); true: also the student's forward and the eager
@@ -161,54 +181,54 @@ class PairsConfig(Section):
     # sign: chosen I>0 x rejected I<0 (METHOD.md); rank: above vs below the prompt's median.
     rule: Literal["sign", "rank"] = "sign"
     best_vs_worst: bool = False
-    min_gap: float = 0.0
-    max_per_prompt: int | None = None
+    min_gap: NonNegativeFloat = 0.0
+    max_per_prompt: PositiveInt | None = None
 
 
 class DPOConfig(Section):
-    beta: float = 0.1
+    beta: PositiveFloat = 0.1
     loss_type: str = "sigmoid"
-    lr: float = 1e-6
-    min_lr: float = 1e-9
-    epochs: int = 1
-    batch_size: int = 2
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
-    stable_ratio: float = 0.5
-    decay_ratio: float = 0.4
-    max_length: int = 1024
-    eval_fraction: float = 0.0
+    lr: PositiveFloat = 1e-6
+    min_lr: NonNegativeFloat = 1e-9
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 2
+    grad_accum: PositiveInt = 1
+    warmup_ratio: Fraction = 0.1
+    stable_ratio: Fraction = 0.5
+    decay_ratio: Fraction = 0.4
+    max_length: PositiveInt = 1024
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     lora: bool = False  # LoRA adapters through PEFT (large teachers); merged into the weights on save
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: PositiveInt = 16
+    lora_alpha: PositiveInt = 32
     gradient_checkpointing: bool = False
     seed: int = 0
 
 
 class SFTConfig(Section):
-    num_pairs: int = 10000  # N training pairs written by the updated teacher (stage `data`)
-    epochs: int = 1
-    lr: float = 5e-6
-    min_lr: float = 5e-9
-    global_batch_size: int = 32
-    micro_batch_size: int = 4
-    warmup_ratio: float = 0.1
-    stable_ratio: float = 0.5
-    decay_ratio: float = 0.4
-    max_length: int = 1024
+    num_pairs: PositiveInt = 10000  # N training pairs written by the updated teacher (stage `data`)
+    epochs: PositiveInt = 1
+    lr: PositiveFloat = 5e-6
+    min_lr: NonNegativeFloat = 5e-9
+    global_batch_size: PositiveInt = 32
+    micro_batch_size: PositiveInt = 4
+    warmup_ratio: Fraction = 0.1
+    stable_ratio: Fraction = 0.5
+    decay_ratio: Fraction = 0.4
+    max_length: PositiveInt = 1024
     gradient_checkpointing: bool = False
     seed: int = 0
 
 
 class EvalConfig(Section):
     prompts: str = "builtin"  # instruction/response set with trusted answers for the loss metric
-    max_examples: int | None = None
-    batch_size: int = 8
-    max_length: int = 1024
-    bootstrap_samples: int = 1000  # resamples of the prompts for every 95% interval
+    max_examples: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    max_length: PositiveInt = 1024
+    bootstrap_samples: PositiveInt = 1000  # resamples of the prompts for every 95% interval
     # Answers for judged metrics: generated once per student and prompt set, cached.
-    temperature: float = 0.0  # 0 = greedy; 0.7 = the usual sampled setting
-    max_new_tokens: int = 512
+    temperature: NonNegativeFloat = 0.0  # 0 = greedy; 0.7 = the usual sampled setting
+    max_new_tokens: PositiveInt = 512
     # Judge for the win rate / grading: a local model spec, or an OpenAI-compatible endpoint + model
     # name (API key read from `judge_api_key_env`). None = loss only.
     judge: str | None = None
@@ -225,22 +245,22 @@ class DistributedConfig(Section):
     # `gpus_per_worker` GPUs holding one model; candidates/prompts are fed to whichever actor is free.
     ray: bool = False
     address: str | None = None  # None = a local ray.init(); "auto" or "ray://head:10001" = a cluster
-    num_workers: int | None = None  # None = cluster GPUs // gpus_per_worker (CPUs // cpus_per_worker without GPUs)
-    gpus_per_worker: int = 1
-    cpus_per_worker: int = 1
+    num_workers: PositiveInt | None = None  # None = cluster GPUs // gpus_per_worker (CPUs // cpus_per_worker without GPUs)
+    gpus_per_worker: PositiveInt = 1
+    cpus_per_worker: PositiveInt = 1
     # Prompts per generation task: fixed, so what is sampled does not depend on the number of workers.
     # A stage's call is split into such chunks; raise generation.batch_size to keep every worker busy.
-    generation_chunk: int = 8
+    generation_chunk: PositiveInt = 8
     # Training stages (warmup, dpo, sft) on several GPUs: `montessori run` starts them through a launcher.
     launcher: Literal["none", "accelerate", "torchrun"] = "none"
-    num_processes: int | None = None  # None = every visible GPU
+    num_processes: PositiveInt | None = None  # None = every visible GPU
     fsdp: Literal["auto"] | bool = "auto"  # auto = FSDP for models of >= 3B parameters, else DDP
 
 
 class Config(Section):
     name: str = "montessori"
     method: Literal["montessori", "self-instruct"] = "montessori"
-    rounds: int = 1
+    rounds: PositiveInt = 1
     seed: int = 0
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
@@ -255,9 +275,33 @@ class Config(Section):
     distributed: DistributedConfig = DistributedConfig()
 
     def section_hash(self, *sections: str) -> str:
-        """Hash of the named top-level sections: a stage re-runs only when what it reads changed."""
+        """Hash of whole top-level sections, LATER_KEYS at their default left out. Stage fingerprints
+        use `keys_dump` of the keys each stage declares (montessori.pipeline)."""
         payload = {s: _dump(getattr(self, s)) for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def value(self, key: str) -> Any:
+        """The value of a dotted key (`sft.lr`, `generation.instructions`), as stored in a fingerprint."""
+        parent_key, _, leaf = key.rpartition(".")
+        parent: Any = self
+        for part in parent_key.split(".") if parent_key else ():
+            parent = getattr(parent, part)
+        if not hasattr(parent, leaf):
+            raise KeyError(key)
+        return _dump(getattr(parent, leaf))
+
+    def keys_dump(self, keys: tuple[str, ...]) -> dict:
+        """{key: value} for a stage's declared keys; a LATER_KEYS key at its default is left out."""
+        out = {}
+        for key in keys:
+            parent_key, _, leaf = key.rpartition(".")
+            parent = self
+            for part in parent_key.split(".") if parent_key else ():
+                parent = getattr(parent, part)
+            if leaf in parent.LATER_KEYS and getattr(parent, leaf) == type(parent).model_fields[leaf].default:
+                continue
+            out[key] = self.value(key)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -325,8 +369,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: config file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file (give the config file, e.g. RUN/config.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[:err.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

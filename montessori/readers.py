@@ -44,18 +44,23 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         yield from _iter_hf_dir(path)
     elif suffix == ".jsonl":
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    row = InputError(f"not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})")
                 except json.JSONDecodeError as err:
                     row = InputError(f"not valid JSON ({err.msg})")
                 yield f"line {lineno}", row
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise InputError(f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
+                             file=path) from None
         except json.JSONDecodeError as err:
             raise InputError(f"not valid JSON ({err.msg} at line {err.lineno})", file=path) from None
         if isinstance(data, dict):
@@ -78,12 +83,17 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _iter_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
     import datasets
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    else:
-        ds = datasets.load_dataset(str(path), split="train")
+    try:
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        else:
+            ds = datasets.load_dataset(str(path), split="train")
+    except Exception as err:  # datasets raises many types (EmptyDatasetError, ValueError, ...) for a bad folder
+        reason = (str(err).splitlines() or [""])[0]
+        raise InputError(f"a folder, not a readable dataset ({type(err).__name__}: {reason}); give a .jsonl, "
+                         f".json or .parquet file or a datasets.save_to_disk folder", file=path) from None
     for i, row in enumerate(ds):
         yield f"row {i}", row
 
@@ -142,7 +152,19 @@ def _instruction_and_answer(row: Any) -> tuple[str, str, str]:
     return instruction, _text(row, "input", required=False), _text(row, answer_key, required=False)
 
 
-def _read(source: str, convert, lenient: bool, limit: int | None) -> ReadResult:
+def _check_length(record, max_chars: int | None):
+    """Refuse a seed with a text field over `data.max_seed_chars`: seeds go verbatim into prompts."""
+    if max_chars is None:
+        return record
+    for name in ("instruction", "input", "output", "response"):
+        value = getattr(record, name, None)
+        if isinstance(value, str) and len(value) > max_chars:
+            raise InputError(f"{len(value)} characters, over data.max_seed_chars={max_chars} "
+                             f"(shorten the record or raise the key)", field=name)
+    return record
+
+
+def _read(source: str, convert, lenient: bool, limit: int | None, max_chars: int | None = None) -> ReadResult:
     name, rows = _iter_source(source)
     result = ReadResult([])
     for label, row in rows:
@@ -151,7 +173,7 @@ def _read(source: str, convert, lenient: bool, limit: int | None) -> ReadResult:
         try:
             if isinstance(row, InputError):
                 raise row
-            record = convert(label, row)
+            record = _check_length(convert(label, row), max_chars)
         except InputError as err:
             located = err.at(file=name, record=label)
             if not lenient:
@@ -164,7 +186,8 @@ def _read(source: str, convert, lenient: bool, limit: int | None) -> ReadResult:
     return result
 
 
-def read_seeds(source: str = BUILTIN, *, lenient: bool = False, limit: int | None = None) -> ReadResult:
+def read_seeds(source: str = BUILTIN, *, lenient: bool = False, limit: int | None = None,
+               max_chars: int | None = None) -> ReadResult:
     """Seed tasks; the instruction must be non-empty."""
     source = str(builtin_path("seeds.jsonl")) if source == BUILTIN else source
 
@@ -175,7 +198,7 @@ def read_seeds(source: str = BUILTIN, *, lenient: bool = False, limit: int | Non
         rid = str(row.get("id", label.replace(" ", "-"))) if isinstance(row, dict) else label
         return SeedTask(id=rid, instruction=instruction.strip(), input=inp.strip(), output=answer)
 
-    return _read(source, convert, lenient, limit)
+    return _read(source, convert, lenient, limit, max_chars)
 
 
 def read_pairs(source: str = BUILTIN, *, lenient: bool = False, limit: int | None = None) -> ReadResult:

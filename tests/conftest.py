@@ -55,3 +55,22 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"../shared/data/{name} is not present (public data beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory) -> Path:
+    """A finished one-round `tiny` run whose seed and reference files are its own copies (so a test can
+    edit them in place); RUN/config.yaml names them. Read it, or copy it before changing it."""
+    import shutil
+    from montessori.config import load_preset
+    from montessori.pipeline import run_pipeline
+    from montessori.readers import builtin_path
+    run = tmp_path_factory.mktemp("finished") / "run"
+    run.mkdir()
+    for name in ("seeds.jsonl", "reference.jsonl"):
+        shutil.copy(builtin_path(name), run / name)
+    overrides = [f"data.seeds={run / 'seeds.jsonl'}", f"data.reference={run / 'reference.jsonl'}"]
+    config = load_preset("tiny", overrides)
+    (run / "config.yaml").write_text(config.to_yaml())
+    run_pipeline(config, run, progress=False)
+    return run

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from montessori.errors import InputError, MontessoriError
 
-LAUNCHED_STAGES = ("dpo", "sft")  # TRL trainers: DDP/FSDP-aware under a launcher
+# TRL trainers, DDP/FSDP-aware under a launcher: the stages a launcher may run, and their functions.
+LAUNCHED_STAGES = {"dpo": "montessori.training.dpo:run_dpo", "sft": "montessori.training.sft:run_sft"}
 FSDP_MIN_PARAMS = 3e9
 COUNTS_FILE = ".launch_counts.json"
 SCRATCH = ".ranks"
@@ -92,13 +93,17 @@ def stage_model_spec(ctx, stage: str) -> str:
     return ctx.teacher_spec() if stage == "dpo" else ctx.student_spec()
 
 
-def run_launched(stage: str, ctx) -> dict:
-    """Run a training stage on `num_processes` ranks and return rank 0's counts."""
+def run_launched(stage: str, ctx, target: str | None = None) -> dict:
+    """Run a training stage (function `target`, module:function) on `num_processes` ranks and return
+    rank 0's counts. Rank 0 writes the context's folder (the stage's, or the one replacing it)."""
     dcfg = ctx.config.distributed
     processes = num_processes(dcfg)
     strategy = choose_strategy(dcfg.fsdp, count_params(stage_model_spec(ctx, stage)))
     root = ctx.store.root
-    entry = [str(root), "--round", str(ctx.round), "--stage", stage]
+    entry = [str(root), "--round", str(ctx.round), "--stage", stage, "--target", target or LAUNCHED_STAGES[stage],
+             "--active", ",".join(ctx.active)]
+    if ctx.stage.folder:
+        entry += ["--folder", ctx.stage.folder]
     cmd = launch_command(dcfg.launcher, strategy, processes, entry)
     ctx.log.info("%s on %d processes (%s, %s): %s", stage, processes, dcfg.launcher, strategy, " ".join(cmd))
     counts_file = ctx.stage.path / COUNTS_FILE
@@ -127,21 +132,20 @@ def maybe_launch(stage: str, ctx, fn):
         return run_influence_ray(ctx)
     if ctx.config.distributed.launcher == "none" or stage not in LAUNCHED_STAGES or "LOCAL_RANK" in os.environ:
         return fn(ctx)
-    return run_launched(stage, ctx)
+    return run_launched(stage, ctx, f"{fn.__module__}:{fn.__qualname__}")
 
 
-def rank_context(run_dir: Path, round_: int, stage: str, rank: int):
+def rank_context(run_dir: Path, round_: int, stage: str, rank: int, active: tuple[str, ...],
+                 folder: str | None = None):
     """The stage's context on one rank: rank 0 writes the run store, the others a scratch copy."""
     from montessori.config import load_config
-    from montessori.pipeline import STAGE_NAMES, StageContext, stages_for
+    from montessori.context import StageContext
     from montessori.store import RunStore, StageDir
-    if stage not in STAGE_NAMES:
-        raise InputError(f"--stage {stage}: unknown stage (stages: {', '.join(STAGE_NAMES)})")
     config = load_config(run_dir / "config.resolved.yaml")
     store = RunStore(run_dir)
-    stage_dir = store.stage(round_, stage) if rank == 0 else StageDir(run_dir / SCRATCH / f"rank-{rank}", round_, stage)
+    stage_dir = (StageDir(run_dir, round_, stage, folder) if rank == 0
+                 else StageDir(run_dir / SCRATCH / f"rank-{rank}", round_, stage))
     stage_dir.path.mkdir(parents=True, exist_ok=True)
-    active = tuple(s.name for s in stages_for(config))
     progress = rank == 0 and not os.environ.get("MONTESSORI_NO_PROGRESS")
     return StageContext(config, store, round_, stage_dir, active, progress)
 
@@ -150,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one training stage on this rank (started by a launcher).")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--round", type=int, required=True)
-    ap.add_argument("--stage", required=True, choices=LAUNCHED_STAGES)
+    ap.add_argument("--stage", required=True, choices=tuple(LAUNCHED_STAGES))
+    ap.add_argument("--target", required=True, help="the stage's function, module:function")
+    ap.add_argument("--active", required=True, help="the method's stages, comma-separated")
+    ap.add_argument("--folder", help="the folder rank 0 writes, if not the stage's own")
     args = ap.parse_args(argv)
-    from montessori.pipeline import STAGES
+    from montessori.context import load_function
     rank = int(os.environ.get("RANK", "0"))
-    ctx = rank_context(args.run_dir, args.round, args.stage, rank)
-    fn = next(s for s in STAGES if s.name == args.stage).function()
+    ctx = rank_context(args.run_dir, args.round, args.stage, rank, tuple(args.active.split(",")), args.folder)
+    fn = load_function(args.stage, args.target)
     counts = fn(ctx) or {}
     counts.setdefault("_extra", {})["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:

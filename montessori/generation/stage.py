@@ -195,7 +195,8 @@ def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], p
 
 
 def _seeds(cfg) -> list[tuple[str, str]]:
-    result = read_seeds(cfg.data.seeds, lenient=cfg.data.lenient, limit=cfg.data.max_seeds)
+    result = read_seeds(cfg.data.seeds, lenient=cfg.data.lenient, limit=cfg.data.max_seeds,
+                        max_chars=cfg.data.max_seed_chars)
     return [(s.id, s.text) for s in result.records]
 
 
