@@ -13,12 +13,8 @@ import montessori
 
 ROOT = Path(montessori.__file__).parent
 
-# Cycles owned by another piece of work, allowed until it lands (then delete the entry):
-ALLOWED = [
-    # pipeline._run_stage -> distributed.launch.maybe_launch -> pipeline (STAGES, StageContext):
-    # being removed by the runner rework (issue 17); the lead drops this allowance after merging it.
-    {"montessori.pipeline", "montessori.distributed.launch"},
-]
+# Cycles allowed, each with its reason (none today).
+ALLOWED: list[set[str]] = []
 
 
 def module_name(path: Path) -> str:
