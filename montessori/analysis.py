@@ -230,16 +230,21 @@ def separators(items: list[CandidateFeatures], seed: int = 0, top: int = SEPARAT
     rows = []
     for feature in FEATURES:
         column = [getattr(c, feature) for c in items]
-        for value in sorted(set(column), key=lambda v: _order(feature, v)):
+        values = sorted(set(column), key=lambda v: _order(feature, v))
+        found = []
+        for value in values:
             x = np.array([v == value for v in column], dtype=np.float64)
             if x.sum() < 2 or x.sum() > len(x) - 2:  # an indicator that is (almost) constant separates nothing
                 continue
             label = f"{feature}={value}"
             lo, hi = _corr_interval(x, y, label, seed)
-            rows.append({"feature": feature, "value": value, "n": int(x.sum()), "r": _corr(x, y), "ci_low": lo,
-                         "ci_high": hi, "mean_with": float(y[x == 1].mean()), "mean_without": float(y[x == 0].mean()),
-                         "share_high": float(x[high].mean()) if high.any() else 0.0,
-                         "share_low": float(x[low].mean()) if low.any() else 0.0})
+            found.append({"feature": feature, "value": value, "n": int(x.sum()), "r": _corr(x, y), "ci_low": lo,
+                          "ci_high": hi, "mean_with": float(y[x == 1].mean()), "mean_without": float(y[x == 0].mean()),
+                          "share_high": float(x[high].mean()) if high.any() else 0.0,
+                          "share_low": float(x[low].mean()) if low.any() else 0.0})
+        if len(values) == 2:  # two complementary indicators: keep the one that goes with high influence
+            found = [max(found, key=lambda r: r["r"])] if found else []
+        rows += found
     for feature in ("instruction_words", "response_words"):
         x = np.array([getattr(c, feature) for c in items], dtype=np.float64)
         if x.std() == 0:
@@ -321,7 +326,8 @@ def print_summary(summary: dict) -> None:
                   f"{o['share_positive']:.0%} positive")
     for feature in FEATURES:
         table = Table(title=f"influence by {feature}", title_justify="left")
-        for col in [feature] + KIND_HEADER:
+        table.add_column(feature, no_wrap=True)
+        for col in KIND_HEADER:
             table.add_column(col, overflow="fold")
         for row in _rows(summary, feature, 40):
             table.add_row(*row)

@@ -86,3 +86,67 @@ def write_csv(path: Path, rows=TASKS) -> Path:
         writer.writerow(["instruction", "answer"])
         writer.writerows(rows)
     return path
+
+
+def write_seeds(path: Path, rows=TASKS) -> Path:
+    """The tasks as a seed/reference file (Alpaca shape), ids task-001..."""
+    import json
+    path.write_text("".join(json.dumps({"id": f"task-{i:03d}", "instruction": q, "input": "", "output": a}) + "\n"
+                            for i, (q, a) in enumerate(rows, 1)))
+    return path
+
+
+# Probing candidates of a run written by hand: code helps, how-to is neutral, classification hurts.
+MEASURED = [
+    ("Write a Python function that converts litres per minute to cubic metres per hour.", "def f(x): return x * 0.06", 0.8),
+    ("Write a Python script that reads the CP-200 alarm log and counts alarms per day.", "import csv ...", 0.7),
+    ("Write a SQL query that lists pumps whose seal was changed more than twice.", "SELECT ...", 0.6),
+    ("Write a Python function that checks whether a torque value is within 10% of 45 Nm.", "def ok(t): ...", 0.5),
+    ("How do I replace the strainer on a P-40 pump?", "Close both valves, open the cover, swap the strainer.", 0.05),
+    ("How do I calibrate the flow switch on the CP-200?", "Hold SET for five seconds while the pump runs.", 0.0),
+    ("How do I drain the casing before winter?", "Open the drain plug at the bottom of the casing.", -0.05),
+    ("How do I check the motor rotation direction?", "Start briefly and compare with the arrow on the fan cover.", 0.02),
+    ("Classify this ticket as warranty or repair: 'The seal leaks after one year.'", "repair", -0.6),
+    ("Classify this message as complaint or praise: 'Delivery took three weeks.'", "complaint", -0.7),
+    ("Classify this request by urgency: 'Spare impeller for next month.'", "low", -0.5),
+    ("Classify this call as sales or support: 'My display shows E14.'", "support", -0.8),
+]
+# The seed each group was prompted from (its nearest shown example): task-008 (Python), task-002 (how-to),
+# task-005 (classification); every prompt also shows task-001 first.
+SEED_OF = {0: "task-008", 4: "task-002", 8: "task-005"}
+
+
+def make_measured_run(root: Path) -> Path:
+    """A finished-looking run directory (one round) with 12 measured probing candidates, 2 warm-up pairs,
+    one invalid influence value and 3 training pairs from the updated teacher."""
+    from montessori.records import Candidate, InfluenceResult, Pair
+    from montessori.store import RunStore, atomic_write_json, atomic_write_text, write_jsonl
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = write_seeds(root / "seeds.jsonl")
+    atomic_write_text(root / "config.resolved.yaml", f"name: handmade\ndata:\n  seeds: {seeds}\n")
+    store = RunStore(root)
+    warm = [("How do I read the hours counter?", "Press INFO twice."), ("What is E14?", "A sensor fault.")]
+    rows = [(q, a, None) for q, a in warm] + MEASURED
+    candidates, pairs = [], []
+    for i, (q, a, _) in enumerate(rows):
+        cid = f"r1-p{i:05d}-s0"
+        seed = SEED_OF[max(k for k in SEED_OF if k <= max(i - 2, 0))]
+        candidates.append(Candidate(id=cid, prompt_id=f"r1-p{i:05d}", completion=q, instruction=q, round=1,
+                                    example_ids=["task-001", seed, "task-030", "r1-p00000-s0"]))
+        pairs.append(Pair(id=cid, instruction=q, response=a, candidate_id=cid, prompt_id=f"r1-p{i:05d}"))
+    write_jsonl(store.stage(1, "instructions").file("candidates.jsonl"), candidates)
+    write_jsonl(store.stage(1, "responses").file("pairs.jsonl"), pairs)
+    store.stage(1, "responses").write_manifest(fingerprint="f", config_hash="c", inputs={}, counts={},
+                                               started=0.0, extra={"teacher": "tiny-random:0"})
+    ids = [c.id for c in candidates]
+    atomic_write_json(store.stage(1, "warmup").file("split.json"), {"warmup": ids[:2], "probing": ids[2:]})
+    results = [InfluenceResult(id=cid, influence=v, ref_loss_before=2.0, ref_loss_after=2.0 - v)
+               for cid, (_, _, v) in zip(ids[2:], MEASURED)]
+    results.append(InfluenceResult(id="r1-p09999-s0", influence=None, ref_loss_before=2.0, ref_loss_after=None,
+                                   status="non_finite_loss"))
+    write_jsonl(store.stage(1, "influence").file("influence.jsonl"), results)
+    data = [Pair(id=f"r1-data-p{i:05d}-s0", instruction=q, response=a) for i, (q, a) in enumerate(TASKS[:3])]
+    write_jsonl(store.stage(1, "data").file("pairs.jsonl"), data)
+    store.stage(1, "data").write_manifest(fingerprint="f", config_hash="c", inputs={}, counts={}, started=0.0,
+                                          extra={"teacher": str(root / "round-1" / "dpo" / "model")})
+    return root
