@@ -74,6 +74,7 @@ def shape(row: dict, fmt: str) -> dict:
 
 def _dataset(records: list[dict]):
     import datasets
+    datasets.disable_progress_bars()
     # Explicit types: a column that is null in every row (influence of a data-only export) stays float.
     features = datasets.Features({
         "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),

@@ -69,9 +69,11 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     elif suffix == ".csv":
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
+            first = 2  # the line a row starts on (a quoted cell may span lines)
             for row in reader:
-                # Empty cells are absent, as in JSON; line_num is the row's last line (quoted newlines).
-                yield f"line {reader.line_num}", {k: v for k, v in row.items() if k is not None and v != ""}
+                # Cells beyond the header (key None) are dropped.
+                yield f"line {first}", {k: v for k, v in row.items() if k is not None}
+                first = reader.line_num + 1
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
         try:
