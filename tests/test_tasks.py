@@ -86,7 +86,8 @@ def _bad(tmp_path, name: str, text: str | None = None, rows=None):
     ("too_few", "9 tasks, at least 10 needed"),
     ("missing_answer", "line 5, field 'answer': missing or empty answer"),
     ("missing_answer_jsonl", "line 3, field 'output': missing or empty answer"),
-    ("duplicate", "line 13, field 'instruction': duplicate instruction (the same as line 3)"),
+    # Task 12 starts on line 14: task 8's answer (code) spans two lines.
+    ("duplicate", "line 14, field 'instruction': duplicate instruction (the same as line 3)"),
 ])
 def test_bad_task_files_fail_in_one_line_and_write_nothing(tmp_path, capsys, case, expected):
     rows = list(TASKS)
