@@ -29,6 +29,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -90,7 +91,7 @@ def bucket(words: int, buckets) -> str:
 @dataclass
 class CandidateFeatures(Record):
     """A measured probing candidate and its features (RUN/analysis/candidates.jsonl)."""
-    kind = "features"
+    kind: ClassVar[str] = "features"
     id: str
     round: int
     influence: float
@@ -210,8 +211,11 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-    return rankdata(x)
+    """Ranks with ties averaged (Spearman's r is Pearson's r of these)."""
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
 
 
 def _corr_interval(x: np.ndarray, y: np.ndarray, label: str, seed: int, rank: bool = False) -> tuple[float, float]:

@@ -77,7 +77,7 @@ def _dataset(records: list[dict]):
     datasets.disable_progress_bars()
     # Explicit types: a column that is null in every row (influence of a data-only export) stays float.
     features = datasets.Features({
-        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
         "id": datasets.Value("string"), "round": datasets.Value("int64"), "stage": datasets.Value("string"),
         "split": datasets.Value("string"), "teacher": datasets.Value("string"),
         "influence": datasets.Value("float64"), "task_type": datasets.Value("string")})
@@ -99,8 +99,10 @@ def export(run_dir: str | Path, out: str | Path, fmt: str, *, stages: tuple[str,
         out.parent.mkdir(parents=True, exist_ok=True)
         _dataset(records).to_parquet(str(out))
     else:
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.exists():  # replace an earlier export, never anything else
+            if not (out / "dataset_info.json").exists():
+                raise InputError(f"{out}: exists and is not a dataset directory (choose a new OUT)")
+            shutil.rmtree(out)
         dataset = _dataset(records)
         dataset.save_to_disk(str(out))
         if push_to_hub:  # needs a Hub token (HF_TOKEN or `hf auth login`)

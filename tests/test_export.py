@@ -71,3 +71,8 @@ def test_stages_filter_and_errors(run, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["export", str(run), str(tmp_path / "z"), "--format", "messages", "--stages", "sft"]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert main(["export", str(run), str(precious), "--format", "hf"]) == 2
+    assert "not a dataset directory" in capsys.readouterr().err and (precious / "notes.txt").exists()
