@@ -71,7 +71,9 @@ _RULES = (
                       r"would|will|explain|describe|tell|give|list|name|compare|discuss)\b"),
 )
 _COMPILED = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _RULES)
-_INPUT = re.compile(r"[\"“‘'][^\"”’']{12,}[\"”’']|:\s*\S+(\s+\S+){3,}|\n\s*\S")
+# A quoted passage (an opening quote after a space or colon, so not "don't ... pump's"), a colon and a
+# passage, or a second line.
+_INPUT = re.compile(r"(?:^|[\s:(])[\"“‘'][^\"”’]{12,}?[\"”’'](?![A-Za-z])|:\s*\S+(\s+\S+){3,}|\n\s*\S")
 _CANDIDATE_ID = re.compile(r"^r\d+(-data)?-p\d+-s\d+$")  # synthetic examples shown in a prompt
 
 
@@ -114,6 +116,8 @@ def _seed_texts(run_dir: Path) -> dict[str, str]:
         if (run_dir / name).exists():
             try:
                 cfg = load_config(run_dir / name)
+                if cfg.data.seeds != "builtin" and not Path(cfg.data.seeds).expanduser().exists():
+                    return {}  # moved, or a Hub id: never download for a report
                 return {s.id: s.text for s in read_seeds(cfg.data.seeds, lenient=True).records}
             except InputError:
                 return {}

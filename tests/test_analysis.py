@@ -48,6 +48,7 @@ def test_has_input():
     assert has_input("Classify this message: 'The new controller is much quieter, thanks.'")
     assert has_input("Summarize the text below.\nLine 2 stopped for a belt change.")
     assert not has_input("How do I bleed air from the suction line?")
+    assert not has_input("Don't start the pump's motor before the casing is full, why?")  # apostrophes
 
 
 def test_influence_per_kind_intervals_examples_and_separators(tmp_path, capsys):
