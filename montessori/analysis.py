@@ -106,6 +106,7 @@ class CandidateFeatures(Record):
     seed: str
     instruction_words: int
     response_words: int
+    seed_text: str = ""  # the seed's instruction, where the run's seed set is readable
 
 
 def _seed_texts(run_dir: Path) -> dict[str, str]:
@@ -139,13 +140,13 @@ def nearest_seed(instruction: str, example_ids: list[str], seeds: dict[str, str]
 def describe(candidate_id: str, round_: int, influence: float, instruction: str, response: str,
              example_ids: list[str], seeds: dict[str, str]) -> CandidateFeatures:
     iw, rw = len(instruction.split()), len(response.split())
+    seed = nearest_seed(instruction, example_ids, seeds)
     return CandidateFeatures(id=candidate_id, round=round_, influence=influence, instruction=instruction,
                              response=response, task_type=task_type(instruction),
                              instruction_length=bucket(iw, INSTRUCTION_BUCKETS),
                              response_length=bucket(rw, RESPONSE_BUCKETS),
                              has_input="yes" if has_input(instruction) else "no",
-                             seed=nearest_seed(instruction, example_ids, seeds),
-                             instruction_words=iw, response_words=rw)
+                             seed=seed, instruction_words=iw, response_words=rw, seed_text=seeds.get(seed, ""))
 
 
 def measured_candidates(run_dir: str | Path) -> tuple[list[CandidateFeatures], int]:
@@ -283,6 +284,8 @@ def analyze(run_dir: str | Path, seed: int = 0) -> tuple[dict, list[CandidateFea
             groups.setdefault(getattr(c, feature), []).append(c)
         summary["features"][feature] = [{"value": v, **group_stats(groups[v], f"{feature}={v}", seed)}
                                         for v in sorted(groups, key=lambda v: _order(feature, v))]
+    for g in summary["features"]["seed"]:
+        g["text"] = next(c.seed_text for c in items if c.seed == g["value"])
     summary["separators"] = separators(items, seed)
     return summary, items
 
@@ -303,7 +306,9 @@ def _short(text: str, width: int = 60) -> str:
 
 
 def _rows(summary: dict, feature: str, width: int = 60) -> list[list[str]]:
-    return [[str(g["value"]), str(g["n"]), f"{g['mean']:+.4g}", f"[{g['ci_low']:+.3g}, {g['ci_high']:+.3g}]",
+    def label(g) -> str:
+        return f"{g['value']}: {_short(g['text'], width // 2)}" if g.get("text") else str(g["value"])
+    return [[label(g), str(g["n"]), f"{g['mean']:+.4g}", f"[{g['ci_low']:+.3g}, {g['ci_high']:+.3g}]",
              f"{g['share_positive']:.0%}", _short(g["top"][0]["instruction"], width),
              _short(g["bottom"][0]["instruction"], width)] for g in summary["features"].get(feature, [])]
 
