@@ -24,6 +24,7 @@ has the same numbers in its "Which data works" section, with plots.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zlib
@@ -134,7 +135,12 @@ def nearest_seed(instruction: str, example_ids: list[str], seeds: dict[str, str]
     if not known:
         return shown[0]
     tokens = rouge_tokens(instruction)
-    return max(known, key=lambda e: (rouge_l_f1(rouge_tokens(seeds[e]), tokens), -known.index(e)))
+    return max(known, key=lambda e: (rouge_l_f1(_seed_tokens(seeds[e]), tokens), -known.index(e)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _seed_tokens(text: str) -> list[str]:  # each seed is compared with thousands of candidates
+    return rouge_tokens(text)
 
 
 def describe(candidate_id: str, round_: int, influence: float, instruction: str, response: str,
