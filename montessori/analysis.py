@@ -382,8 +382,9 @@ def report_sections(run_dir: Path) -> list:
     fig, ax = _figure(11, max(2.5, 0.28 * len(seeds) + 1))
     _bars(ax, seeds, "seed example the candidate resembles most")
     kinds.plots.append(("Mean influence per seed example", _png(fig)))
+    numbers = Section("Which data works: the numbers per kind")
     for feature in FEATURES:
-        kinds.tables.append(([feature] + KIND_HEADER, _rows(summary, feature, 90)))
+        numbers.tables.append(([feature] + KIND_HEADER, _rows(summary, feature, 90)))
     section = Section("Which data works: features that best separate high from low influence")
     if summary["separators"]:
         section.tables.append((SEPARATOR_HEADER, _separator_rows(summary)))
@@ -406,7 +407,7 @@ def report_sections(run_dir: Path) -> list:
             rows += [[str(g["value"]), "bottom", f"{e['influence']:+.4g}", e["instruction"]]
                      for e in g["bottom"] if g["n"] > EXAMPLES or e not in g["top"]]
         examples.tables.append(([feature, "", "influence", "instruction"], rows))
-    return [kinds, section, examples]
+    return [kinds, numbers, section, examples]
 
 
 def _bars(ax, groups: list[dict], title: str) -> None:
