@@ -39,6 +39,10 @@ def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
 
 def cmd_init(args) -> int:
     from montessori.config import load_preset, preset_text
+    if args.tasks is not None:  # seeds, reference and evaluation split from the user's own tasks
+        from montessori.tasks import cmd_init_tasks
+        return cmd_init_tasks(args)
+    args.preset = args.preset or "smollm2-demo"
     text = preset_text(args.preset)
     load_preset(args.preset)  # a preset that does not validate is a bug: fail before writing
     target = Path(args.dir) / "config.yaml"
@@ -138,10 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init", help="write DIR/config.yaml from a preset")
+    p = sub.add_parser("init", help="write DIR/config.yaml from a preset (or from your own tasks: --tasks)")
     p.add_argument("dir")
-    p.add_argument("--preset", default="smollm2-demo", choices=PRESETS)
+    p.add_argument("--preset", choices=PRESETS, help="default smollm2-demo; with --tasks: chosen from the machine")
     p.add_argument("--force", action="store_true")
+    from montessori.tasks import add_arguments
+    add_arguments(p)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("run", help="run the method (resumes; skips stages that are up to date)")
@@ -168,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that contribute sub-commands through a `register(subparsers)` function.
-EXTRA_COMMANDS = ("montessori.generation.serve", "montessori.report", "montessori.evaluation.cli")
+EXTRA_COMMANDS = ("montessori.generation.serve", "montessori.report", "montessori.evaluation.cli",
+                  "montessori.analysis", "montessori.export")
 
 
 def register_extra_commands(sub) -> None:

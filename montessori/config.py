@@ -73,7 +73,20 @@ class SamplingConfig(Section):
     max_new_tokens: PositiveInt = 1024
 
 
+class SteerConfig(Section):
+    # Bias each generation prompt's seed examples toward the kinds that measured best (montessori.steer):
+    # a seed's weight is exp(strength * z), z = the standardized mean influence of its kind (task type
+    # or the seed itself) in `source` (a finished run) or, when None, in this run's earlier rounds
+    # (the `data` stage also sees its own round's). Off: the prompts are the unsteered ones, byte for byte.
+    enabled: bool = False
+    source: str | None = None
+    by: Literal["task_type", "seed"] = "task_type"
+    strength: float = 1.0
+    min_count: PositiveInt = 3  # kinds measured fewer times keep weight 1
+
+
 class GenerationConfig(Section):
+    LATER_KEYS = frozenset({"steer"})
     backend: Literal["auto", "transformers", "vllm", "http"] = "auto"
     # OpenAI-compatible endpoint for backend=http; the API key is read from `api_key_env`, never stored.
     base_url: str | None = None
@@ -98,6 +111,7 @@ class GenerationConfig(Section):
     # Stage `data`: give up after this many prompts per wanted pair (sft.num_pairs) if too few are kept.
     data_max_prompts_per_pair: PositiveFloat = 3.0
     seed: int = 0
+    steer: SteerConfig = SteerConfig()
 
 
 class SplitConfig(Section):

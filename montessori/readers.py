@@ -1,13 +1,14 @@
 """Read seed tasks and instruction/response sets from the shapes people actually have.
 
-Formats: JSONL, JSON (a list, or an object with a list under "data"/"train"/"rows"), Parquet, a local
+Formats: JSONL, JSON (a list, or an object with a list under "data"/"train"/"rows"), CSV (a header
+row naming the columns, e.g. `instruction,answer`), Parquet, a local
 HF dataset directory (`datasets.save_to_disk`, or a folder of data files); anything else that is not a
 path is treated as a Hub dataset id and passed to `datasets.load_dataset` (needs network).
 
 Shapes (detected per record):
   Alpaca        instruction + input + output
   Self-Instruct instruction + instances[{input, output}]   (the first instance is used)
-  Reference     instruction + response
+  Reference     instruction + response (or answer)
   Chat          messages [{role: user, ...}, {role: assistant, ...}]
 
 A bad record raises InputError naming file, record and field; with lenient=True it is skipped and
@@ -16,6 +17,7 @@ counted in `ReadResult.skipped`.
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -69,6 +71,14 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
             raise InputError("expected a JSON list of records (or an object with a 'data' list)", file=path)
         for i, row in enumerate(data):
             yield f"item {i}", row
+    elif suffix == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            first = 2  # the line a row starts on (a quoted cell may span lines)
+            for row in reader:
+                # Cells beyond the header (key None) are dropped.
+                yield f"line {first}", {k: v for k, v in row.items() if k is not None}
+                first = reader.line_num + 1
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
         try:
@@ -78,7 +88,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(table.to_pylist()):
             yield f"row {i}", row
     else:
-        raise InputError(f"unknown file type '{suffix}' (use .jsonl, .json, .parquet or an HF dataset dir)", file=path)
+        raise InputError(f"unknown file type '{suffix}' (use .jsonl, .json, .csv, .parquet or an HF dataset dir)", file=path)
 
 
 def _iter_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
@@ -148,8 +158,11 @@ def _instruction_and_answer(row: Any) -> tuple[str, str, str]:
         if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
             raise InputError("expected a non-empty list of {input, output}", field="instances")
         return instruction, _text(instances[0], "input", required=False), _text(instances[0], "output", required=False)
-    answer_key = "output" if "output" in row else "response"
-    return instruction, _text(row, "input", required=False), _text(row, answer_key, required=False)
+    return instruction, _text(row, "input", required=False), _text(row, _answer_key(row), required=False)
+
+
+def _answer_key(row: dict) -> str:
+    return next((k for k in ("output", "response", "answer") if k in row), "output")
 
 
 def _check_length(record, max_chars: int | None):
@@ -210,9 +223,36 @@ def read_pairs(source: str = BUILTIN, *, lenient: bool = False, limit: int | Non
         if not instruction.strip():
             raise InputError("empty", field="instruction")
         if not answer.strip():
-            raise InputError("missing or empty answer", field="response" if "response" in row else "output")
+            raise InputError("missing or empty answer", field=_answer_key(row))
         prompt = f"{instruction.strip()}\n\n{inp.strip()}" if inp.strip() else instruction.strip()
         rid = str(row.get("id", label.replace(" ", "-")))
         return Pair(id=rid, instruction=prompt, response=answer)
 
     return _read(source, convert, lenient, limit)
+
+
+def read_tasks(source: str) -> ReadResult:
+    """Tasks with trusted answers (`montessori init --tasks`): every record needs an instruction and
+    an answer, and no instruction (with its input) may appear twice. Ids: the record's `id`, else
+    task-N by position."""
+    seen: dict[str, str] = {}  # normalized instruction -> the label of its first record
+
+    def convert(label: str, row: Any) -> SeedTask:
+        instruction, inp, answer = _instruction_and_answer(row)
+        if not instruction.strip():
+            raise InputError("empty", field="instruction")
+        if not answer.strip():
+            raise InputError("missing or empty answer", field=_answer_key(row))
+        key = " ".join(f"{instruction} {inp}".lower().split())
+        if key in seen:
+            raise InputError(f"duplicate instruction (the same as {seen[key]})", field="instruction")
+        seen[key] = label
+        rid = str(row["id"]) if row.get("id") is not None else f"task-{len(seen):03d}"
+        return SeedTask(id=rid, instruction=instruction.strip(), input=inp.strip(), output=answer.strip())
+
+    result = _read(source, convert, lenient=False, limit=None)
+    ids = [t.id for t in result.records]
+    if len(set(ids)) < len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(f"duplicate id '{dup}'", file=source)
+    return result

@@ -240,7 +240,8 @@ def build_sections(run_dir: Path) -> tuple[list[Section], list[tuple[int, list[S
     summary = Section("Rounds at a glance")
     summary.tables.append((["round", "influence measured", "share positive", "pairs", "DPO final margin",
                             "SFT final loss", "evaluation"], overview))
-    return [summary, stage_table(store)], rounds
+    from montessori.analysis import report_sections  # which kinds of candidates helped, across rounds
+    return [summary, stage_table(store)] + report_sections(run_dir), rounds
 
 
 def _config_line(run_dir: Path) -> str:

@@ -71,8 +71,8 @@ def test_empty_and_missing_files(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         read_seeds(str(tmp_path / "nope.jsonl"))
     with pytest.raises(InputError, match="unknown file type"):
-        (tmp_path / "x.csv").write_text("a,b\n")
-        read_seeds(str(tmp_path / "x.csv"))
+        (tmp_path / "x.tsv").write_text("a\tb\n")  # CSV is read since `init --tasks`
+        read_seeds(str(tmp_path / "x.tsv"))
 
 
 def test_builtin_sets_are_large_and_clean():

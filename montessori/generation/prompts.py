@@ -71,9 +71,17 @@ def _one_line(text: str) -> str:
 
 
 def choose_examples(rng: random.Random, seeds: list[tuple[str, str]], synthetic: list[tuple[str, str]],
-                    k: int = 8, num_synthetic: int = 2) -> list[tuple[str, str]]:
+                    k: int = 8, num_synthetic: int = 2, weights: list[float] | None = None) -> list[tuple[str, str]]:
     """k (id, text) examples: k - num_synthetic seeds + num_synthetic synthetic once that many exist,
-    else k seeds (METHOD.md: 6 + 2). Synthetic ones go last, as the newest items of the list."""
+    else k seeds (METHOD.md: 6 + 2). Synthetic ones go last, as the newest items of the list.
+
+    `weights` (one per seed, generation.steer) draws the seeds in proportion to them, without
+    replacement; None draws them uniformly, exactly as before steering existed."""
     use_synthetic = num_synthetic if len(synthetic) >= num_synthetic else 0
-    chosen = rng.sample(seeds, min(k - use_synthetic, len(seeds)))
+    count = min(k - use_synthetic, len(seeds))
+    if weights is None:
+        chosen = rng.sample(seeds, count)
+    else:  # Efraimidis-Spirakis: the `count` largest u^(1/w) are a weighted sample without replacement
+        keys = [rng.random() ** (1.0 / w) for w in weights]
+        chosen = [seeds[i] for i in sorted(range(len(seeds)), key=lambda i: -keys[i])[:count]]
     return chosen + (rng.sample(synthetic, use_synthetic) if use_synthetic else [])

@@ -28,6 +28,7 @@ from montessori.generation.prompts import build_prompt, choose_examples, parse_c
 from montessori.models.chat import user_turn
 from montessori.readers import read_seeds
 from montessori.records import Candidate, GenerationPrompt, Pair
+from montessori.steer import steer_weights
 from montessori.store import JsonlAppender, read_jsonl
 
 
@@ -76,7 +77,7 @@ class GenerationCounts:
 def generate_instructions(backend: Backend, gen_cfg, seeds: list[tuple[str, str]], folder: Path, *,
                           round: int, prefix: str, seed: int, num_prompts: int | None = None,
                           target_kept: int | None = None, max_prompts: int | None = None,
-                          progress: bool = False) -> GenerationCounts:
+                          progress: bool = False, seed_weights: list[float] | None = None) -> GenerationCounts:
     """Sample instructions into folder/{prompts,candidates,dropped}.jsonl (resumable).
 
     Either `num_prompts` prompts, or batches of prompts until `target_kept` candidates are kept
@@ -108,7 +109,7 @@ def generate_instructions(backend: Backend, gen_cfg, seeds: list[tuple[str, str]
                 if pid not in prompts:
                     rng = random.Random(derived_seed(seed, round, prefix, i))
                     examples = choose_examples(rng, seeds, synthetic, gen_cfg.examples_per_prompt,
-                                               gen_cfg.synthetic_per_prompt)
+                                               gen_cfg.synthetic_per_prompt, seed_weights)
                     messages, prefill = build_prompt(gen_cfg.prompt_style, [t for _, t in examples])
                     prompts[pid] = GenerationPrompt(pid, messages, [e for e, _ in examples],
                                                     gen_cfg.prompt_style, prefill, round)
@@ -217,16 +218,19 @@ def _extra(ctx, spec: str) -> dict:
 def run_instructions(ctx) -> dict:
     cfg = ctx.config
     spec = ctx.teacher_spec()
+    seeds = _seeds(cfg)
+    weights, steer = steer_weights(ctx, seeds, this_round=False)
     backend = _backend(ctx, spec)
     try:
-        counts = generate_instructions(backend, cfg.generation, _seeds(cfg), ctx.stage.path, round=ctx.round,
+        counts = generate_instructions(backend, cfg.generation, seeds, ctx.stage.path, round=ctx.round,
                                        prefix=f"r{ctx.round}", seed=cfg.generation.seed + cfg.seed,
-                                       num_prompts=cfg.generation.num_prompts, progress=ctx.progress)
+                                       num_prompts=cfg.generation.num_prompts, progress=ctx.progress,
+                                       seed_weights=weights)
     finally:
         backend.close()
     ctx.log.info("format compliance %.0f%% (%s style), %d of %d samples kept", 100 * counts.parsed /
                  max(counts.samples, 1), cfg.generation.prompt_style, counts.kept, counts.samples)
-    return counts.manifest() | {"_extra": _extra(ctx, spec)}
+    return counts.manifest() | {"_extra": _extra(ctx, spec) | steer}
 
 
 def run_responses(ctx) -> dict:
@@ -250,12 +254,15 @@ def run_data(ctx) -> dict:
     cfg, gen = ctx.config, ctx.config.generation
     wanted = cfg.sft.num_pairs
     spec = ctx.teacher_spec(after_dpo=True)
+    seeds = _seeds(cfg)
+    weights, steer = steer_weights(ctx, seeds, this_round=True)  # "generate more of what works"
     backend = _backend(ctx, spec)
     max_prompts = max(1, math.ceil(gen.data_max_prompts_per_pair * wanted))
     try:
-        counts = generate_instructions(backend, gen, _seeds(cfg), ctx.stage.path, round=ctx.round,
+        counts = generate_instructions(backend, gen, seeds, ctx.stage.path, round=ctx.round,
                                        prefix=f"r{ctx.round}-data", seed=gen.seed + cfg.seed,
-                                       target_kept=wanted, max_prompts=max_prompts, progress=ctx.progress)
+                                       target_kept=wanted, max_prompts=max_prompts, progress=ctx.progress,
+                                       seed_weights=weights)
         kept = read_jsonl(ctx.stage.path / "candidates.jsonl", Candidate)[:wanted]
         if len(kept) < wanted:
             ctx.log.warning("data: only %d of %d instructions kept after %d prompts "
@@ -268,4 +275,4 @@ def run_data(ctx) -> dict:
     result = counts.manifest()
     result |= {"pairs": answered["pairs"], "short": wanted - answered["pairs"],
                "response_tokens": answered["tokens"], "response_tokens_per_s": answered["tokens_per_s"]}
-    return result | {"_extra": _extra(ctx, spec)}
+    return result | {"_extra": _extra(ctx, spec) | steer}

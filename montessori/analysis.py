@@ -1,0 +1,440 @@
+"""`montessori analyze RUN`: which kinds of synthetic data helped the student.
+
+Every probing candidate whose influence was measured is described by six features, each assigned by
+a deterministic rule from the run store alone:
+
+  task_type           a fixed taxonomy (TASK_TYPES), the first rule of `task_type()` that matches
+  instruction_length  short / medium / long, by words
+  response_length     short / medium / long, by words
+  has_input           whether the instruction carries its own input (a quoted text, a colon and a passage, a new line)
+  seed                the seed example of the candidate's prompt it resembles most (ROUGE-L), i.e. the one it
+                      was most likely written after
+  round               the round it was generated in
+
+Per feature value: count, mean influence with a 95% bootstrap interval, share positive, and the top
+and bottom examples. The features that best separate high from low influence are the feature values
+whose indicator correlates most with influence (point-biserial r, with a bootstrap interval), and
+the two lengths (Spearman r). Influence values of different rounds come from different warm-up
+states; they are pooled as they are (the `round` feature shows the difference).
+
+`analyze` writes RUN/analysis/candidates.jsonl (the features of every measured candidate) and
+RUN/analysis/summary.json (what it printed; `--json` prints it instead of the table). The report
+has the same numbers in its "Which data works" section, with plots.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from montessori.errors import InputError
+from montessori.generation.dedup import rouge_l_f1, rouge_tokens
+from montessori.records import Record
+from montessori.store import RunStore, atomic_write_json, read_jsonl, write_jsonl
+
+TASK_TYPES = ("open question", "how-to", "writing", "rewriting", "classification", "extraction", "math", "code",
+              "other")
+FEATURES = ("task_type", "instruction_length", "response_length", "has_input", "seed", "round")
+INSTRUCTION_BUCKETS = ((8, "short (1-8 words)"), (20, "medium (9-20 words)"), (None, "long (21+ words)"))
+RESPONSE_BUCKETS = ((20, "short (0-20 words)"), (80, "medium (21-80 words)"), (None, "long (81+ words)"))
+BOOTSTRAP_SAMPLES = 1000
+EXAMPLES = 3  # top and bottom examples kept per feature value
+SEPARATORS = 8
+
+# First match wins, in this order: "Write a Python function" is code, not writing; "Rewrite" is
+# rewriting; numbers with a question are math, but not model names like "CP-200" or "E14"; "error
+# code" is not code.
+_NUMBER = r"(?<![\w.-])\d+(?:[.,]\d+)?(?![\w-])"
+_RULES = (
+    ("code", r"\b(python|javascript|typescript|java|c\+\+|rust|sql|bash|shell script|html|css|regex|regular "
+             r"expression|function|script|programming|write a program|algorithm|json|yaml|source code|code snippet|"
+             r"(write|fix|debug|review|refactor|explain) (the |this |some |a )?(piece of )?code)\b"),
+    ("math", r"\b(calculate|compute|solve|equation|formula|percent(age)?|average|probability|how (many|much))\b"
+             rf"|{_NUMBER}.*{_NUMBER}.*\?|{_NUMBER}\s*[-+*/x×^]\s*{_NUMBER}"),
+    ("rewriting", r"\b(rewrite|rephrase|paraphrase|reword|simplify|shorten|proofread|translate|summari[sz]e|"
+                  r"summary|edit|correct the|improve the|make (it|this|the) .*(more|less|simpler|clearer|formal)|"
+                  r"in plain (language|english)|convert .* into)\b"),
+    ("extraction", r"\b(extract|pull out|find (all|every)|list (all|every) .* (in|from)|identify (all|the) .* "
+                   r"(in|from)|which words)\b"),
+    ("classification", r"\b(classify|categori[sz]e|label|sentiment|is (this|it|the) .* (positive|negative|spam)|"
+                       r"which (category|class)|decide whether|spam)\b"),
+    ("writing", r"\b(write|compose|draft|create|generate|come up with|brainstorm|invent|design)\b"),
+    ("how-to", r"^\s*(how (do|can|should|would|to|does one)|what are the steps|steps to)\b|\b(guide|"
+               r"step[- ]by[- ]step|instructions for|how to)\b"),
+    ("open question", r"\?\s*$|^\s*(what|why|who|whom|when|where|which|how|is|are|does|do|can|could|should|"
+                      r"would|will|explain|describe|tell|give|list|name|compare|discuss)\b"),
+)
+_COMPILED = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _RULES)
+# A quoted passage (an opening quote after a space or colon, so not "don't ... pump's"), a colon and a
+# passage, or a second line.
+_INPUT = re.compile(r"(?:^|[\s:(])[\"“‘'][^\"”’]{12,}?[\"”’'](?![A-Za-z])|:\s*\S+(\s+\S+){3,}|\n\s*\S")
+_CANDIDATE_ID = re.compile(r"^r\d+(-data)?-p\d+-s\d+$")  # synthetic examples shown in a prompt
+
+
+def task_type(instruction: str) -> str:
+    """The task type of an instruction: the first rule of _RULES that matches, else 'other'."""
+    return next((name for name, rule in _COMPILED if rule.search(instruction)), "other")
+
+
+def has_input(instruction: str) -> bool:
+    return bool(_INPUT.search(instruction.strip()))
+
+
+def bucket(words: int, buckets) -> str:
+    return next(label for limit, label in buckets if limit is None or words <= limit)
+
+
+@dataclass
+class CandidateFeatures(Record):
+    """A measured probing candidate and its features (RUN/analysis/candidates.jsonl)."""
+    kind: ClassVar[str] = "features"
+    id: str
+    round: int
+    influence: float
+    instruction: str
+    response: str
+    task_type: str
+    instruction_length: str
+    response_length: str
+    has_input: str
+    seed: str
+    instruction_words: int
+    response_words: int
+    seed_text: str = ""  # the seed's instruction, where the run's seed set is readable
+
+
+def _seed_texts(run_dir: Path) -> dict[str, str]:
+    """Seed id -> text from the run's config (seeds shown in the prompts), {} when unreadable."""
+    from montessori.config import load_config
+    from montessori.readers import read_seeds
+    for name in ("config.resolved.yaml", "config.yaml"):
+        if (run_dir / name).exists():
+            try:
+                cfg = load_config(run_dir / name)
+                if cfg.data.seeds != "builtin" and not Path(cfg.data.seeds).expanduser().exists():
+                    return {}  # moved, or a Hub id: never download for a report
+                return {s.id: s.text for s in read_seeds(cfg.data.seeds, lenient=True).records}
+            except InputError:
+                return {}
+    return {}
+
+
+def nearest_seed(instruction: str, example_ids: list[str], seeds: dict[str, str]) -> str:
+    """The seed among a prompt's examples that the instruction resembles most (ties: the first shown)."""
+    shown = [e for e in example_ids if not _CANDIDATE_ID.match(e)]
+    if not shown:
+        return "none"
+    known = [e for e in shown if e in seeds]
+    if not known:
+        return shown[0]
+    tokens = rouge_tokens(instruction)
+    return max(known, key=lambda e: (rouge_l_f1(_seed_tokens(seeds[e]), tokens), -known.index(e)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _seed_tokens(text: str) -> list[str]:  # each seed is compared with thousands of candidates
+    return rouge_tokens(text)
+
+
+def describe(candidate_id: str, round_: int, influence: float, instruction: str, response: str,
+             example_ids: list[str], seeds: dict[str, str]) -> CandidateFeatures:
+    iw, rw = len(instruction.split()), len(response.split())
+    seed = nearest_seed(instruction, example_ids, seeds)
+    return CandidateFeatures(id=candidate_id, round=round_, influence=influence, instruction=instruction,
+                             response=response, task_type=task_type(instruction),
+                             instruction_length=bucket(iw, INSTRUCTION_BUCKETS),
+                             response_length=bucket(rw, RESPONSE_BUCKETS),
+                             has_input="yes" if has_input(instruction) else "no",
+                             seed=seed, instruction_words=iw, response_words=rw, seed_text=seeds.get(seed, ""))
+
+
+def measured_candidates(run_dir: str | Path) -> tuple[list[CandidateFeatures], int]:
+    """(features of every candidate with a valid influence value, number of invalid values)."""
+    run_dir = Path(run_dir)
+    store = RunStore(run_dir)
+    seeds = _seed_texts(run_dir)
+    out, invalid = [], 0
+    for round_ in store.rounds():
+        results = read_jsonl(store.stage(round_, "influence").path / "influence.jsonl")
+        if not results:
+            continue
+        pairs = {p["id"]: p for p in read_jsonl(store.stage(round_, "responses").path / "pairs.jsonl")}
+        candidates = {c["id"]: c for c in read_jsonl(store.stage(round_, "instructions").path / "candidates.jsonl")}
+        for r in results:
+            # A measured candidate is a pair: without the responses stage's record there is nothing to describe.
+            pair = pairs.get(r["id"])
+            if r.get("status") != "ok" or r.get("influence") is None or pair is None:
+                invalid += 1
+                continue
+            cand = candidates.get(pair.get("candidate_id") or r["id"], {})
+            out.append(describe(r["id"], int(cand.get("round", round_)), float(r["influence"]), pair["instruction"],
+                                pair["response"], cand.get("example_ids", []), seeds))
+    return out, invalid
+
+
+def _rng(label: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(label.encode())])
+
+
+def mean_interval(values: np.ndarray, label: str, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if len(values) < 2:
+        return float(values[0]), float(values[0])
+    idx = _rng(label, seed).integers(0, len(values), size=(samples, len(values)))
+    means = values[idx].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def _example(c: CandidateFeatures) -> dict:
+    return {"id": c.id, "influence": c.influence, "instruction": c.instruction}
+
+
+def group_stats(items: list[CandidateFeatures], label: str, seed: int = 0) -> dict:
+    values = np.array([c.influence for c in items], dtype=np.float64)
+    low, high = mean_interval(values, label, seed)
+    ranked = sorted(items, key=lambda c: (-c.influence, c.id))
+    return {"n": len(items), "mean": float(values.mean()), "ci_low": low, "ci_high": high,
+            "share_positive": float((values > 0).mean()),
+            "top": [_example(c) for c in ranked[:EXAMPLES]],
+            "bottom": [_example(c) for c in ranked[::-1][:EXAMPLES]]}
+
+
+def _order(feature: str, value) -> tuple:
+    if feature == "task_type":
+        return (TASK_TYPES.index(value),)
+    if feature in ("instruction_length", "response_length"):
+        buckets = INSTRUCTION_BUCKETS if feature == "instruction_length" else RESPONSE_BUCKETS
+        return ([label for _, label in buckets].index(value),)
+    return (0, value) if feature == "round" else (str(value),)
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    if x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (Spearman's r is Pearson's r of these)."""
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
+
+
+def _corr_interval(x: np.ndarray, y: np.ndarray, label: str, seed: int, rank: bool = False) -> tuple[float, float]:
+    idx = _rng(label, seed).integers(0, len(x), size=(BOOTSTRAP_SAMPLES, len(x)))
+    rs = [_corr(_ranks(x[i]), _ranks(y[i])) if rank else _corr(x[i], y[i]) for i in idx]
+    return float(np.quantile(rs, 0.025)), float(np.quantile(rs, 0.975))
+
+
+def separators(items: list[CandidateFeatures], seed: int = 0, top: int = SEPARATORS) -> list[dict]:
+    """Feature values (and the two lengths) ranked by how strongly they go with high influence."""
+    y = np.array([c.influence for c in items], dtype=np.float64)
+    if len(items) < 4 or y.std() == 0:
+        return []
+    median = float(np.median(y))
+    high, low = y > median, y < median
+    rows = []
+    for feature in FEATURES:
+        column = [getattr(c, feature) for c in items]
+        values = sorted(set(column), key=lambda v: _order(feature, v))
+        found = []
+        for value in values:
+            x = np.array([v == value for v in column], dtype=np.float64)
+            if x.sum() < 2 or x.sum() > len(x) - 2:  # an indicator that is (almost) constant separates nothing
+                continue
+            label = f"{feature}={value}"
+            lo, hi = _corr_interval(x, y, label, seed)
+            found.append({"feature": feature, "value": value, "n": int(x.sum()), "r": _corr(x, y), "ci_low": lo,
+                          "ci_high": hi, "mean_with": float(y[x == 1].mean()), "mean_without": float(y[x == 0].mean()),
+                          "share_high": float(x[high].mean()) if high.any() else 0.0,
+                          "share_low": float(x[low].mean()) if low.any() else 0.0})
+        if len(values) == 2:  # two complementary indicators: keep the one that goes with high influence
+            found = [max(found, key=lambda r: r["r"])] if found else []
+        rows += found
+    for feature in ("instruction_words", "response_words"):
+        x = np.array([getattr(c, feature) for c in items], dtype=np.float64)
+        if x.std() == 0:
+            continue
+        lo, hi = _corr_interval(x, y, feature, seed, rank=True)
+        rows.append({"feature": feature, "value": "(Spearman)", "n": len(items), "r": _corr(_ranks(x), _ranks(y)),
+                     "ci_low": lo, "ci_high": hi, "mean_with": None, "mean_without": None,
+                     "share_high": None, "share_low": None})
+    rows.sort(key=lambda r: (-abs(r["r"]), r["feature"], str(r["value"])))
+    return rows[:top]
+
+
+def analyze(run_dir: str | Path, seed: int = 0) -> tuple[dict, list[CandidateFeatures]]:
+    """The summary (JSON-ready) and the per-candidate features of a run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not RunStore(run_dir).rounds():
+        raise InputError(f"{run_dir}: not a run directory (no round-N folders)")
+    items, invalid = measured_candidates(run_dir)
+    summary = {"run": str(run_dir), "measured": len(items), "invalid": invalid, "task_types": list(TASK_TYPES),
+               "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "level": 0.95, "seed": seed}, "features": {},
+               "separators": []}
+    if not items:
+        return summary, items
+    summary["overall"] = {k: v for k, v in group_stats(items, "all", seed).items() if k not in ("top", "bottom")}
+    for feature in FEATURES:
+        groups: dict = {}
+        for c in items:
+            groups.setdefault(getattr(c, feature), []).append(c)
+        summary["features"][feature] = [{"value": v, **group_stats(groups[v], f"{feature}={v}", seed)}
+                                        for v in sorted(groups, key=lambda v: _order(feature, v))]
+    for g in summary["features"]["seed"]:
+        g["text"] = next(c.seed_text for c in items if c.seed == g["value"])
+    summary["separators"] = separators(items, seed)
+    return summary, items
+
+
+def write_analysis(run_dir: str | Path, seed: int = 0) -> dict:
+    run_dir = Path(run_dir)
+    summary, items = analyze(run_dir, seed)
+    write_jsonl(run_dir / "analysis" / "candidates.jsonl", items)
+    atomic_write_json(run_dir / "analysis" / "summary.json", summary)
+    return summary
+
+
+# --- presentation: terminal table (rich) and the report's section -----------------------------------
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _rows(summary: dict, feature: str, width: int = 60) -> list[list[str]]:
+    def label(g) -> str:
+        return f"{g['value']}: {_short(g['text'], width // 2)}" if g.get("text") else str(g["value"])
+    return [[label(g), str(g["n"]), f"{g['mean']:+.4g}", f"[{g['ci_low']:+.3g}, {g['ci_high']:+.3g}]",
+             f"{g['share_positive']:.0%}", _short(g["top"][0]["instruction"], width),
+             _short(g["bottom"][0]["instruction"], width)] for g in summary["features"].get(feature, [])]
+
+
+KIND_HEADER = ["n", "mean influence", "95% CI", "positive", "best example", "worst example"]
+SEPARATOR_HEADER = ["feature", "value", "n", "r", "95% CI", "mean with", "mean without", "share of top half",
+                    "share of bottom half"]
+
+
+def _separator_rows(summary: dict) -> list[list[str]]:
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+    return [[s["feature"], str(s["value"]), str(s["n"]), f"{s['r']:+.2f}", f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}]",
+             f(s["mean_with"], "+.4g"), f(s["mean_without"], "+.4g"), f(s["share_high"], ".0%"),
+             f(s["share_low"], ".0%")] for s in summary["separators"]]
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+    if not summary["measured"]:
+        console.print(f"{summary['run']}: no measured influence yet (run the influence stage)")
+        return
+    o = summary["overall"]
+    console.print(f"[bold]{summary['run']}[/]: {summary['measured']} candidates measured ({summary['invalid']} "
+                  f"invalid), mean influence {o['mean']:+.4g} [{o['ci_low']:+.3g}, {o['ci_high']:+.3g}], "
+                  f"{o['share_positive']:.0%} positive")
+    for feature in FEATURES:
+        table = Table(title=f"influence by {feature}", title_justify="left")
+        table.add_column(feature, no_wrap=True)
+        for col in KIND_HEADER:
+            table.add_column(col, overflow="fold")
+        for row in _rows(summary, feature, 40):
+            table.add_row(*row)
+        console.print(table)
+    table = Table(title="features that best separate high from low influence", title_justify="left")
+    for col in SEPARATOR_HEADER:
+        table.add_column(col)
+    for row in _separator_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+
+
+def report_sections(run_dir: Path) -> list:
+    """The report's "Which data works" sections (none before influence is measured)."""
+    from montessori.report import Section, _figure, _png
+    summary, _ = analyze(run_dir)
+    if not summary["measured"]:
+        return []
+    o = summary["overall"]
+    kinds = Section("Which data works: influence per kind of candidate")
+    kinds.notes.append(f"{summary['measured']} measured candidates, mean influence {o['mean']:+.4g} (95% bootstrap "
+                       f"interval {o['ci_low']:+.3g} to {o['ci_high']:+.3g}), {o['share_positive']:.0%} positive. "
+                       "Features are assigned by fixed rules (montessori.analysis); RUN/analysis/ has them per "
+                       "candidate after `montessori analyze`.")
+    plotted = [f for f in FEATURES if f != "seed"]
+    fig, axes = _figure(11, 2.2 * ((len(plotted) + 1) // 2))
+    fig.clf()
+    for i, feature in enumerate(plotted):
+        _bars(fig.add_subplot((len(plotted) + 1) // 2, 2, i + 1), summary["features"][feature], feature)
+    fig.tight_layout()
+    kinds.plots.append(("Mean influence per kind (bars: 95% bootstrap interval; n = candidates)", _png(fig)))
+    seeds = summary["features"]["seed"]
+    fig, ax = _figure(11, max(2.5, 0.28 * len(seeds) + 1))
+    _bars(ax, seeds, "seed example the candidate resembles most")
+    kinds.plots.append(("Mean influence per seed example", _png(fig)))
+    numbers = Section("Which data works: the numbers per kind")
+    for feature in FEATURES:
+        numbers.tables.append(([feature] + KIND_HEADER, _rows(summary, feature, 90)))
+    section = Section("Which data works: features that best separate high from low influence")
+    if summary["separators"]:
+        section.tables.append((SEPARATOR_HEADER, _separator_rows(summary)))
+        fig, ax = _figure(8, max(2.5, 0.35 * len(summary["separators"]) + 1))
+        rows = summary["separators"][::-1]
+        r = np.array([s["r"] for s in rows])
+        err = np.array([[s["r"] - s["ci_low"] for s in rows], [s["ci_high"] - s["r"] for s in rows]])
+        ax.barh(range(len(rows)), r, xerr=err, color=["#55a868" if v > 0 else "#c44e52" for v in r], capsize=3)
+        ax.set_yticks(range(len(rows)), [f"{s['feature']}={s['value']}" for s in rows], fontsize=8)
+        ax.axvline(0, color="#444", linewidth=0.8)
+        ax.set_xlabel("correlation with influence (r, 95% bootstrap interval)")
+        section.plots.append(("Features that go with high (green) and low (red) influence", _png(fig)))
+    else:
+        section.notes.append("too few measured candidates (or no spread) to rank features")
+    examples = Section("Which data works: top and bottom examples of each kind")
+    for feature in ("task_type", "has_input", "round"):
+        rows = []
+        for g in summary["features"][feature]:
+            rows += [[str(g["value"]), "top", f"{e['influence']:+.4g}", e["instruction"]] for e in g["top"]]
+            rows += [[str(g["value"]), "bottom", f"{e['influence']:+.4g}", e["instruction"]]
+                     for e in g["bottom"] if g["n"] > EXAMPLES or e not in g["top"]]
+        examples.tables.append(([feature, "", "influence", "instruction"], rows))
+    return [kinds, numbers, section, examples]
+
+
+def _bars(ax, groups: list[dict], title: str) -> None:
+    labels = [f"{g['value']} (n={g['n']})" for g in groups][::-1]
+    means = np.array([g["mean"] for g in groups][::-1])
+    err = np.array([[g["mean"] - g["ci_low"] for g in groups][::-1], [g["ci_high"] - g["mean"] for g in groups][::-1]])
+    ax.barh(range(len(groups)), means, xerr=err, color="#4c72b0", capsize=3)
+    ax.set_yticks(range(len(groups)), labels, fontsize=8)
+    ax.axvline(0, color="#c44e52", linewidth=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def cmd_analyze(args) -> int:
+    summary = write_analysis(args.run_dir, seed=args.seed)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print_summary(summary)
+        print(f"per-candidate features: {Path(args.run_dir) / 'analysis' / 'candidates.jsonl'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("analyze", help="which kinds of candidates helped: influence per task type, length, "
+                       "input, seed and round")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_analyze)
