@@ -45,7 +45,7 @@ SEEDS = ("data.seeds", "data.max_seeds", "data.lenient", "data.max_seed_chars")
 # What the teacher is asked and which of its instructions are kept (instructions and data stages).
 PROMPTS = ("generation.prompt_style", "generation.examples_per_prompt", "generation.synthetic_per_prompt",
            "generation.instructions", "generation.min_chars", "generation.max_chars", "generation.banned_words",
-           "generation.rouge_threshold", "generation.seed", "seed")
+           "generation.rouge_threshold", "generation.steer", "generation.seed", "seed")
 INFLUENCE = tuple(f"influence.{k}" for k in (
     "utility", "judge", "judge_url", "judge_model", "estimator", "precision", "grad_precision", "lr",
     "eval_batch_size", "max_length", "compile", "ref_grad_dtype", "shadow", "linear_kernel", "pad_multiple"))
