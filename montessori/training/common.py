@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from montessori.compat import checkpointing_args
 from montessori.errors import InputError
 from montessori.store import write_jsonl
 
@@ -38,8 +39,9 @@ def common_args(model, *, output_dir: Path, lr: float, epochs: int, batch_size: 
         gradient_accumulation_steps=grad_accum, seed=seed, data_seed=seed,
         optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, logging_first_step=True, save_strategy="no", report_to="none",
-        activation_checkpointing=gradient_checkpointing, use_cpu=on_cpu, dataloader_pin_memory=not on_cpu,
-        disable_tqdm=True, **trainer_precision(model),  # quiet_callbacks draws one bar instead
+        use_cpu=on_cpu, dataloader_pin_memory=not on_cpu,
+        disable_tqdm=True,  # quiet_callbacks draws one bar instead
+        **checkpointing_args(gradient_checkpointing), **trainer_precision(model),
     )
 
 
