@@ -37,7 +37,8 @@ def cli(src: Path, *args: str) -> None:
 
 
 def commit(src: Path) -> str | None:
-    out = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    out = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False)
     return out.stdout.strip() or None
 
 

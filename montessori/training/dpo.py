@@ -25,8 +25,8 @@ from montessori.errors import MontessoriError
 from montessori.models.chat import prompt_text
 from montessori.records import PreferencePair
 from montessori.store import atomic_write_json, read_jsonl
-from montessori.training.common import (check_wsd, common_args, eval_split, last_value, load_for_training, mean_value,
-                                        quiet_callbacks, save_model_atomic, write_metrics)
+from montessori.training.common import (check_wsd, common_args, eval_split, last_value, load_for_training,
+                                        mean_value, quiet_callbacks, save_model_atomic, write_metrics)
 
 
 def preference_features(tokenizer, pref: PreferencePair) -> dict:
