@@ -8,8 +8,9 @@ optionally the same round with a second checkout of the code, side by side, in t
 --size names a set of overrides (gpu8x: the issue-18 H200 round, 8x the demo: 256 prompts, 128
 warm-up + 512 probing candidates, 1024 training pairs); any further KEY=VALUE overrides follow it.
 Each checkout runs as `python -m montessori.cli` with PYTHONPATH and the working directory set to
-that tree, in a fresh run directory RUN_DIR/<label>. Throughput is tokens/s where the stage counts
-tokens (generation stages: real tokens, from the manifest), else optimizer steps/s.
+that tree, in a fresh run directory RUN_DIR/<label>, one after the other. Throughput is tokens/s
+where the stage counts tokens (generation stages: real tokens, from the manifest), else optimizer
+steps/s (warmup, dpo, sft) or candidates/s (influence). Stage seconds include loading the models.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def stage_rows(run: Path) -> list[dict]:
             rate, unit = counts.get("tokens_per_s") or counts["tokens"] / max(seconds, 1e-9), "tok/s"
         elif counts.get("steps"):
             rate, unit = counts["steps"] / max(seconds, 1e-9), "steps/s"
+        elif counts.get("candidates"):
+            rate, unit = counts["candidates"] / max(seconds, 1e-9), "cand/s"
         else:
             rate, unit = None, ""
         rows.append({"round": m["round"], "stage": m["stage"], "seconds": seconds, "rate": rate, "unit": unit,
@@ -70,8 +73,8 @@ def run_round(label: str, src: Path, args, overrides: list[str]) -> dict:
             "stages": stage_rows(run)}
 
 
-def fmt(x, digits=1) -> str:
-    return "-" if x is None else f"{x:,.{digits}f}"
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
 
 
 def table(results: list[dict]) -> str:
