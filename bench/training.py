@@ -26,13 +26,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.archs import ARCHS, build_model  # noqa: E402
+from montessori.compat import enable_checkpointing  # noqa: E402
 PAPER = {"dpo_pairs": 6800, "dpo_batch": 2, "sft_pairs": 10000, "sft_batch": 32}
 
 
 def build(arch: str, device: torch.device, dtype: torch.dtype, checkpointing: bool):
     model = build_model(arch, device, dtype).train()  # gradient checkpointing acts in train mode only
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model
 
 

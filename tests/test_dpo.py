@@ -209,3 +209,26 @@ def test_round_two_trains_last_rounds_teacher_against_itself(tmp_path, tiny_dir)
     start, _ = load_model(str(tiny_dir), "cpu", "float32")
     assert torch.allclose(trained.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight,
                           atol=1e-6)
+
+
+def test_reference_log_probs_computed_once_up_front_train_like_the_per_step_reference(tiny_spec, tmp_path):
+    cfg = load_preset("tiny", ["dpo.lr=1e-4"]).dpo  # a large step, so the reference side matters from step 2
+    prefs = make_prefs(8, prompts=4)
+    runs = {}
+    for precompute in (True, False):
+        model, tokenizer = load_model(tiny_spec, "cpu", "float32")
+        ref, _ = load_model(tiny_spec, "cpu", "float32")
+        trainer = build_dpo_trainer(model, tokenizer, prefs, cfg, ref_model=ref, output_dir=tmp_path / "work",
+                                    precompute_ref=precompute)
+        assert ("ref_chosen_logps" in trainer.train_dataset.column_names) is precompute
+        assert (trainer.ref_model is None) is precompute  # no step reads the reference model then
+        trainer.train()
+        runs[precompute] = ([e for e in trainer.state.log_history if "rewards/margins" in e], trainer.model)
+    (fast, fast_model), (slow, slow_model) = runs[True], runs[False]
+    assert len(fast) == len(slow) == 4
+    for a, b in zip(fast, slow):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert slow[-1]["rewards/margins"] != pytest.approx(slow[0]["rewards/margins"])  # the steps changed something
+    for p, q in zip(fast_model.parameters(), slow_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

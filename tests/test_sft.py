@@ -94,3 +94,23 @@ def test_round_two_starts_from_round_one_student(tmp_path, tiny_dir):
     assert torch.allclose(w, start.model.layers[0].mlp.up_proj.weight, atol=1e-6)
     assert not torch.allclose(w, other.model.layers[0].mlp.up_proj.weight, atol=1e-3)
     assert counts["pairs"] == 2
+
+
+def test_padding_free_batches_give_the_padded_loss_and_weights(tiny_spec, tmp_path):
+    # responses of very different lengths, so the padded micro batches carry much padding
+    pairs = [Pair(id=f"d{i}", instruction=f"Name {i + 2} colors.", response="Red and blue. " * (1 + 5 * (i % 3)))
+             for i in range(8)]
+    cfg = load_preset("tiny", ["sft.max_length=256"]).sft
+    runs = {}
+    for padding_free in (True, False):
+        model, tokenizer = load_model(tiny_spec, "cpu", "float32")
+        trainer, _ = build_sft_trainer(model, tokenizer, pairs, cfg, output_dir=tmp_path, padding_free=padding_free)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["input_ids"].shape[0] == 1) is padding_free  # one packed row, no pad token
+        trainer.train()
+        runs[padding_free] = ([e["loss"] for e in trainer.state.log_history if "loss" in e], trainer.model)
+    (packed, packed_model), (padded, padded_model) = runs[True], runs[False]
+    assert len(packed) == len(padded) == 2
+    assert packed == pytest.approx(padded, rel=1e-5)
+    for p, q in zip(packed_model.parameters(), padded_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

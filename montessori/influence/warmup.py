@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from montessori.compat import enable_checkpointing
 from montessori.config import WarmupConfig
 from montessori.errors import InputError
 from montessori.models import load_model
@@ -65,7 +66,7 @@ def train_warmup(model, examples: list[Example], cfg: WarmupConfig, *, pad_id: i
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / max(1, len(steps))))
     device = next(model.parameters()).device
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     model.train()
     log = []
     for k, step_ids in enumerate(tqdm(steps, desc="warm-up", unit="step", disable=not progress)):

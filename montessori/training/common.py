@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
+from montessori.compat import checkpointing_args
 from montessori.errors import InputError
+from montessori.models import load_model
+from montessori.models.load import resolve_device, resolve_dtype
 from montessori.store import write_jsonl
 
 
@@ -22,15 +25,26 @@ def check_wsd(cfg, section: str) -> dict:
     return {"warmup": cfg.warmup_ratio, "stable": cfg.stable_ratio, "min_lr": cfg.min_lr}
 
 
-def trainer_precision(model) -> dict:
-    """TRL configs default to bf16 autocast; train in the dtype the model was loaded in instead
-    (models.dtype: fp32 on CPU, bf16 on CUDA by default)."""
-    dtype = next(model.parameters()).dtype
-    return {"bf16": dtype == torch.bfloat16, "fp16": False}
+def load_for_training(spec: str, models, lora: bool):
+    """(model, tokenizer, compute dtype) for a training stage. Full fine-tuning keeps fp32 master
+    weights and computes in models.dtype through autocast: in bf16 weights an AdamW step at the
+    paper's lr (1e-6 for DPO, 5e-6 for SFT) is far below a weight's rounding step (~1e-4 at
+    |w| = 0.02) and is lost. LoRA trains PEFT's fp32 adapters over frozen weights in models.dtype."""
+    compute = resolve_dtype(models.dtype, resolve_device(models.device))
+    model, tokenizer = load_model(spec, models.device, models.dtype if lora else "float32")
+    return model, tokenizer, compute
+
+
+def trainer_precision(model, compute_dtype: torch.dtype | None = None) -> dict:
+    """TRL configs default to bf16 autocast; compute in `compute_dtype` (default: the dtype the
+    model was loaded in) instead."""
+    dtype = compute_dtype or next(model.parameters()).dtype
+    master_fp32 = next(model.parameters()).dtype == torch.float32
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16 and master_fp32}
 
 
 def common_args(model, *, output_dir: Path, lr: float, epochs: int, batch_size: int, grad_accum: int, seed: int,
-                gradient_checkpointing: bool) -> dict:
+                gradient_checkpointing: bool, compute_dtype: torch.dtype | None = None) -> dict:
     on_cpu = next(model.parameters()).device.type == "cpu"
     return dict(
         output_dir=str(output_dir), learning_rate=lr, num_train_epochs=epochs,
@@ -38,8 +52,9 @@ def common_args(model, *, output_dir: Path, lr: float, epochs: int, batch_size: 
         gradient_accumulation_steps=grad_accum, seed=seed, data_seed=seed,
         optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, logging_first_step=True, save_strategy="no", report_to="none",
-        activation_checkpointing=gradient_checkpointing, use_cpu=on_cpu, dataloader_pin_memory=not on_cpu,
-        disable_tqdm=True, **trainer_precision(model),  # quiet_callbacks draws one bar instead
+        use_cpu=on_cpu, dataloader_pin_memory=not on_cpu,
+        disable_tqdm=True,  # quiet_callbacks draws one bar instead
+        **checkpointing_args(gradient_checkpointing), **trainer_precision(model, compute_dtype),
     )
 
 

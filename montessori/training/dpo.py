@@ -22,12 +22,11 @@ from functools import cache
 
 from montessori.config import DPOConfig
 from montessori.errors import MontessoriError
-from montessori.models import load_model
 from montessori.models.chat import prompt_text
 from montessori.records import PreferencePair
 from montessori.store import atomic_write_json, read_jsonl
-from montessori.training.common import (check_wsd, common_args, eval_split, last_value, mean_value,
-                                        quiet_callbacks, save_model_atomic, write_metrics)
+from montessori.training.common import (check_wsd, common_args, eval_split, last_value, load_for_training,
+                                        mean_value, quiet_callbacks, save_model_atomic, write_metrics)
 
 
 def preference_features(tokenizer, pref: PreferencePair) -> dict:
@@ -64,9 +63,14 @@ def _trainer_class():
 
 
 def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, *, ref_model=None,
-                      eval_prefs: list[PreferencePair] = (), output_dir, callbacks=(), progress: bool = False):
+                      eval_prefs: list[PreferencePair] = (), output_dir, callbacks=(), progress: bool = False,
+                      precompute_ref: bool = True, compute_dtype=None):
     """A ready DPOTrainer over pre-tokenized pairs, WSD schedule, reference = `ref_model` (or, with
-    cfg.lora, the teacher with its adapters disabled)."""
+    cfg.lora, the teacher with its adapters disabled).
+
+    The reference is frozen, so by default its log-probs of every pair are computed once here, before
+    the first step (TRL's precompute_ref_log_probs), instead of one more forward per step; the trainer
+    then drops its handle on the reference model. `precompute_ref=False` is TRL's per-step reference."""
     from trl import DPOConfig as TRLDPOConfig
 
     wsd = check_wsd(cfg, "dpo")
@@ -78,8 +82,11 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
     evals = preference_dataset(tokenizer, list(eval_prefs), cfg.max_length)[0] if eval_prefs else None
     args = TRLDPOConfig(
         **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                      grad_accum=cfg.grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing),
+                      grad_accum=cfg.grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+                      compute_dtype=compute_dtype),
         beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length, truncation_mode="keep_start",
+        # batches of 16 pairs for the no-grad reference pass: a batch of 2 leaves a GPU mostly idle
+        precompute_ref_log_probs=precompute_ref, precompute_ref_batch_size=max(16, cfg.batch_size),
     )
     peft_config = None
     if cfg.lora:
@@ -89,6 +96,8 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
         ref_model = None  # TRL computes the reference with the adapters disabled: the teacher as it entered
     trainer = _trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evals,
                                processing_class=tokenizer, callbacks=list(callbacks), peft_config=peft_config)
+    if precompute_ref:
+        trainer.ref_model = None  # its log-probs are columns of the datasets now: no step reads the model
     trainer.wsd = wsd
     trainer.dropped_too_long = too_long
     quiet_callbacks(trainer, progress, "dpo")
@@ -99,6 +108,7 @@ def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **k
     """Run DPO; returns (trained model, log history, pairs dropped as too long). With cfg.lora the
     adapters are merged, so the returned model is a plain transformers model either way."""
     trainer = build_dpo_trainer(model, tokenizer, prefs, cfg, **kwargs)
+    kwargs.clear()  # the reference model, if any: the trainer holds what it still needs
     trainer.train()
     if trainer.eval_dataset is not None:
         trainer.evaluate()  # appends eval_rewards/margins, eval_rewards/accuracies to the log history
@@ -118,11 +128,13 @@ def run_dpo(ctx) -> dict:
     train, held = eval_split(prefs, cfg.eval_fraction, cfg.seed)
     spec = ctx.teacher_spec()
     ctx.log.info("dpo: teacher %s, %d train / %d eval pairs", spec, len(train), len(held))
-    model, tokenizer = load_model(spec, models.device, models.dtype)
-    ref_model = None if cfg.lora else load_model(spec, models.device, models.dtype)[0].eval()
+    model, tokenizer, compute = load_for_training(spec, models, cfg.lora)
     work = ctx.stage.path / ".trainer"
-    trained, history, too_long = train_dpo(model, tokenizer, train, cfg, ref_model=ref_model, eval_prefs=held,
-                                 output_dir=work, progress=ctx.progress)
+    # The reference (loaded like the policy, so both start from the same log-probs) is passed without
+    # a name: once the trainer has its log-probs, nothing holds it.
+    trained, history, too_long = train_dpo(
+        model, tokenizer, train, cfg, eval_prefs=held, output_dir=work, progress=ctx.progress, compute_dtype=compute,
+        ref_model=None if cfg.lora else load_for_training(spec, models, cfg.lora)[0].eval())
     shutil.rmtree(work, ignore_errors=True)
     if too_long:
         ctx.log.warning("dpo: %d of %d pairs dropped: their prompt alone fills dpo.max_length=%d", too_long,

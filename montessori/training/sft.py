@@ -19,12 +19,11 @@ from functools import cache
 
 from montessori.config import SFTConfig
 from montessori.errors import InputError, MontessoriError
-from montessori.models import load_model
 from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
 from montessori.records import Pair
 from montessori.store import read_jsonl
-from montessori.training.common import (check_wsd, common_args, last_value, mean_value, quiet_callbacks,
-                                        save_model_atomic, write_metrics)
+from montessori.training.common import (check_wsd, common_args, last_value, load_for_training, mean_value,
+                                        quiet_callbacks, save_model_atomic, write_metrics)
 
 
 def sft_dataset(tokenizer, pairs: list[Pair], max_length: int):
@@ -58,9 +57,20 @@ def _trainer_class():
     return WSDSFTTrainer
 
 
+def varlen_attention(model) -> bool:
+    """Whether the model's attention kernel takes packed sequences natively (flash attention's varlen
+    path). Only there is a padding-free batch a saving: SDPA and eager run a packed row under a
+    block-diagonal mask over the whole row, exact but with the attention cost of one long sequence."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
+
+
 def build_sft_trainer(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, *, output_dir, callbacks=(),
-                      progress: bool = False):
-    """A ready SFTTrainer over `encode_example` tokens, WSD schedule; also returns the dropped count."""
+                      progress: bool = False, padding_free: bool | None = None, compute_dtype=None):
+    """A ready SFTTrainer over `encode_example` tokens, WSD schedule; also returns the dropped count.
+
+    `padding_free` (default: `varlen_attention(model)`) concatenates each micro batch into one row
+    with restarting position ids (TRL's padding-free batches): no pad token is computed, and the loss
+    is the same token mean as the padded batch's. Examples are already cut at sft.max_length."""
     from trl import SFTConfig as TRLSFTConfig
 
     wsd = check_wsd(cfg, "sft")
@@ -68,10 +78,14 @@ def build_sft_trainer(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, *, ou
     if train is None:
         raise MontessoriError(f"sft: no training pair has a response token within sft.max_length={cfg.max_length}")
     grad_accum = grad_accum_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    padding_free = varlen_attention(model) if padding_free is None else padding_free
     args = TRLSFTConfig(
         **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.micro_batch_size,
-                      grad_accum=grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing),
-        max_length=cfg.max_length, packing=False, shuffle_dataset=False,
+                      grad_accum=grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+                      compute_dtype=compute_dtype),
+        # TRL leaves max_length to packing when padding-free; encode_example has applied it already
+        max_length=None if padding_free else cfg.max_length, padding_free=padding_free, packing=False,
+        shuffle_dataset=False,
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                                callbacks=list(callbacks))
@@ -94,9 +108,10 @@ def run_sft(ctx) -> dict:
         raise MontessoriError("sft: data/pairs.jsonl holds no training pairs; re-run the data stage")
     spec = ctx.base_student_spec()
     ctx.log.info("sft: student %s, %d training pairs", spec, len(pairs))
-    model, tokenizer = load_model(spec, models.device, models.dtype)
+    model, tokenizer, compute = load_for_training(spec, models, lora=False)
     work = ctx.stage.path / ".trainer"
-    trained, history, dropped = train_sft(model, tokenizer, pairs, cfg, output_dir=work, progress=ctx.progress)
+    trained, history, dropped = train_sft(model, tokenizer, pairs, cfg, output_dir=work, progress=ctx.progress,
+                                          compute_dtype=compute)
     shutil.rmtree(work, ignore_errors=True)
     write_metrics(ctx.stage.file("metrics.jsonl"), history)
     save_model_atomic(trained, tokenizer, ctx.stage.path / "model")
