@@ -135,7 +135,7 @@ class TransformersBackend(Backend):
         the model; None, and the `generate` engine from then on, if it does not compute the same)."""
         from montessori.generation.backends.slots import SlotEngine
         slots = self.slots or min(256, len(prompts) * sampling.n)
-        if self._fast is None or self._fast.slots < slots:
+        if self._fast is None or self._fast.slots < slots or self._fast.eos_ids != self.eos_ids:
             engine = SlotEngine(self.model, self.eos_ids, slots, compile=self.compile)
             gap = engine.check(list(prompts[0][:32]))
             if gap > 1e-2:

@@ -189,6 +189,7 @@ class SlotEngine:
         self.model, self.slots, self.compile = model, slots, compile
         self.device = model.device
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.eos_ids = list(eos_ids)
         self.eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=self.device)
         self.capacity = self.max_new = 0
         self._step_fn = None
@@ -257,8 +258,22 @@ class SlotEngine:
             self._step_fn = self._step
             if self.compile:
                 _raise_recompile_limit()
-                self._step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=False)
+                self._step_fn = self._guarded(torch.compile(self._step, mode="reduce-overhead", fullgraph=False))
         return self._step_fn
+
+    def _guarded(self, compiled):
+        """The compiled step, or the eager one from the first time compiling fails (an unsupported
+        op, a missing compiler): slower, never wrong."""
+        def step(view: int, greedy: bool) -> None:
+            if self._step_fn is not self._step:
+                try:
+                    return compiled(view, greedy)
+                except Exception as err:  # noqa: BLE001 - any compiler failure: decode eagerly
+                    log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly",
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    self._step_fn, self.compile = self._step, False
+            return self._step(view, greedy)
+        return step
 
     # -- prompts into free slots --
 
