@@ -122,10 +122,11 @@ def main() -> None:
             del backend
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "versions": versions,
-                                        "gpu": gpu, "results": results}, indent=1) + "\n")
+            if args.out:  # after every result: a call cut short by a time limit keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                "versions": versions, "gpu": gpu, "results": results},
+                                               indent=1) + "\n")
 
 
 if __name__ == "__main__":
