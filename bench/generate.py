@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=2, help="calls of B rows per engine and batch size")
     parser.add_argument("--engines", nargs="+", default=["generate", "fast", "fast-1call"],
                         choices=("generate", "fast", "fast-1call"))
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "graphs", "off"),
+                        help="fast engine modes to measure, each as its own row")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -86,7 +87,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     print(f"{name} on {gpu or args.device} ({args.dtype}, {versions}), prompt {args.prompt_len} tokens, up to "
           f"{args.new_tokens} new, n={args.n}, mean length {args.mean_len or 'unbounded'}, {args.waves} waves\n")
-    print(f"{'batch':>6} {'engine':>11} {'seconds':>9} {'real tok':>9} {'tok/s':>9} {'vs old':>7}")
+    print(f"{'batch':>6} {'engine/compile':>18} {'seconds':>9} {'real tok':>9} {'tok/s':>9} {'vs old':>7}")
     results = []
     gen = torch.Generator().manual_seed(0)
     for bs in args.batch_sizes:
@@ -94,13 +95,21 @@ def main() -> None:
         prompts = torch.randint(vocab // 2, vocab, (per_call * args.waves, args.prompt_len), generator=gen).tolist()
         seeds = list(range(len(prompts)))
         base = None
-        for engine in args.engines:
-            backend = TransformersBackend(model, tokenizer, engine=engine.split("-")[0], compile=args.compile,
-                                          slots=bs)
+        # (engine, compile mode): the old engine once, each fast variant per compile mode; the two fast
+        # variants of a mode share one backend (its compiled graphs and buffers).
+        variants = [(e, m) for m in args.compile for e in args.engines if e != "generate"]
+        if "generate" in args.engines:
+            variants.insert(0, ("generate", "off"))
+        backends = {}
+        for engine, mode in variants:
+            fresh = (engine == "generate", mode) not in backends
+            backend = backends.setdefault((engine == "generate", mode), TransformersBackend(
+                model, tokenizer, engine=engine.split("-")[0], compile=mode, slots=bs))
             backend.eos_ids = eos
             calls = [prompts] if engine == "fast-1call" else \
                 [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
-            backend.generate_tokens(prompts[:per_call], seeds[:per_call], sampling)  # warm-up: compile, capture
+            if fresh:  # warm-up at the same sizes, untimed: compilation, CUDA-graph capture
+                backend.generate_tokens(prompts[:per_call], seeds[:per_call], sampling)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -114,19 +123,21 @@ def main() -> None:
             tokens = sum(real_tokens(r, set(eos)) for r in rows)
             rate = tokens / seconds
             base = base or (rate if engine == "generate" else None)
-            ran = backend.engine + ("+compile" if backend.engine == "fast" and backend.compile else "")
-            results.append({"model": name, "batch": bs, "engine": engine, "ran": ran, "seconds": round(seconds, 3),
-                            "real_tokens": tokens, "tokens_per_s": round(rate, 1), "rows": len(rows)})
+            ran = backend.engine + (f"/{backend.compile}" if backend.engine == "fast" else "")
+            label = engine if engine == "generate" else f"{engine}/{mode}"
+            results.append({"model": name, "batch": bs, "engine": engine, "compile": mode, "ran": ran,
+                            "seconds": round(seconds, 3), "real_tokens": tokens, "tokens_per_s": round(rate, 1),
+                            "rows": len(rows)})
             ratio = f"{rate / base:6.2f}x" if base else "      -"
-            print(f"{bs:6d} {engine:>11} {seconds:9.2f} {tokens:9d} {rate:9.0f} {ratio}  ({ran})", flush=True)
-            del backend
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            print(f"{bs:6d} {label:>18} {seconds:9.2f} {tokens:9d} {rate:9.0f} {ratio}  (ran {ran})", flush=True)
             if args.out:  # after every result: a call cut short by a time limit keeps what it measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                 "versions": versions, "gpu": gpu, "results": results},
                                                indent=1) + "\n")
+        del backends
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

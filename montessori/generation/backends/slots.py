@@ -185,7 +185,9 @@ def _register_attention() -> bool:
 class SlotEngine:
     """Continuous-batching decode of many (prompt, seed, sample) rows over `slots` cache rows."""
 
-    def __init__(self, model, eos_ids: list[int], slots: int, compile: bool = False):
+    def __init__(self, model, eos_ids: list[int], slots: int, compile: bool | str = False):
+        """compile: True = torch.compile (mode reduce-overhead: inductor + CUDA graphs), "graphs" = the
+        eager step captured as CUDA graphs, False = eager."""
         self.model, self.slots, self.compile = model, slots, compile
         self.device = model.device
         self.vocab = model.get_output_embeddings().weight.shape[0]
@@ -196,7 +198,10 @@ class SlotEngine:
 
     @staticmethod
     def supported(model) -> bool:
-        return _register_attention() and getattr(model.config, "is_encoder_decoder", False) is False
+        """Decoder-only, full attention (slot_attention has no sliding window), a recent transformers."""
+        config = model.config
+        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        return not getattr(config, "is_encoder_decoder", False) and not sliding and _register_attention()
 
     # -- state --
 
@@ -249,17 +254,46 @@ class SlotEngine:
         self.context[rows, token] |= live
         step = live.long()
         self.count += step
-        self.done |= torch.isin(token, self.eos) | (self.count >= limit.long())
+        self.done |= (token[:, None] == self.eos[None, :]).any(dim=-1) | (self.count >= limit.long())
         self.pos += step * (~self.done).long()  # an ended row stays where it is (no position overflow)
         self.tok.copy_(token)
 
     def _stepper(self):
         if self._step_fn is None:
             self._step_fn = self._step
-            if self.compile:
+            if self.compile == "graphs" and self.device.type == "cuda":
+                self._step_fn = self._graphed()
+            elif self.compile and self.compile != "graphs":
                 _raise_recompile_limit()
                 self._step_fn = self._guarded(torch.compile(self._step, mode="reduce-overhead", fullgraph=False))
         return self._step_fn
+
+    def _graphed(self):
+        """The eager step captured as one CUDA graph per (view, greedy): no compiler, no compile time;
+        each step is one graph launch instead of hundreds of kernel launches. A step writes only into
+        the preallocated state, so the graphs can share one memory pool. Eager from the first failed
+        capture on."""
+        graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        pool = torch.cuda.graph_pool_handle()
+
+        def step(view: int, greedy: bool) -> None:
+            graph = graphs.get((view, greedy))
+            if graph is not None:
+                return graph.replay()
+            self._step(view, greedy)  # this call's step, eagerly: also the warm-up capture needs
+            if self._step_fn is not step:
+                return None
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(view, greedy)  # recorded, not run
+                graphs[(view, greedy)] = graph
+            except Exception as err:  # noqa: BLE001 - an op that cannot be captured: decode eagerly
+                log.warning("CUDA graph capture of the decode step failed (%s: %s); decoding eagerly",
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                self._step_fn, self.compile = self._step, False
+            return None
+        return step
 
     def _guarded(self, compiled):
         """The compiled step, or the eager one from the first time compiling fails (an unsupported
