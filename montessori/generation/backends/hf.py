@@ -139,6 +139,8 @@ class TransformersBackend(Backend):
         slots = self.slots or min(256, len(prompts) * sampling.n)
         if self._fast is None or self._fast.slots < slots or self._fast.eos_ids != self.eos_ids:
             engine = SlotEngine(self.model, self.eos_ids, slots, compile=self.compile)
+            # Buffers for this call's sizes first: a later, larger call means new shapes (a recompile).
+            engine.allocate(max(len(p) for p in prompts) + sampling.max_new_tokens + 8, sampling.max_new_tokens)
             gap = engine.check(list(prompts[0][:32]))
             log.info("fast generation engine: %d slots, compile %s, greedy gap %.3g", slots, engine.compile, gap)
             # bf16 noise can pick a near-tie (a few % of the logits' spread on a random model); a broken

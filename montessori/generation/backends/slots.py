@@ -43,7 +43,8 @@ ATTENTION = "montessori_slots"
 SYNC_EVERY = 8  # decode steps between looks at which rows ended (each look is one host sync)
 VIEW_ROUND = 128  # attention reads the first `view` cache columns, rounded up to this
 CAPACITY_ROUND = 512  # cache columns and output length are allocated in steps of this
-BISECT_STEPS = 24  # top-p threshold to 2^-24 of the top probability (float32 resolution)
+BISECT_STEPS = 20  # top-p threshold bracketed to 2^-20 of the log-probability range, then ordered exactly
+BAND_TOKENS = 8  # tokens inside that bracket ordered exactly (a bracket rarely holds more than 2)
 MASK32 = 0xFFFFFFFF
 
 
@@ -72,18 +73,31 @@ def uniform(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> tor
     return (h >> 8).to(torch.float32) * (2.0 ** -24)  # 24 bits: exact in float32, never 1.0
 
 
-def nucleus(probs: torch.Tensor, top_p: torch.Tensor | float, steps: int = BISECT_STEPS) -> torch.Tensor:
-    """Mask of the smallest set of most likely tokens whose probability reaches top_p (per row).
+def nucleus(probs: torch.Tensor, top_p: torch.Tensor | float, steps: int = BISECT_STEPS,
+            band: int = BAND_TOKENS) -> torch.Tensor:
+    """Mask of the smallest set of most likely tokens whose probability reaches top_p (per row): a
+    token is kept when the tokens more likely than it hold less than top_p (HF's and vLLM's cut).
 
-    That set is {p >= t} for the largest t with mass(p >= t) >= top_p; t is found by bisection
-    (each step one fused pass over the vocabulary), not by sorting the vocabulary every step."""
-    hi = probs.amax(dim=-1, keepdim=True)
-    lo = torch.zeros_like(hi)
+    Without sorting the vocabulary every step: bisection on a threshold keeps mass(p >= lo) >= top_p >
+    mass(p >= hi) (each step one fused pass), then the few tokens left between lo and hi are ordered
+    exactly (a top-k of `band`); exact unless more than `band` tokens lie that close to the cut."""
+    # Geometric bisection (in log p): the bracket's width is relative to the threshold, which may sit
+    # far below the top probability (a flat distribution, or top_p near 1).
+    hi = probs.amax(dim=-1, keepdim=True).log()
+    lo = probs.amin(dim=-1, keepdim=True).clamp(min=1e-38).log()
     for _ in range(steps):
         mid = (lo + hi) / 2
-        enough = torch.where(probs >= mid, probs, 0.0).sum(dim=-1, keepdim=True) >= top_p
+        enough = torch.where(probs >= mid.exp(), probs, 0.0).sum(dim=-1, keepdim=True) >= top_p
         lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
-    return probs >= lo
+    lo, hi = lo.exp(), hi.exp()
+    keep = probs >= hi
+    above = torch.where(keep, probs, 0.0).sum(dim=-1, keepdim=True)
+    between = torch.where((probs >= lo) & ~keep, probs, 0.0)
+    top, index = between.topk(min(band, probs.shape[-1]), dim=-1)
+    take = (above + top.cumsum(dim=-1) - top < top_p) & (top > 0)
+    # Band tokens beyond the top-k: kept with the last one (the rare case the cut is not exact).
+    keep |= (between > 0) & take[:, -1:]
+    return keep.scatter(1, index, keep.gather(1, index) | take)
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, context: torch.Tensor, presence, repetition) -> torch.Tensor:
@@ -205,7 +219,7 @@ class SlotEngine:
 
     # -- state --
 
-    def _allocate(self, capacity: int, max_new: int) -> None:
+    def allocate(self, capacity: int, max_new: int) -> None:
         """(Re)allocate the slot state when a call needs more than the current one holds (new buffers
         mean a new compiled graph, so sizes only grow and in steps of CAPACITY_ROUND)."""
         if capacity <= self.capacity and max_new <= self.max_new:
@@ -228,7 +242,6 @@ class SlotEngine:
             for t in (self.tok, self.pos, self.count, self.done, self.seed, self.sample, self.seen, self.context,
                       self.out, self.params):
                 torch._dynamo.mark_static_address(t)
-        self._step_fn = None  # new buffers: compile again
 
     # -- one decode step: no host sync, shapes fixed but for `view` --
 
@@ -348,20 +361,20 @@ class SlotEngine:
     # -- the loop --
 
     @torch.no_grad()
-    def run(self, prompts: list[list[int]], seeds: list[int], sampling) -> list[list[int]]:
+    def run(self, prompts: list[list[int]], seeds: list[int], sampling, eager: bool = False) -> list[list[int]]:
         """Generated token ids (EOS included when reached) for each prompt x sample, prompt-major."""
         n, max_new = sampling.n, sampling.max_new_tokens
         # Longest prompts first: prompts encoded together have similar lengths (little padding).
         order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p]))
         queue = [(p, j, seeds[p]) for p in order for j in range(n)][::-1]  # pop() takes the next row
         longest = max(len(p) for p in prompts)
-        self._allocate(longest + max_new + SYNC_EVERY, max_new)
+        self.allocate(longest + max_new + SYNC_EVERY, max_new)
         self.done.fill_(True)
         self.pos.zero_()
         self.params.copy_(torch.tensor([max(sampling.temperature, 1e-6), sampling.top_p, sampling.presence_penalty,
                                         sampling.repetition_penalty, max_new], dtype=torch.float32))
         greedy = sampling.temperature <= 0
-        step = self._stepper()
+        step = self._step if eager else self._stepper()
         owner: list[tuple[int, int, int] | None] = [None] * self.slots
         top = [0] * self.slots  # host-side upper bound of each slot's position
         results: dict[tuple[int, int], list[int]] = {}
@@ -398,7 +411,8 @@ class SlotEngine:
         logits' spread. About 0 when the slot path computes what the model computes; the backend falls
         back to `generate` when it is not (a model whose attention or cache this engine cannot drive)."""
         from montessori.generation.backends.base import Sampling
-        ids = self.run([prompt], [0], Sampling(n=1, temperature=0.0, max_new_tokens=steps))[0]
+        # Eager: compiling the greedy variant only for this check would cost a compilation.
+        ids = self.run([prompt], [0], Sampling(n=1, temperature=0.0, max_new_tokens=steps), eager=True)[0]
         full = torch.tensor([prompt + ids], device=self.device)
         logits = self.model(input_ids=full, use_cache=False).logits[0, len(prompt) - 1:len(prompt) - 1 + len(ids)].float()
         chosen = logits.gather(1, torch.tensor(ids, device=self.device)[:, None]).squeeze(1)
