@@ -102,6 +102,11 @@ class TransformersBackend(Backend):
         self.slots = slots
         self._fast = None
 
+    @property
+    def continuous(self) -> bool:
+        """Refills ended rows within a call, and a row's text depends on its own request only."""
+        return self.engine == "fast"
+
     @classmethod
     def load(cls, spec: str, device: str = "auto", dtype: str = "auto", **options) -> "TransformersBackend":
         from montessori.models.load import load_model
@@ -126,11 +131,18 @@ class TransformersBackend(Backend):
         engine = self._fast_engine(prompts, sampling) if self.engine == "fast" else None
         if engine is not None:
             return engine.run(prompts, seeds, sampling)
+        # At most `slots` rows per `generate` call, each call seeded by its first prompt: the stage's
+        # batches, whatever it hands over (the same text as before the fast engine existed).
+        per_call = max(1, self.slots // sampling.n) if self.slots else len(prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        return self.generate_ids(input_ids, attention_mask, sampling, seeds[0])
+        rows = []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start:start + per_call]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk])
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            rows += self.generate_ids(input_ids, attention_mask, sampling, seeds[start])
+        return rows
 
     def _fast_engine(self, prompts: list[list[int]], sampling: Sampling):
         """The slot engine for this call (built on first use and checked against a plain forward of
