@@ -241,7 +241,9 @@ class SlotEngine:
         if dev.type == "cuda":
             for t in (self.tok, self.pos, self.count, self.done, self.seed, self.sample, self.seen, self.context,
                       self.out, self.params):
+                # Unguarded: new buffers (a larger call) make CUDA graphs re-record, not recompile.
                 torch._dynamo.mark_static_address(t)
+        self._step_fn = None  # captured CUDA graphs point at the old buffers
 
     # -- one decode step: no host sync, shapes fixed but for `view` --
 
