@@ -108,8 +108,12 @@ def main() -> None:
             backend.eos_ids = eos
             calls = [prompts] if engine == "fast-1call" else \
                 [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
-            if fresh:  # warm-up at the same sizes, untimed: compilation, CUDA-graph capture
-                backend.generate_tokens(prompts[:per_call], seeds[:per_call], sampling)
+            warmup = 0.0
+            if fresh:  # warm-up, untimed: compilation and CUDA-graph capture at every size the timed run meets
+                t0 = time.perf_counter()
+                short = Sampling(n=args.n, max_new_tokens=2) if engine == "generate" else sampling
+                backend.generate_tokens(prompts[:per_call], seeds[:per_call], short)
+                warmup = time.perf_counter() - t0
             if args.device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -127,9 +131,10 @@ def main() -> None:
             label = engine if engine == "generate" else f"{engine}/{mode}"
             results.append({"model": name, "batch": bs, "engine": engine, "compile": mode, "ran": ran,
                             "seconds": round(seconds, 3), "real_tokens": tokens, "tokens_per_s": round(rate, 1),
-                            "rows": len(rows)})
+                            "rows": len(rows), "warmup_s": round(warmup, 1)})
             ratio = f"{rate / base:6.2f}x" if base else "      -"
-            print(f"{bs:6d} {label:>18} {seconds:9.2f} {tokens:9d} {rate:9.0f} {ratio}  (ran {ran})", flush=True)
+            print(f"{bs:6d} {label:>18} {seconds:9.2f} {tokens:9d} {rate:9.0f} {ratio}  (ran {ran}, warm-up "
+                  f"{warmup:.0f} s)", flush=True)
             if args.out:  # after every result: a call cut short by a time limit keeps what it measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ATTENTION = "montessori_slots"
 SYNC_EVERY = 8  # decode steps between looks at which rows ended (each look is one host sync)
 VIEW_ROUND = 128  # attention reads the first `view` cache columns, rounded up to this
+REFILL_FRACTION = 8  # ended rows wait until 1/8 of the slots are free, then are refilled together
 CAPACITY_ROUND = 512  # cache columns and output length are allocated in steps of this
 BISECT_STEPS = 20  # top-p threshold bracketed to 2^-20 of the log-probability range, then ordered exactly
 BAND_TOKENS = 8  # tokens inside that bracket ordered exactly (a bracket rarely holds more than 2)
@@ -383,7 +384,9 @@ class SlotEngine:
         free = list(range(self.slots))
         with _attention(self.model):
             while queue or any(o is not None for o in owner):
-                if free and queue:
+                # Refill once an eighth of the slots is free: a prompt pass costs about as much as a few
+                # decode steps however few prompts it encodes.
+                if queue and len(free) >= min(max(1, self.slots // REFILL_FRACTION), len(queue)):
                     take = [queue.pop() for _ in range(min(len(free), len(queue)))]
                     slots, free = free[:len(take)], free[len(take):]
                     self._fill(slots, take, prompts)
