@@ -7,8 +7,8 @@
 Both mean the same by every sampling knob; they draw different random numbers, so the same seed
 gives different (equally distributed) text on the two engines.
 
-In the `generate` engine sampling is done by two logits processors so that every backend means the same thing by each knob:
-`PresencePenalty` (OpenAI/vLLM semantics; transformers has none) and `SeededSampler`, which applies
+In the `generate` engine two logits processors sample, so that every backend means the same thing by
+each knob: `PresencePenalty` (OpenAI/vLLM semantics; transformers has none) and `SeededSampler`, which applies
 temperature and top-p and then draws the token with the Gumbel-max trick from its own generator,
 leaving one finite logit for greedy decoding to pick. The draw thus depends only on the seed of the
 call, never on the global RNG state of the process: a resumed stage samples the same text.
@@ -134,7 +134,7 @@ class TransformersBackend(Backend):
         # At most `slots` rows per `generate` call, each call seeded by its first prompt: the stage's
         # batches, whatever it hands over (the same text as before the fast engine existed).
         per_call = max(1, self.slots // sampling.n) if self.slots else len(prompts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
         rows = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start:start + per_call]

@@ -6,8 +6,9 @@ kept their slot until the longest row was done, the dynamic cache, full-vocabula
 one kernel at a time, and per-batch overhead. Here:
 
 - Every sequence (prompt x sample) owns one *slot* (a row of a preallocated KV cache); its token at
-  position p lives in column p. A slot whose row ended (EOS or max_new_tokens) is refilled with the
-  next waiting row at the next check (continuous batching), so no slot decodes padding for long.
+  position p lives in column p. Slots whose rows ended (EOS or max_new_tokens) are refilled with
+  waiting rows, longest prompts first, once an eighth of the slots is free (continuous batching), so
+  no slot decodes padding for long. A prompt is encoded once for its n samples.
 - Decode attention reads only the first `view` columns (the longest live row, rounded up to 128)
   and groups the query heads per KV head instead of copying the cache `num_heads / kv_heads` times
   (what SDPA with a mask does); prompts are encoded with the model's own attention (SDPA).
@@ -20,9 +21,14 @@ one kernel at a time, and per-batch overhead. Here:
 
 Sampling means what the `generate` engine means (base.py: OpenAI/vLLM semantics): repetition
 penalty over prompt + generated tokens (HF), presence penalty over generated tokens, temperature,
-top-p (the smallest most-likely set reaching top_p, found by bisection on the probability threshold
-instead of a sort of the vocabulary), then inverse-CDF sampling of the kept tokens in vocabulary
-order; temperature 0 is greedy (argmax after the penalties), as in `generate`.
+top-p (the smallest most-likely set reaching top_p: a bisection on the probability threshold, then
+the few tokens at the cut ordered exactly, instead of a sort of the vocabulary every step), then
+inverse-CDF sampling of the kept tokens in vocabulary order; temperature 0 is greedy (argmax after
+the penalties), as in `generate`.
+
+On CUDA the step is compiled (`generation.compile: on`, torch.compile mode reduce-overhead) or
+captured as plain CUDA graphs of the eager step (`graphs`: no compile time); either falls back to
+eager decoding, with a warning, when it fails.
 
 Works with decoder-only models whose attention goes through transformers' `AttentionInterface` and
 that take `position_ids` and a 4D mask (Llama, Qwen2, Mistral without sliding window, ...):
@@ -419,7 +425,8 @@ class SlotEngine:
         # Eager: compiling the greedy variant only for this check would cost a compilation.
         ids = self.run([prompt], [0], Sampling(n=1, temperature=0.0, max_new_tokens=steps), eager=True)[0]
         full = torch.tensor([prompt + ids], device=self.device)
-        logits = self.model(input_ids=full, use_cache=False).logits[0, len(prompt) - 1:len(prompt) - 1 + len(ids)].float()
+        first = len(prompt) - 1  # the logits that predicted ids[0]
+        logits = self.model(input_ids=full, use_cache=False).logits[0, first:first + len(ids)].float()
         chosen = logits.gather(1, torch.tensor(ids, device=self.device)[:, None]).squeeze(1)
         spread = (logits.amax(-1) - logits.amin(-1)).clamp(min=1e-6)
         return float(((logits.amax(-1) - chosen) / spread).max())
