@@ -1,10 +1,19 @@
-"""Tokens/s of the transformers generation backend over batch sizes (rows per `generate` call).
+"""Real tokens/s of the transformers backend's two engines, old (`generate`) and new (`fast`), in one call.
 
-The stage's sampling (temperature 1.0, top_p 0.9, presence penalty 1.0, seeded Gumbel-max sampler),
-left-padded prompts of --prompt-len tokens, --new-tokens generated per row without early stop.
+The stage's sampling (temperature 1.0, top_p 0.9, presence penalty 1.0, n samples per prompt),
+prompts of --prompt-len tokens, up to --new-tokens per row. A random model almost never emits its
+EOS token, so rows end like a teacher's do only if told: --mean-len L makes the first V/L token ids
+end-of-sequence tokens (each step ends a row with probability ~1/L, a geometric length distribution);
+0 = no row ever stops. Only real tokens count (a row's tokens up to and including its EOS).
 
-    python bench/generate.py --model smollm2 --device cpu --batch-sizes 1 4 8 16 32
-    python bench/generate.py --arch tinyllama-1.1b --device cuda --batch-sizes 8 32 64 128 256
+Per batch size B (sequences decoded at once, `generation.batch_size`) each engine generates --waves
+calls of B rows (B / n prompts each), as the instructions stage calls it; `fast-1call` hands the
+fast engine all rows in one call (continuous batching refills ended rows with waiting ones). Each
+engine runs once untimed first (compilation, CUDA-graph capture) at the same sizes.
+
+    python bench/generate.py --model smollm2 --device cpu --batch-sizes 8 16 --new-tokens 64
+    python bench/generate.py --arch smollm2-135m --device cuda --batch-sizes 64 256 1024 \\
+        --new-tokens 1024 --mean-len 256 --out bench/results/generate-smollm2.json
 
 --arch builds a random-initialised model of a real architecture (no download, no tokenizer: prompts
 are random token ids), so it runs on a bare GPU machine with torch + transformers only.
@@ -13,6 +22,7 @@ are random token ids), so it runs on a bare GPU machine with torch + transformer
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,56 +35,107 @@ from bench.archs import ARCHS, build_model  # noqa: E402
 
 
 def build(args):
-    from montessori.generation.backends.hf import TransformersBackend
+    """(model, tokenizer or None); eos ids are set by main."""
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.arch:
-        model = build_model(args.arch, device, dtype, eos_token_id=None, bos_token_id=None)
-        model.generation_config.eos_token_id = None
-        return TransformersBackend(model, None), model.config.vocab_size
+        return build_model(args.arch, device, dtype, eos_token_id=None, bos_token_id=None), None
     from montessori.models.load import load_model
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    backend = TransformersBackend(model, tokenizer)
-    backend.eos_ids = []  # measure full-length rows
-    model.generation_config.eos_token_id = None
-    return backend, model.config.vocab_size
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def real_tokens(row: list[int], eos: set[int]) -> int:
+    end = next((i for i, t in enumerate(row) if t in eos), None)
+    return len(row) if end is None else end + 1
 
 
 def main() -> None:
     from montessori.generation.backends.base import Sampling
+    from montessori.generation.backends.hf import TransformersBackend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="model spec (ignored with --arch)")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="random-initialised architecture instead of --model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt (instructions stage: 4)")
+    parser.add_argument("--mean-len", type=int, default=0, help="mean row length via V/L EOS ids; 0 = never stop")
+    parser.add_argument("--waves", type=int, default=2, help="calls of B rows per engine and batch size")
+    parser.add_argument("--engines", nargs="+", default=["generate", "fast", "fast-1call"],
+                        choices=("generate", "fast", "fast-1call"))
+    parser.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "graphs", "off"),
+                        help="fast engine modes to measure, each as its own row")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    backend, vocab = build(args)
-    sampling = Sampling(n=1, temperature=1.0, top_p=0.9, presence_penalty=1.0, max_new_tokens=args.new_tokens)
+    model, tokenizer = build(args)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    eos = list(range(1, 1 + vocab // args.mean_len)) if args.mean_len else []
+    model.generation_config.eos_token_id = eos or None
+    sampling = Sampling(n=args.n, temperature=1.0, top_p=0.9, presence_penalty=1.0, max_new_tokens=args.new_tokens)
     name = args.arch or args.model
-    print(f"{name} on {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads), prompt "
-          f"{args.prompt_len} tokens, {args.new_tokens} new tokens per row\n")
-    print(f"{'batch':>6} {'seconds':>9} {'tokens/s':>10} {'ms/step':>9}")
+    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    print(f"{name} on {gpu or args.device} ({args.dtype}, {versions}), prompt {args.prompt_len} tokens, up to "
+          f"{args.new_tokens} new, n={args.n}, mean length {args.mean_len or 'unbounded'}, {args.waves} waves\n")
+    print(f"{'batch':>6} {'engine/compile':>18} {'seconds':>9} {'real tok':>9} {'tok/s':>9} {'vs old':>7}")
+    results = []
     gen = torch.Generator().manual_seed(0)
     for bs in args.batch_sizes:
-        ids = torch.randint(10, vocab, (bs, args.prompt_len), generator=gen)
-        mask = torch.ones_like(ids)
-        backend.generate_ids(ids[:, :8], mask[:, :8], Sampling(n=1, max_new_tokens=2), 0)  # warm-up
-        best = float("inf")
-        for r in range(args.repeats):
+        per_call = max(1, bs // args.n)
+        prompts = torch.randint(vocab // 2, vocab, (per_call * args.waves, args.prompt_len), generator=gen).tolist()
+        seeds = list(range(len(prompts)))
+        base = None
+        # (engine, compile mode): the old engine once, each fast variant per compile mode; the two fast
+        # variants of a mode share one backend (its compiled graphs and buffers).
+        variants = [(e, m) for m in args.compile for e in args.engines if e != "generate"]
+        if "generate" in args.engines:
+            variants.insert(0, ("generate", "off"))
+        backends = {}
+        for engine, mode in variants:
+            fresh = (engine == "generate", mode) not in backends
+            backend = backends.setdefault((engine == "generate", mode), TransformersBackend(
+                model, tokenizer, engine=engine.split("-")[0], compile=mode, slots=bs))
+            backend.eos_ids = eos
+            calls = [prompts] if engine == "fast-1call" else \
+                [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
+            warmup = 0.0
+            if fresh:  # warm-up, untimed: compilation and CUDA-graph capture at every size the timed run meets
+                t0 = time.perf_counter()
+                short = Sampling(n=args.n, max_new_tokens=2) if engine == "generate" else sampling
+                backend.generate_tokens(prompts[:per_call], seeds[:per_call], short)
+                warmup = time.perf_counter() - t0
             if args.device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = backend.generate_ids(ids, mask, sampling, r)
+            rows = []
+            for k, call in enumerate(calls):
+                start = k * per_call
+                rows += backend.generate_tokens(call, seeds[start:start + len(call)], sampling)
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        tokens = sum(len(row) for row in out)
-        print(f"{bs:6d} {best:9.2f} {tokens / best:10.1f} {1000 * best / args.new_tokens:9.1f}", flush=True)
+            seconds = time.perf_counter() - t0
+            tokens = sum(real_tokens(r, set(eos)) for r in rows)
+            rate = tokens / seconds
+            base = base or (rate if engine == "generate" else None)
+            ran = backend.engine + (f"/{backend.compile}" if backend.engine == "fast" else "")
+            label = engine if engine == "generate" else f"{engine}/{mode}"
+            results.append({"model": name, "batch": bs, "engine": engine, "compile": mode, "ran": ran,
+                            "seconds": round(seconds, 3), "real_tokens": tokens, "tokens_per_s": round(rate, 1),
+                            "rows": len(rows), "warmup_s": round(warmup, 1)})
+            ratio = f"{rate / base:6.2f}x" if base else "      -"
+            print(f"{bs:6d} {label:>18} {seconds:9.2f} {tokens:9d} {rate:9.0f} {ratio}  (ran {ran}, warm-up "
+                  f"{warmup:.0f} s)", flush=True)
+            if args.out:  # after every result: a call cut short by a time limit keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                "versions": versions, "gpu": gpu, "results": results},
+                                               indent=1) + "\n")
+        del backends
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

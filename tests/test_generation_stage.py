@@ -55,8 +55,10 @@ class Killed(BaseException):
     pass
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config, monkeypatch):
+@pytest.mark.parametrize("engine", ["generate", "fast"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config, monkeypatch, engine):
     config = tiny_config.model_copy(deep=True)
+    config.generation.engine = engine
     config.generation.num_prompts = 4  # 2 batches of 2 prompts x 4 samples
     config.generation.instructions.max_new_tokens = config.generation.responses.max_new_tokens = 8
     run_pipeline(config, tmp_path / "straight", until="responses", progress=False)

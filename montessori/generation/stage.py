@@ -2,7 +2,9 @@
 
 The processing order is fixed (by prompt, then sample index) and so is the batching: prompts are cut
 into batches of `generation.batch_size // n` from the first one, and each batch is sampled with a seed
-derived from (seed, round, prompt index). Records are appended one by one; what an interrupted run
+derived from (seed, round, prompt index). (The transformers `fast` engine seeds every request on its
+own, so its text does not depend on the batching at all; the responses stage hands it several batches
+per call.) Records are appended one by one; what an interrupted run
 wrote is always a prefix of that order. A re-run rebuilds the kept pool (for dedup and the 6 + 2
 example mix) from candidates.jsonl, re-samples a half-written batch with the same seed and writes only
 the records it lacks, so it ends with exactly the records of an uninterrupted run.
@@ -30,6 +32,9 @@ from montessori.readers import read_seeds
 from montessori.records import Candidate, GenerationPrompt, Pair
 from montessori.steer import steer_weights
 from montessori.store import JsonlAppender, read_jsonl
+
+
+CONTINUOUS_BATCHES = 8  # responses: batches of `generation.batch_size` per call to a continuous backend
 
 
 def derived_seed(*parts) -> int:
@@ -166,6 +171,10 @@ def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], p
     sampling = Sampling.from_config(gen_cfg.responses)
     sampling.n = 1  # one response per instruction: a pair is (instruction, response)
     per_batch = max(1, gen_cfg.batch_size)
+    # A backend whose text does not depend on the batch (each request's own seed) and that refills
+    # ended rows with waiting ones gets several batches per call: its slots stay busy to the end.
+    if getattr(backend, "continuous", False):
+        per_batch *= CONTINUOUS_BATCHES
     tokens, seconds, truncated = 0, 0.0, 0
     with JsonlAppender(path, Pair) as out:
         bar = tqdm(total=len(candidates), unit="pair", desc="responses", disable=not progress)

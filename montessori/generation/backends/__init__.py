@@ -39,4 +39,5 @@ def make_backend(spec: str, gen_cfg, models_cfg) -> Backend:
                              "present (pip install 'montessori[vllm]', or use backend: transformers)")
         return vllm.VLLMBackend(spec, dtype=models_cfg.dtype)
     from montessori.generation.backends.hf import TransformersBackend
-    return TransformersBackend.load(spec, device=models_cfg.device, dtype=models_cfg.dtype)
+    return TransformersBackend.load(spec, device=models_cfg.device, dtype=models_cfg.dtype, engine=gen_cfg.engine,
+                                    compile=gen_cfg.compile, slots=gen_cfg.batch_size)

@@ -1,7 +1,14 @@
-"""transformers backend (CPU and GPU): batched `generate` with left padding and the KV cache.
+"""transformers backend (CPU and GPU), two engines (`generation.engine`):
 
-Sampling is done by two logits processors so that every backend means the same thing by each knob:
-`PresencePenalty` (OpenAI/vLLM semantics; transformers has none) and `SeededSampler`, which applies
+- `fast` (slots.py): our own continuous-batching decode loop over a slot KV cache, compiled on CUDA,
+  with draws that depend on each request's own seed only. The default on CUDA.
+- `generate`: batched `model.generate` with left padding and the KV cache, described below.
+
+Both mean the same by every sampling knob; they draw different random numbers, so the same seed
+gives different (equally distributed) text on the two engines.
+
+In the `generate` engine two logits processors sample, so that every backend means the same thing by
+each knob: `PresencePenalty` (OpenAI/vLLM semantics; transformers has none) and `SeededSampler`, which applies
 temperature and top-p and then draws the token with the Gumbel-max trick from its own generator,
 leaving one finite logit for greedy decoding to pick. The draw thus depends only on the seed of the
 call, never on the global RNG state of the process: a resumed stage samples the same text.
@@ -10,6 +17,7 @@ call, never on the global RNG state of the process: a resumed stage samples the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -18,6 +26,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from montessori.generation.backends.base import Backend, Completion, Request, Sampling
 from montessori.models.chat import prompt_text
+
+log = logging.getLogger(__name__)
 
 
 class PresencePenalty(LogitsProcessor):
@@ -78,18 +88,31 @@ def _top_p(logits: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:
 class TransformersBackend(Backend):
     name = "transformers"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, engine: str = "auto", compile: str = "auto", slots: int | None = None):
+        """`slots`: sequences decoded at once by the fast engine (`generation.batch_size`); None = the
+        rows of the call (at most 256). `compile` (fast engine): on = torch.compile, graphs = CUDA graphs
+        of the eager step, off; auto = on on CUDA, off on CPU."""
         self.model, self.tokenizer = model, tokenizer
         self.model.eval()
         if tokenizer is not None:
             self.tokenizer.padding_side = "left"
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.engine = _choose_engine(engine, model)
+        cuda = model.device.type == "cuda"
+        self.compile = "graphs" if compile == "graphs" and cuda else compile == "on" or (compile == "auto" and cuda)
+        self.slots = slots
+        self._fast = None
+
+    @property
+    def continuous(self) -> bool:
+        """Refills ended rows within a call, and a row's text depends on its own request only."""
+        return self.engine == "fast"
 
     @classmethod
-    def load(cls, spec: str, device: str = "auto", dtype: str = "auto") -> "TransformersBackend":
+    def load(cls, spec: str, device: str = "auto", dtype: str = "auto", **options) -> "TransformersBackend":
         from montessori.models.load import load_model
         model, tokenizer = load_model(spec, device=device, dtype=dtype, padding_side="left")
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, **options)
 
     @torch.no_grad()
     def generate(self, requests: list[Request], sampling: Sampling,
@@ -99,12 +122,56 @@ class TransformersBackend(Backend):
         if not requests:
             return []
         texts = [prompt_text(self.tokenizer, r.messages, r.prefill) for r in requests]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        # n samples per prompt in the same call: rows prompt0/s0, prompt0/s1, ..., prompt1/s0, ...
-        generated = self.generate_ids(batch["input_ids"], batch["attention_mask"], sampling, requests[0].seed,
-                                      stop=stop)
+        prompts = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # n samples per prompt: rows prompt0/s0, prompt0/s1, ..., prompt1/s0, ...
+        generated = self.generate_tokens(prompts, [r.seed for r in requests], sampling, stop=stop)
         completions = [self._completion(row) for row in generated]
         return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(requests))]
+
+    @torch.no_grad()
+    def generate_tokens(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
+                        stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        """Generated ids for each prompt x sample (prompt-major) on the configured engine. The fast
+        engine seeds each prompt with its own seed; `generate` seeds the call with the first one."""
+        engine = self._fast_engine(prompts, sampling) if self.engine == "fast" else None
+        if engine is not None:
+            return engine.run(prompts, seeds, sampling, stop=stop)
+        # At most `slots` rows per `generate` call, each call seeded by its first prompt: the stage's
+        # batches, whatever it hands over (the same text as before the fast engine existed).
+        per_call = max(1, self.slots // sampling.n) if self.slots else len(prompts)
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        rows = []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start:start + per_call]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk])
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            rows += self.generate_ids(input_ids, attention_mask, sampling, seeds[start], stop=stop)
+            if stop is not None and stop():
+                break
+        rows += [[] for _ in range(len(prompts) * sampling.n - len(rows))]  # stopped: never started
+        return rows
+
+    def _fast_engine(self, prompts: list[list[int]], sampling: Sampling):
+        """The slot engine for this call (built on first use and checked against a plain forward of
+        the model; None, and the `generate` engine from then on, if it does not compute the same)."""
+        from montessori.generation.backends.slots import SlotEngine
+        slots = self.slots or min(256, len(prompts) * sampling.n)
+        if self._fast is None or self._fast.slots < slots or self._fast.eos_ids != self.eos_ids:
+            engine = SlotEngine(self.model, self.eos_ids, slots, compile=self.compile)
+            # Buffers for this call's sizes first: a later, larger call means new shapes (a recompile).
+            engine.allocate(max(len(p) for p in prompts) + sampling.max_new_tokens + 8, sampling.max_new_tokens)
+            gap = engine.check(list(prompts[0][:32]))
+            log.info("fast generation engine: %d slots, compile %s, greedy gap %.3g", slots, engine.compile, gap)
+            # bf16 noise can pick a near-tie (a few % of the logits' spread on a random model); a broken
+            # cache or mask picks tokens far from the best one.
+            if gap > 0.1:
+                log.warning("the fast generation engine does not reproduce %s (greedy gap %.3g); using "
+                            "generate instead (generation.engine)", type(self.model).__name__, gap)
+                self.engine = "generate"
+                return None
+            self._fast = engine
+        return self._fast
 
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
@@ -167,6 +234,17 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
         yield
+
+
+def _choose_engine(engine: str, model) -> str:
+    from montessori.generation.backends.slots import SlotEngine
+    if engine == "auto":
+        engine = "fast" if model.device.type == "cuda" else "generate"
+    if engine == "fast" and not SlotEngine.supported(model):
+        log.warning("generation.engine fast needs transformers' AttentionInterface and a decoder-only "
+                    "model; using generate")
+        engine = "generate"
+    return engine
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
