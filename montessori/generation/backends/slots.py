@@ -432,7 +432,8 @@ class SlotEngine:
         back to `generate` when it is not (a model whose attention or cache this engine cannot drive)."""
         from montessori.generation.backends.base import Sampling
         # Eager: compiling the greedy variant only for this check would cost a compilation.
-        ids = self.run([prompt], [0], Sampling(n=1, temperature=0.0, max_new_tokens=steps), eager=True)[0]
+        ids = self.run([prompt], [0], Sampling(n=1, temperature=0.0, presence_penalty=0.0, max_new_tokens=steps),
+                       eager=True)[0]
         full = torch.tensor([prompt + ids], device=self.device)
         first = len(prompt) - 1  # the logits that predicted ids[0]
         logits = self.model(input_ids=full, use_cache=False).logits[0, first:first + len(ids)].float()
