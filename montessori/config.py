@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from montessori.errors import InputError
 
-PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b")
+PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape")
 
 
 class Section(BaseModel):
@@ -182,6 +182,14 @@ class DPOConfig(Section):
     seed: int = 0
 
 
+class MechanismConfig(Section):
+    # Stage `mechanism` (after dpo): the updated and the original teacher write fresh candidates for the
+    # same prompts, scored on this round's warm-up state (montessori/influence/mechanism.py).
+    enabled: bool = False
+    num_prompts: int = 64  # each sampled generation.instructions.n times, by each teacher
+    bootstrap_samples: int = 1000
+
+
 class SFTConfig(Section):
     num_pairs: int = 10000  # N training pairs written by the updated teacher (stage `data`)
     epochs: int = 1
@@ -247,6 +255,7 @@ class Config(Section):
     influence: InfluenceConfig = InfluenceConfig()
     pairs: PairsConfig = PairsConfig()
     dpo: DPOConfig = DPOConfig()
+    mechanism: MechanismConfig = MechanismConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()

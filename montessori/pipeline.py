@@ -55,6 +55,8 @@ STAGES: tuple[Stage, ...] = (
           ("responses", "warmup")),
     Stage("pairs", "montessori.pairs.stage:run_pairs", ("pairs",), ("instructions", "influence")),
     Stage("dpo", "montessori.training.dpo:run_dpo", ("models", "dpo", "seed"), ("pairs",), round_inputs=("dpo",)),
+    Stage("mechanism", "montessori.influence.mechanism:run_mechanism", ("models", "data", "generation", "influence",
+          "mechanism", "seed"), ("instructions", "warmup", "dpo"), round_inputs=("dpo",)),
     Stage("data", "montessori.generation.stage:run_data", ("models", "data", "generation", "sft", "seed"),
           ("dpo",), round_inputs=("dpo",)),
     Stage("sft", "montessori.training.sft:run_sft", ("models", "sft", "seed"), ("data",), round_inputs=("sft",)),
