@@ -41,8 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from montessori.config import load_preset  # noqa: E402
-from montessori.store import atomic_write_json, atomic_write_text  # noqa: E402
+from montessori.config import load_preset
+from montessori.store import atomic_write_json, atomic_write_text
 
 ARMS = ("self-instruct", "montessori")
 HELDOUT = ROOT.parent / "shared" / "data" / "self_instruct_user_oriented.jsonl"
@@ -234,8 +234,8 @@ def write_summary(args, losses: dict, wins: dict | None) -> dict:
                          "pairs": args.pairs, "heldout": str(args.heldout), "overrides": args.set},
                "loss": losses, "win_rate": wins or {}}
     md = [f"# paper-shape: Self-Instruct vs Montessori ({args.preset})", "",
-          f"Held-out reference-answer loss (token mean, nats) on {args.heldout.name}; 95% bootstrap intervals "
-          "over prompts; differences are paired (negative = the first predicts the answers better).", "",
+          (f"Held-out reference-answer loss (token mean, nats) on {args.heldout.name}; 95% bootstrap "
+           "intervals over prompts; differences are paired (negative = the first predicts the answers better)."), "",
           "| seed | untrained | self-instruct | montessori | montessori - self-instruct | montessori - untrained |",
           "|---|---|---|---|---|---|"]
     u = losses.get("untrained")
@@ -254,13 +254,14 @@ def write_summary(args, losses: dict, wins: dict | None) -> dict:
                   f"(seed std {a['seed_std']:.4f}; per seed {', '.join(f'{v:.4f}' for v in a['per_seed'])})")
     mech = mechanism_rows(args)
     if mech:
-        md += ["", "Mechanism check (fresh candidates, same prompts, same warm-up state): mean influence / share "
-               "positive [95%]", "", "| seed | DPO held-out reward accuracy | updated teacher | original teacher | "
-               "updated - original |", "|---|---|---|---|---|", *mech]
+        md += ["", ("Mechanism check (fresh candidates, same prompts, same warm-up state): mean influence / "
+                    "share positive [95%]"), "",
+               "| seed | DPO held-out reward accuracy | updated teacher | original teacher | updated - original |",
+               "|---|---|---|---|---|", *mech]
     if wins:
-        md += ["", f"Win rate judged by {args.judge} on {args.judge_prompts} prompts (position-swapped; LC = "
-               "length-controlled), percent [95%]", "", "| seed | pair | win rate | LC win rate | first-position rate |",
-               "|---|---|---|---|---|"]
+        md += ["", (f"Win rate judged by {args.judge} on {args.judge_prompts} prompts (position-swapped; "
+                    "LC = length-controlled), percent [95%]"), "",
+               "| seed | pair | win rate | LC win rate | first-position rate |", "|---|---|---|---|---|"]
         for seed, pairs in wins.items():
             for pair, w in pairs.items():
                 md.append(f"| {seed} | {pair} | {fmt(w['win_rate'], w['win_rate_low'], w['win_rate_high'], 1)} | "

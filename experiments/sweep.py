@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from montessori.config import load_preset  # noqa: E402
-from montessori.store import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from montessori.config import load_preset
+from montessori.store import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl
 
 REFERENCE = ROOT.parent / "shared" / "data" / "reference_alpaca_eval_gpt4_256.jsonl"
 log = logging.getLogger("sweep")
@@ -61,8 +61,8 @@ def sft_sweep(args, cfg, run: Path) -> list[dict]:
     from montessori.models import load_model
     from montessori.readers import read_pairs
     from montessori.records import Pair
-    from montessori.training.sft import train_sft
     from montessori.training.common import eval_split
+    from montessori.training.sft import train_sft
     pairs = read_jsonl(run / "round-1" / "responses" / "pairs.jsonl", Pair)
     # Split by generation prompt: the instructions sampled from one prompt land on the same side.
     train, val = eval_split(pairs, args.val_fraction, 0, key=lambda p: p.prompt_id or p.id)
@@ -155,8 +155,8 @@ def table(sft_rows: list[dict], dpo_rows: list[dict], chosen: dict, setup: dict)
     def f(v, d=4):
         return "–" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else str(v))
     md = [f"# Learning-rate sweep ({setup['preset']}: teacher {setup['teacher']}, student {setup['student']})", "",
-          f"SFT of the student on {setup['train_pairs']} generated pairs, {setup['val_pairs']} held out (validation); "
-          f"reference set {setup['reference']}. lr 0 = untrained.", "",
+          (f"SFT of the student on {setup['train_pairs']} generated pairs, {setup['val_pairs']} held out "
+           f"(validation); reference set {setup['reference']}. lr 0 = untrained."), "",
           "| lr | epochs | steps | train loss first → last | validation loss | reference loss | s |",
           "|---|---|---|---|---|---|---|"]
     for r in sorted(sft_rows, key=lambda r: r["lr"]):

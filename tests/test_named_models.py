@@ -11,11 +11,16 @@ import pytest
 
 from montessori.cli import main
 from montessori.errors import InputError
+from montessori.models import load as load_module
 from montessori.models import load_model
 from montessori.models.chat import encode_example, user_turn
-from montessori.models.load import (NAMED_MODELS, PLAIN_BOS_CHAT_TEMPLATE, assemble_gguf, named_gguf_path,
-                                    resolve_model_dir)
-from montessori.models import load as load_module
+from montessori.models.load import (
+    NAMED_MODELS,
+    PLAIN_BOS_CHAT_TEMPLATE,
+    assemble_gguf,
+    named_gguf_path,
+    resolve_model_dir,
+)
 
 
 def installed(name: str):
