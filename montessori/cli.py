@@ -114,15 +114,16 @@ def cmd_doctor(args) -> int:
     else:
         print(f"  device cpu ({torch.get_num_threads()} threads); no CUDA device")
     for named in NAMED_MODELS.values():  # the embedded default is required, the others optional
+        label = f"{'embedded model' if named.name == 'smollm2' else 'model'} {named.name}"
         gguf = named_gguf_path(named)
         if gguf is None and named.chunks() is None:
             ok = ok and named.name != "smollm2"
-            print(f"  model {named.name:<18} not installed ({named.note}). Fix: {named.install}")
+            print(f"  {label}: NOT installed ({named.note}). Fix: {named.install}")
             continue
         cached = list((cache_dir() / "models").glob(f"{Path(named.gguf).stem}-*/config.json"))
         state = f"converted, cached in {cached[0].parent}" if cached else "not converted yet (first load: minutes)"
         where = f"{gguf}, {gguf.stat().st_size / 2**20:.0f} MB" if gguf else "packages installed, not assembled yet"
-        print(f"  model {named.name:<18} {named.note}: {where}; {state}")
+        print(f"  {label}: installed ({where}; {named.note}), {state}")
     print("ok" if ok else "problems found: see the fixes above")
     return EXIT_OK if ok else EXIT_FAILURE
 
