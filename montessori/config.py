@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 
 from montessori.errors import InputError
 
-PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b")
+PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape")
 
 # Every size, rate and probability is bounded here, so a bad value is refused (exit 2, naming the key)
 # before any stage runs or any old output is touched.
@@ -225,6 +225,14 @@ class DPOConfig(Section):
     seed: int = 0
 
 
+class MechanismConfig(Section):
+    # Stage `mechanism` (after dpo): the updated and the original teacher write fresh candidates for the
+    # same prompts, scored on this round's warm-up state (montessori/influence/mechanism.py).
+    enabled: bool = False
+    num_prompts: PositiveInt = 64  # each sampled generation.instructions.n times, by each teacher
+    bootstrap_samples: PositiveInt = 1000
+
+
 class SFTConfig(Section):
     num_pairs: PositiveInt = 10000  # N training pairs written by the updated teacher (stage `data`)
     epochs: PositiveInt = 1
@@ -290,6 +298,7 @@ class Config(Section):
     influence: InfluenceConfig = InfluenceConfig()
     pairs: PairsConfig = PairsConfig()
     dpo: DPOConfig = DPOConfig()
+    mechanism: MechanismConfig = MechanismConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()

@@ -40,12 +40,14 @@ __all__ = ["STAGES", "STAGE_NAMES", "Stage", "StageContext", "plan", "preflight"
 
 TEACHER = ("models.teacher", "models.device", "models.dtype")
 STUDENT = ("models.student", "models.device", "models.dtype")
-BACKEND = ("generation.backend", "generation.engine", "generation.compile", "generation.base_url", "generation.batch_size")
+BACKEND = ("generation.backend", "generation.engine", "generation.compile", "generation.base_url",
+           "generation.batch_size")
 SEEDS = ("data.seeds", "data.max_seeds", "data.lenient", "data.max_seed_chars")
 # What the teacher is asked and which of its instructions are kept (instructions and data stages).
 PROMPTS = ("generation.prompt_style", "generation.examples_per_prompt", "generation.synthetic_per_prompt",
            "generation.instructions", "generation.min_chars", "generation.max_chars", "generation.banned_words",
            "generation.rouge_threshold", "generation.steer", "generation.seed", "seed")
+REFERENCE = ("data.reference", "data.max_reference", "data.reference_max_length", "data.lenient")
 INFLUENCE = tuple(f"influence.{k}" for k in (
     "utility", "judge", "judge_url", "judge_model", "estimator", "precision", "grad_precision", "lr",
     "eval_batch_size", "max_length", "compile", "ref_grad_dtype", "shadow", "linear_kernel", "pad_multiple"))
@@ -75,12 +77,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("warmup", "montessori.influence.warmup:run_warmup", STUDENT + ("split.warmup", "split.probing") + WARMUP,
           ("responses",), round_inputs=("sft",)),
     Stage("influence", "montessori.influence.stage:run_influence",
-          ("models.teacher", "models.device", "data.reference", "data.max_reference", "data.reference_max_length",
-           "data.lenient") + INFLUENCE,
+          ("models.teacher", "models.device") + REFERENCE + INFLUENCE,
           ("responses", "warmup"), files=("data.reference",)),
     Stage("pairs", "montessori.pairs.stage:run_pairs",
           ("pairs.rule", "pairs.best_vs_worst", "pairs.min_gap", "pairs.max_per_prompt"), ("instructions", "influence")),
     Stage("dpo", "montessori.training.dpo:run_dpo", TEACHER + DPO, ("pairs",), round_inputs=("dpo",)),
+    Stage("mechanism", "montessori.influence.mechanism:run_mechanism",
+          TEACHER + STUDENT + BACKEND + SEEDS + PROMPTS + REFERENCE + INFLUENCE
+          + ("generation.responses", "mechanism.enabled", "mechanism.num_prompts", "mechanism.bootstrap_samples"),
+          ("instructions", "warmup", "dpo"), round_inputs=("dpo",), files=("data.seeds", "data.reference")),
     Stage("data", "montessori.generation.stage:run_data",
           TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.responses", "generation.data_max_prompts_per_pair",
                                                  "sft.num_pairs"),

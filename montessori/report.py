@@ -164,6 +164,29 @@ def dpo_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
     return section, counts
 
 
+def mechanism_section(store: RunStore, round_: int) -> Section | None:
+    path = store.stage(round_, "mechanism").path / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    section = Section("Mechanism check: fresh candidates of the updated vs the original teacher")
+    rows = []
+    for teacher in ("updated", "original"):
+        e = summary.get(teacher, {})
+        rows.append([teacher, e.get("candidates"), e.get("measured"),
+                     f"{_fmt(e.get('mean_influence'))} [{_fmt(e.get('mean_influence_low'))}, "
+                     f"{_fmt(e.get('mean_influence_high'))}]",
+                     f"{_fmt(e.get('share_positive'))} [{_fmt(e.get('share_positive_low'))}, "
+                     f"{_fmt(e.get('share_positive_high'))}]"])
+    section.tables.append((["teacher", "candidates", "scored", "mean influence [95%]", "share positive [95%]"], rows))
+    if "difference" in summary:
+        d = summary["difference"]
+        section.notes.append(f"updated - original mean influence {_fmt(d['mean_influence'])} "
+                             f"[{_fmt(d['low'])}, {_fmt(d['high'])}] on the same {summary['prompts']} prompts, "
+                             "scored on the same warm-up state (bootstrap over prompts)")
+    return section
+
+
 def sft_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
     sd = store.stage(round_, "sft")
     history = read_jsonl(sd.path / "metrics.jsonl")
@@ -232,7 +255,7 @@ def build_sections(run_dir: Path) -> tuple[list[Section], list[tuple[int, list[S
         sft, sc = sft_section(store, round_)
         evaluation, ec = eval_section(store, round_)
         sections = [s for s in (generation_table(store, round_), influence, examples_section(store, round_), pairs,
-                                dpo, sft, evaluation) if s is not None]
+                                dpo, mechanism_section(store, round_), sft, evaluation) if s is not None]
         rounds.append((round_, sections))
         overview.append([round_, _fmt(inf.get("measured")), _fmt(inf.get("share_positive")), _fmt(pc.get("pairs")),
                          _fmt(dc.get("reward_margin")), _fmt(sc.get("loss_last")),

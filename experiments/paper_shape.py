@@ -1,0 +1,336 @@
+"""Self-Instruct vs Montessori-Instruct in the paper's shape (issue 14), one command, resumable.
+
+Instruct teacher (SmolLM2-135M-Instruct), base student (Gemma-3-270M), preset `paper-shape`. For every
+seed, two arms at the same training budget (`sft.num_pairs`), each one `montessori run` (run_pipeline,
+in this process: no start-up per arm):
+
+    OUT/seed-S/self-instruct   method=self-instruct: the base teacher writes the training set
+    OUT/seed-S/montessori      the whole method: probing, influence, DPO, mechanism, data, sft
+
+Then the untrained student and both trained students are scored on held-out prompts that no stage
+reads (default ../shared/data/self_instruct_user_oriented.jsonl, human-written answers):
+reference-answer loss with paired bootstrap intervals per seed, and across seeds (the prompts are
+resampled once for every seed and student, so the interval is the prompts' uncertainty of the
+seed-mean). The eval step also writes each student's greedy answers to the first --judge-prompts
+prompts, so the judge step (pairwise win rate, position-swapped and length-controlled, judged by
+qwen2.5-coder-1.5b) runs afterwards anywhere, on the CPU too, from OUT/answers alone.
+
+Every step skips what is done: stages by their manifests, losses and answers by their files. Steps:
+
+    python experiments/paper_shape.py --out runs/paper                      # runs + eval + summary
+    python experiments/paper_shape.py --out runs/paper --step runs --seeds 0  # one seed's arms only
+    python experiments/paper_shape.py --out runs/paper --step judge         # win rates (CPU is fine)
+    python experiments/paper_shape.py --out runs/tiny --tiny                # dry run, tiny random models
+
+Writes OUT/summary.json and OUT/summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from montessori.config import load_preset
+from montessori.store import atomic_write_json, atomic_write_text
+
+ARMS = ("self-instruct", "montessori")
+HELDOUT = ROOT.parent / "shared" / "data" / "self_instruct_user_oriented.jsonl"
+REFERENCE = ROOT.parent / "shared" / "data" / "reference_alpaca_eval_gpt4_256.jsonl"
+log = logging.getLogger("paper_shape")
+
+
+def arm_overrides(args, arm: str, seed: int) -> list[str]:
+    """The arm's config: the preset, the sizes of the command line, the seed everywhere it is a key."""
+    sizes = [f"split.warmup={args.warmup}", f"split.probing={args.probing}", f"sft.num_pairs={args.pairs}",
+             f"generation.num_prompts={args.num_prompts or math.ceil((args.warmup + args.probing) / 3.2)}",
+             f"mechanism.num_prompts={args.mechanism_prompts}"]
+    if args.reference:
+        sizes.append(f"data.reference={args.reference}")
+    seeds = [f"seed={seed}", f"warmup.seed={seed}", f"dpo.seed={seed}", f"sft.seed={seed}"]
+    return [f"method={arm}", f"name={arm}-s{seed}", *sizes, *seeds, *args.set]
+
+
+def run_arms(args) -> None:
+    from montessori.pipeline import run_pipeline
+    for seed in args.seeds:
+        for arm in ARMS:
+            run = args.out / f"seed-{seed}" / arm
+            cfg = load_preset(args.preset, arm_overrides(args, arm, seed))
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run / "config.yaml", cfg.to_yaml())  # `montessori run run/config.yaml` = this
+            if (run / "round-1" / "sft" / "manifest.json").exists() and args.trust_done:
+                log.info("seed %d %s: done, skipped", seed, arm)
+                continue
+            started = time.time()
+            log.info("seed %d %s: montessori run %s", seed, arm, run / "config.yaml")
+            run_pipeline(cfg, run, until="sft", progress=not args.quiet)  # skips finished stages
+            log.info("seed %d %s: done in %.0fs", seed, arm, time.time() - started)
+
+
+def students(args, seed: int) -> dict[str, str]:
+    base = load_preset(args.preset, args.set).models.student
+    out = {"untrained": base}
+    for arm in ARMS:
+        model = args.out / f"seed-{seed}" / arm / "round-1" / "sft" / "model"
+        if (model / "config.json").exists():
+            out[arm] = str(model)
+    return out
+
+
+def heldout_pairs(args):
+    from montessori.readers import read_pairs
+    return read_pairs(str(args.heldout), limit=args.eval_prompts).records
+
+
+def losses_file(args, seed: int | None, name: str) -> Path:
+    return args.out / "eval" / (f"loss-{name}.json" if seed is None else f"loss-seed-{seed}-{name}.json")
+
+
+def answers_file(args, seed: int | None, name: str) -> Path:
+    return args.out / "answers" / (f"{name}.jsonl" if seed is None else f"seed-{seed}-{name}.jsonl")
+
+
+def decode_settings(args):
+    from montessori.evaluation.answers import DecodeSettings
+    return DecodeSettings(temperature=0.0, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0)
+
+
+def evaluate_students(args) -> None:
+    """Per-example losses (and answers for the judge) of every student, each model loaded once."""
+    from montessori.evaluation.answers import conversations_from_pairs, generate_answers
+    from montessori.evaluation.loss import example_losses
+    from montessori.models import load_model
+    pairs = heldout_pairs(args)
+    convs = conversations_from_pairs(pairs)[:args.judge_prompts]
+    jobs = [(None, "untrained", students(args, args.seeds[0])["untrained"])]
+    jobs += [(s, arm, spec) for s in args.seeds for arm, spec in students(args, s).items() if arm != "untrained"]
+    for seed, name, spec in jobs:
+        lf, af = losses_file(args, seed, name), answers_file(args, seed, name)
+        answered = af.exists() and len(af.read_text().splitlines()) >= len(convs)
+        if lf.exists() and (answered or not args.judge_prompts):
+            continue
+        log.info("eval %s (seed %s): %s", name, seed, spec)
+        model, tokenizer = load_model(spec, device=args.device, dtype=args.dtype)
+        if not lf.exists():
+            losses = example_losses(model, tokenizer, pairs, batch_size=args.batch_size, max_length=args.max_length,
+                                    progress=not args.quiet)
+            atomic_write_json(lf, {"spec": spec, "losses": [[e.id, e.loss_sum, e.tokens] for e in losses]})
+        if args.judge_prompts:
+            af.parent.mkdir(parents=True, exist_ok=True)
+            generate_answers(model, tokenizer, convs, decode_settings(args), af, progress=not args.quiet)
+        del model
+
+
+def load_losses(path: Path):
+    from montessori.evaluation.loss import ExampleLoss
+    return [ExampleLoss(i, s, n) for i, s, n in json.loads(path.read_text())["losses"]]
+
+
+def loss_table(args) -> dict:
+    """Token-mean loss of every student per seed; paired differences per seed and across seeds."""
+    from montessori.evaluation.loss import bootstrap_indices, difference, summarize, token_mean
+    untrained = load_losses(losses_file(args, None, "untrained")) if losses_file(args, None, "untrained").exists() \
+        else None
+    out: dict = {"untrained": summarize(untrained, samples=args.bootstrap) if untrained else None, "seeds": {}}
+    per_seed = {}
+    for seed in args.seeds:
+        found = {arm: load_losses(losses_file(args, seed, arm)) for arm in ARMS
+                 if losses_file(args, seed, arm).exists()}
+        if untrained:
+            found["untrained"] = untrained
+        row = {arm: summarize(v, samples=args.bootstrap, seed=seed) for arm, v in found.items() if arm != "untrained"}
+        for a, b in (("montessori", "self-instruct"), ("montessori", "untrained"), ("self-instruct", "untrained")):
+            if a in found and b in found:
+                row[f"{a} - {b}"] = difference(found[a], found[b], samples=args.bootstrap, seed=seed)
+        out["seeds"][seed] = row
+        per_seed[seed] = found
+    # Across seeds: the mean over seeds of each difference, prompts resampled jointly for all of them.
+    complete = [s for s in args.seeds if all(k in per_seed[s] for k in (*ARMS, "untrained"))]
+    if complete:
+        arrays = {s: {k: (np.array([e.loss_sum for e in v]), np.array([e.tokens for e in v], dtype=float))
+                      for k, v in per_seed[s].items()} for s in complete}
+        n = len(untrained)
+        idx = bootstrap_indices(n, args.bootstrap, 1234)
+        across = {}
+        for a, b in (("montessori", "self-instruct"), ("montessori", "untrained"), ("self-instruct", "untrained")):
+            point = [token_mean(per_seed[s][a]) - token_mean(per_seed[s][b]) for s in complete]
+            boot = np.mean([arrays[s][a][0][idx].sum(1) / arrays[s][a][1][idx].sum(1)
+                            - arrays[s][b][0][idx].sum(1) / arrays[s][b][1][idx].sum(1) for s in complete], axis=0)
+            low, high = np.percentile(boot, [2.5, 97.5])
+            across[f"{a} - {b}"] = {"mean": statistics.fmean(point), "low": float(low), "high": float(high),
+                                    "per_seed": point, "seed_std": statistics.stdev(point) if len(point) > 1 else 0.0,
+                                    "seeds": complete}
+        out["across_seeds"] = across
+    return out
+
+
+def judge_step(args) -> dict:
+    """Montessori vs Self-Instruct (with --judge-all: each vs untrained too) per seed, from the saved answers
+    only. Qwen2.5-Coder-1.5B on 2 CPU cores: a few seconds per judgement, 2 per prompt."""
+    from montessori.evaluation.answers import conversations_from_pairs, generate_answers
+    from montessori.evaluation.judge import make_judge
+    from montessori.evaluation.winrate import judge_pairs, win_rate
+    convs = conversations_from_pairs(heldout_pairs(args))[:args.judge_prompts]
+    judge = None
+    out = {}
+    for seed in args.seeds:
+        paths = {arm: answers_file(args, seed, arm) for arm in ARMS} | {"untrained": answers_file(args, None,
+                                                                                                   "untrained")}
+        if not all(p.exists() for p in paths.values()):
+            log.warning("seed %d: answers missing (run --step eval first), no win rate", seed)
+            continue
+        answers = {k: generate_answers(None, None, convs, decode_settings(args), p) for k, p in paths.items()}
+        judge = judge or make_judge(args.judge, device=args.judge_device)
+        pairs = [("montessori", "self-instruct")]  # the paper's comparison; the others cost 2x more judge time
+        if args.judge_all:
+            pairs += [("montessori", "untrained"), ("self-instruct", "untrained")]
+        for a, b in pairs:
+            cache = args.out / "judgements" / f"seed-{seed}-{a}-vs-{b}-{Path(args.judge).name}.jsonl"
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            out.setdefault(str(seed), {})[f"{a} vs {b}"] = win_rate(
+                judge_pairs(judge, convs, answers[a], answers[b], cache, not args.quiet), samples=args.bootstrap,
+                seed=seed)
+    return out
+
+
+def fmt(value, low=None, high=None, digits=4) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.{digits}f}"
+    return text + (f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None else "")
+
+
+def mechanism_rows(args) -> list[str]:
+    rows = []
+    for seed in args.seeds:
+        path = args.out / f"seed-{seed}" / "montessori" / "round-1" / "mechanism" / "summary.json"
+        dpo = args.out / f"seed-{seed}" / "montessori" / "round-1" / "dpo" / "manifest.json"
+        if not path.exists():
+            continue
+        m = json.loads(path.read_text())
+        acc = json.loads(dpo.read_text())["counts"].get("eval_reward_accuracy") if dpo.exists() else None
+        cells = [fmt(m[t].get("mean_influence"), m[t].get("mean_influence_low"), m[t].get("mean_influence_high"),
+                     6) + " / " + fmt(m[t].get("share_positive"), m[t].get("share_positive_low"),
+                                      m[t].get("share_positive_high"), 3) for t in ("updated", "original")]
+        d = m.get("difference", {})
+        rows.append(f"| {seed} | {fmt(acc, digits=3)} | {cells[0]} | {cells[1]} | "
+                    f"{fmt(d.get('mean_influence'), d.get('low'), d.get('high'), 6)} |")
+    return rows
+
+
+def write_summary(args, losses: dict, wins: dict | None) -> dict:
+    summary = {"setup": {"preset": args.preset, "seeds": args.seeds, "warmup": args.warmup, "probing": args.probing,
+                         "pairs": args.pairs, "heldout": str(args.heldout), "overrides": args.set},
+               "loss": losses, "win_rate": wins or {}}
+    md = [f"# paper-shape: Self-Instruct vs Montessori ({args.preset})", "",
+          (f"Held-out reference-answer loss (token mean, nats) on {args.heldout.name}; 95% bootstrap "
+           "intervals over prompts; differences are paired (negative = the first predicts the answers better)."), "",
+          "| seed | untrained | self-instruct | montessori | montessori - self-instruct | montessori - untrained |",
+          "|---|---|---|---|---|---|"]
+    u = losses.get("untrained")
+    for seed, row in losses["seeds"].items():
+        cells = [fmt(u["token_mean"], u["token_mean_low"], u["token_mean_high"]) if u else "–"]
+        for arm in ARMS:
+            r = row.get(arm)
+            cells.append(fmt(r["token_mean"], r["token_mean_low"], r["token_mean_high"]) if r else "–")
+        for key in ("montessori - self-instruct", "montessori - untrained"):
+            d = row.get(key)
+            cells.append(fmt(d["token_mean_diff"], d["low"], d["high"]) if d else "–")
+        md.append(f"| {seed} | " + " | ".join(cells) + " |")
+    md.append("")
+    for key, a in losses.get("across_seeds", {}).items():
+        md.append(f"- across seeds {a['seeds']}: {key} = {fmt(a['mean'], a['low'], a['high'])} "
+                  f"(seed std {a['seed_std']:.4f}; per seed {', '.join(f'{v:.4f}' for v in a['per_seed'])})")
+    mech = mechanism_rows(args)
+    if mech:
+        md += ["", ("Mechanism check (fresh candidates, same prompts, same warm-up state): mean influence / "
+                    "share positive [95%]"), "",
+               "| seed | DPO held-out reward accuracy | updated teacher | original teacher | updated - original |",
+               "|---|---|---|---|---|", *mech]
+    if wins:
+        md += ["", (f"Win rate judged by {args.judge} on {args.judge_prompts} prompts (position-swapped; "
+                    "LC = length-controlled), percent [95%]"), "",
+               "| seed | pair | win rate | LC win rate | first-position rate |", "|---|---|---|---|---|"]
+        for seed, pairs in wins.items():
+            for pair, w in pairs.items():
+                md.append(f"| {seed} | {pair} | {fmt(w['win_rate'], w['win_rate_low'], w['win_rate_high'], 1)} | "
+                          f"{fmt(w['lc_win_rate'], w['lc_win_rate_low'], w['lc_win_rate_high'], 1)} | "
+                          f"{w['first_position_rate']:.2f} |")
+    atomic_write_json(args.out / "summary.json", summary)
+    atomic_write_text(args.out / "summary.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--step", default="all", choices=("all", "runs", "eval", "judge", "summary"),
+                   help="all = runs, eval, summary (the judge step only with --step judge)")
+    p.add_argument("--preset", default="paper-shape")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--warmup", type=int, default=256, help="warm-up pairs (split.warmup)")
+    p.add_argument("--probing", type=int, default=4096, help="probing candidates per Montessori arm")
+    p.add_argument("--pairs", type=int, default=4096, help="training pairs per arm (sft.num_pairs)")
+    p.add_argument("--num-prompts", type=int, help="generation prompts (default: (warmup + probing) / 3.2)")
+    p.add_argument("--mechanism-prompts", type=int, default=64)
+    p.add_argument("--reference", default=str(REFERENCE) if REFERENCE.exists() else None,
+                   help="data.reference (default: the method's Alpaca-Eval GPT-4 reference set beside the checkout)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides, every arm")
+    p.add_argument("--heldout", type=Path, default=HELDOUT, help="evaluation prompts no stage reads")
+    p.add_argument("--eval-prompts", type=int, help="at most this many held-out prompts for the loss (default all)")
+    p.add_argument("--judge-prompts", type=int, default=64, help="prompts answered for the win rate (0 = none)")
+    p.add_argument("--judge", default="qwen2.5-coder-1.5b")
+    p.add_argument("--judge-device", default="auto")
+    p.add_argument("--judge-all", action="store_true", help="also judge each trained student vs the untrained one")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-done", action="store_true", help="skip an arm whose sft is done without fingerprinting")
+    p.add_argument("--tiny", action="store_true", help="dry run: tiny preset, tiny random models, tiny sizes")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.tiny:  # every step end to end in minutes on a CPU; the numbers mean nothing
+        args.preset, args.warmup, args.probing, args.pairs, args.mechanism_prompts = "tiny", 4, 8, 8, 2
+        args.eval_prompts, args.judge_prompts, args.max_new_tokens, args.bootstrap = 8, 4, 16, 200
+        args.reference = None
+        if args.judge == "qwen2.5-coder-1.5b":
+            args.judge = "tiny-random:2"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.step in ("all", "runs"):
+        run_arms(args)
+    if args.step in ("all", "eval"):
+        evaluate_students(args)
+    wins = None
+    if args.step == "judge":
+        wins = judge_step(args)
+        atomic_write_json(args.out / "win_rate.json", wins)
+    elif (args.out / "win_rate.json").exists():
+        wins = json.loads((args.out / "win_rate.json").read_text())
+    if args.step != "runs":
+        write_summary(args, loss_table(args), wins)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

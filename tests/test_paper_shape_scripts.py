@@ -1,0 +1,39 @@
+"""The paper-shape experiment scripts end to end on tiny random models (slow: ~10 minutes on 2 cores)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_paper_shape_tiny_dry_run(tmp_path):
+    ps = script("paper_shape")
+    out = tmp_path / "paper"
+    assert ps.main(["--out", str(out), "--tiny", "--seeds", "0", "1", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["loss"]["seeds"]["0"]) >= {"self-instruct", "montessori", "montessori - self-instruct"}
+    across = summary["loss"]["across_seeds"]["montessori - self-instruct"]
+    assert across["seeds"] == [0, 1] and across["low"] <= across["mean"] <= across["high"]
+    assert ps.main(["--out", str(out), "--tiny", "--seeds", "0", "1", "--quiet", "--step", "judge"]) == 0
+    wins = json.loads((out / "win_rate.json").read_text())
+    assert wins["0"]["montessori vs self-instruct"]["prompts"] == 4
+
+
+@pytest.mark.slow
+def test_sweep_tiny_dry_run(tmp_path):
+    sweep = script("sweep")
+    assert sweep.main(["--out", str(tmp_path / "sweep"), "--tiny", "--quiet"]) == 0
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["lr"] for r in result["sft"]] == [0.0, 1e-4, 1e-3] and len(result["dpo"]) == 2
+    assert all(r["heldout_pairs"] > 0 and r["heldout_reward_accuracy"] is not None for r in result["dpo"])
