@@ -361,7 +361,9 @@ def print_summary(summary: dict) -> None:
 
 def report_sections(run_dir: Path) -> list:
     """The report's "Which data works" sections (none before influence is measured)."""
-    from montessori.report import Section, _figure, _png
+    from montessori.sections import Section
+    from montessori.sections import figure as _figure
+    from montessori.sections import png as _png
     summary, _ = analyze(run_dir)
     if not summary["measured"]:
         return []

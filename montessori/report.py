@@ -9,47 +9,24 @@ A stage that has not run yet is simply left out, so the report works on a partia
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from montessori.errors import InputError
+from montessori.sections import Section
+from montessori.sections import figure as _figure
+from montessori.sections import png as _png
 from montessori.store import RunStore, read_jsonl
 
 EXAMPLES = 5  # most / least influential instructions shown per round
-
-
-@dataclass
-class Section:
-    title: str
-    tables: list[tuple[list[str], list[list]]] = field(default_factory=list)  # (header, rows)
-    plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, base64 PNG)
-    notes: list[str] = field(default_factory=list)
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
-
-
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _figure(width: float = 6.0, height: float = 3.0):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(width, height))
 
 
 def generation_table(store: RunStore, round_: int) -> Section | None:

@@ -28,10 +28,9 @@ from montessori.generation.filters import filter_reason
 from montessori.generation.prompts import build_prompt, choose_examples, parse_completion
 from montessori.generation.stage import _backend, _seeds, derived_seed
 from montessori.influence.engine import compute_influence
-from montessori.influence.stage import grad_precision
+from montessori.influence.settings import InfluenceSettings
 from montessori.influence.warmup import load_warmup
 from montessori.models.chat import user_turn
-from montessori.models.load import resolve_device
 from montessori.readers import read_pairs
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, Record
 from montessori.store import JsonlAppender, atomic_write_json, read_jsonl
@@ -182,13 +181,8 @@ def run_mechanism(ctx) -> dict:
                          icfg.estimator)
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
             model, tokenizer, state = load_warmup(ctx.input("warmup").path, cfg.models.device)
-            compute_influence(model, state, todo, reference.records, tokenizer=tokenizer, estimator=icfg.estimator,
-                              precision=icfg.precision,
-                              grad_precision=grad_precision(icfg, resolve_device(cfg.models.device)),
-                              eval_batch_size=icfg.eval_batch_size, max_length=icfg.max_length,
-                              reference_max_length=cfg.data.reference_max_length, lr=icfg.lr, compile=icfg.compile,
-                              ref_grad_dtype=icfg.ref_grad_dtype, shadow=icfg.shadow,
-                              linear_kernel=icfg.linear_kernel, pad_multiple=icfg.pad_multiple,
+            compute_influence(model, state, todo, reference.records, tokenizer=tokenizer,
+                              settings=InfluenceSettings.from_config(cfg),
                               on_result=scored.append, progress=ctx.progress)
         results = {r.id: r for r in scored.records}
     summary = summarize(list(out.records), results, [p.id for p in prompts], samples=mcfg.bootstrap_samples,
