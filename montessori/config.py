@@ -91,7 +91,8 @@ class GenerationConfig(Section):
     # transformers backend: fast = own continuous-batching decode loop (backends/slots.py), generate =
     # `model.generate`; auto = fast on CUDA, generate on CPU (docs/benchmarks.md). compile: the fast
     # engine's decode step through torch.compile + CUDA graphs (on), as captured CUDA graphs of the
-    # eager step (graphs: no compile time), or eager (off); auto = on with CUDA, off without.
+    # eager step (graphs: no compile time), or eager (off); auto = graphs with CUDA (torch.compile of the
+    # step failed on torch 2.11, docs/benchmarks.md), off without.
     engine: Literal["auto", "fast", "generate"] = "auto"
     compile: Literal["auto", "on", "graphs", "off"] = "auto"
     # OpenAI-compatible endpoint for backend=http; the API key is read from `api_key_env`, never stored.

@@ -91,7 +91,7 @@ class TransformersBackend(Backend):
     def __init__(self, model, tokenizer, engine: str = "auto", compile: str = "auto", slots: int | None = None):
         """`slots`: sequences decoded at once by the fast engine (`generation.batch_size`); None = the
         rows of the call (at most 256). `compile` (fast engine): on = torch.compile, graphs = CUDA graphs
-        of the eager step, off; auto = on on CUDA, off on CPU."""
+        of the eager step, off; auto = graphs on CUDA, off on CPU."""
         self.model, self.tokenizer = model, tokenizer
         self.model.eval()
         if tokenizer is not None:
@@ -99,7 +99,9 @@ class TransformersBackend(Backend):
         self.eos_ids = _eos_ids(model, tokenizer)
         self.engine = _choose_engine(engine, model)
         cuda = model.device.type == "cuda"
-        self.compile = "graphs" if compile == "graphs" and cuda else compile == "on" or (compile == "auto" and cuda)
+        # auto = CUDA graphs of the eager step: torch.compile of the step failed on the H200 image (torch
+        # 2.11: InductorError in the sampling ops' codegen, 2026-12-01, docs/benchmarks.md); `on` tries it.
+        self.compile = "graphs" if compile in ("graphs", "auto") and cuda else compile == "on"
         self.slots = slots
         self._fast = None
 

@@ -285,7 +285,7 @@ class SlotEngine:
             self._step_fn = self._step
             if self.compile == "graphs" and self.device.type == "cuda":
                 self._step_fn = self._graphed()
-            elif self.compile and self.compile != "graphs":
+            elif self.compile and self.compile != "graphs" and not _COMPILE_FAILED:
                 _raise_recompile_limit()
                 self._step_fn = self._guarded(torch.compile(self._step, mode="reduce-overhead", fullgraph=False))
         return self._step_fn
@@ -327,6 +327,8 @@ class SlotEngine:
                 except Exception as err:  # noqa: BLE001 - any compiler failure: decode eagerly
                     log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly",
                                 type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    global _COMPILE_FAILED
+                    _COMPILE_FAILED = True  # a compile attempt costs ~20 s: not again in this process
                     self._step_fn, self.compile = self._step, False
             return self._step(view, greedy)
         return step
@@ -440,6 +442,9 @@ class SlotEngine:
         chosen = logits.gather(1, torch.tensor(ids, device=self.device)[:, None]).squeeze(1)
         spread = (logits.amax(-1) - logits.amin(-1)).clamp(min=1e-6)
         return float(((logits.amax(-1) - chosen) / spread).max())
+
+
+_COMPILE_FAILED = False  # set by the first failed torch.compile of a decode step
 
 
 def _round_up(x: int, m: int) -> int:
