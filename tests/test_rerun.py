@@ -75,7 +75,8 @@ def test_editing_the_seed_file_in_place_reruns_what_reads_it(finished_tiny_run):
 def test_changing_the_top_level_seed_reruns_only_what_samples(finished_tiny_run):
     config = config_of(finished_tiny_run, "seed=7")
     stale = {name for name in STAGE_NAMES if plan(config, finished_tiny_run, only=name)}
-    assert stale == {"instructions", "responses", "data", "eval"}  # warm-up, DPO and SFT have their own seeds
+    # mechanism samples fresh candidates too; warm-up, DPO and SFT have their own seeds
+    assert stale == {"instructions", "responses", "mechanism", "data", "eval"}
 
 
 def test_data_max_reference_reruns_influence_onward_only(finished_tiny_run):
