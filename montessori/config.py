@@ -206,24 +206,31 @@ class PairsConfig(Section):
     max_per_prompt: PositiveInt | None = None
 
 
-class DPOConfig(Section):
-    beta: PositiveFloat = 0.1
-    loss_type: str = "sigmoid"
-    lr: PositiveFloat = 1e-6
-    min_lr: NonNegativeFloat = 1e-9
+class Schedule(Section):
+    """The schedule teacher DPO and student SFT share (METHOD.md steps 7 and 9: 1 epoch, WSD 10/50/40
+    down to min_lr). The keys stay flat in each section (dpo.lr, sft.lr): one definition, two uses."""
+    lr: PositiveFloat
+    min_lr: NonNegativeFloat
     epochs: PositiveInt = 1
-    batch_size: PositiveInt = 2
-    grad_accum: PositiveInt = 1
     warmup_ratio: Fraction = 0.1
     stable_ratio: Fraction = 0.5
     decay_ratio: Fraction = 0.4
     max_length: PositiveInt = 1024
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+class DPOConfig(Schedule):
+    lr: PositiveFloat = 1e-6
+    min_lr: NonNegativeFloat = 1e-9
+    beta: PositiveFloat = 0.1
+    loss_type: str = "sigmoid"
+    batch_size: PositiveInt = 2
+    grad_accum: PositiveInt = 1
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     lora: bool = False  # LoRA adapters through PEFT (large teachers); merged into the weights on save
     lora_r: PositiveInt = 16
     lora_alpha: PositiveInt = 32
-    gradient_checkpointing: bool = False
-    seed: int = 0
 
 
 class MechanismConfig(Section):
@@ -234,19 +241,12 @@ class MechanismConfig(Section):
     bootstrap_samples: PositiveInt = 1000
 
 
-class SFTConfig(Section):
+class SFTConfig(Schedule):
     num_pairs: PositiveInt = 10000  # N training pairs written by the updated teacher (stage `data`)
-    epochs: PositiveInt = 1
     lr: PositiveFloat = 5e-6
     min_lr: NonNegativeFloat = 5e-9
     global_batch_size: PositiveInt = 32
     micro_batch_size: PositiveInt = 4
-    warmup_ratio: Fraction = 0.1
-    stable_ratio: Fraction = 0.5
-    decay_ratio: Fraction = 0.4
-    max_length: PositiveInt = 1024
-    gradient_checkpointing: bool = False
-    seed: int = 0
 
 
 class EvalConfig(Section):

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from montessori.config import Config, load_config
+from montessori.config import Config, Schedule, load_config
 from montessori.context import Stage, StageContext
 from montessori.errors import InputError, MontessoriError
 from montessori.store import RunLock, RunStore, StageDir, atomic_write_text, count_records, file_hash
@@ -51,8 +51,7 @@ REFERENCE = ("data.reference", "data.max_reference", "data.reference_max_length"
 INFLUENCE = tuple(f"influence.{k}" for k in (
     "utility", "judge", "judge_url", "judge_model", "estimator", "precision", "grad_precision", "lr",
     "eval_batch_size", "max_length", "compile", "ref_grad_dtype", "shadow", "linear_kernel", "pad_multiple"))
-SCHEDULE = ("lr", "min_lr", "epochs", "warmup_ratio", "stable_ratio", "decay_ratio", "max_length",
-            "gradient_checkpointing", "seed")
+SCHEDULE = tuple(Schedule.model_fields)  # what dpo and sft share (config.Schedule)
 DPO = tuple(f"dpo.{k}" for k in SCHEDULE + ("beta", "loss_type", "batch_size", "grad_accum", "eval_fraction",
                                               "lora", "lora_r", "lora_alpha"))
 SFT = tuple(f"sft.{k}" for k in SCHEDULE + ("global_batch_size", "micro_batch_size"))
