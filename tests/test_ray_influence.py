@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'montessori[ray]')")
 
@@ -54,10 +55,16 @@ def warm_dir(tmp_path_factory, tiny_spec):
 
 @pytest.fixture(scope="module")
 def single_process(warm_dir):
-    model, tokenizer, state = load_warmup(warm_dir, "cpu")
-    results = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
-                                estimator="exact", max_length=128,
-                                eval_batch_size=4)
+    # One thread, as in each Ray actor (num_cpus=1): `exact` is a difference of two fp32 losses, and
+    # a different thread count sums in another order (1.4e-6 apart seen in CI with 2 threads here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tokenizer, state = load_warmup(warm_dir, "cpu")
+        results = compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
+                                    estimator="exact", max_length=128, eval_batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
     assert all(r.status == "ok" for r in results)
     return {r.id: r.influence for r in results}
 
