@@ -74,3 +74,29 @@ def finished_tiny_run(tmp_path_factory) -> Path:
     (run / "config.yaml").write_text(config.to_yaml())
     run_pipeline(config, run, progress=False)
     return run
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_spec):
+    """The tiny model behind the transformers backend, on the CPU (the server and HTTP client tests)."""
+    from montessori.generation.backends.hf import TransformersBackend
+    return TransformersBackend.load(tiny_spec, device="cpu", dtype="float32")
+
+
+@pytest.fixture()
+def serve(tiny_backend):
+    """Start `montessori serve`'s app on 127.0.0.1 (a free port) in a thread: serve(**make_server options)."""
+    import threading
+    from montessori.generation.serve import make_server
+    servers = []
+
+    def start(**kwargs):
+        server = make_server(tiny_backend, "tiny", **kwargs)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

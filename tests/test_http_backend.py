@@ -4,16 +4,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import pytest
 
 from montessori.errors import MontessoriError
 from montessori.generation.backends.base import Request, Sampling
-from montessori.generation.backends.hf import TransformersBackend
 from montessori.generation.backends.http import HTTPBackend
-from montessori.generation.serve import make_server
 from montessori.generation.stage import generate_instructions
 from montessori.store import read_jsonl
 
@@ -23,33 +20,12 @@ REQUESTS = [Request([{"role": "user", "content": "Write a poem."}], seed=1),
             Request([{"role": "user", "content": "List fruits."}], "1.", seed=2)]
 
 
-@pytest.fixture(scope="module")
-def local_backend(tiny_spec):
-    return TransformersBackend.load(tiny_spec, device="cpu", dtype="float32")
-
-
-@pytest.fixture()
-def serve(local_backend):
-    servers = []
-
-    def start(**kwargs):
-        server = make_server(local_backend, "tiny", **kwargs)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def test_http_backend_matches_the_local_backend(serve, local_backend, monkeypatch):
+def test_http_backend_matches_the_tiny_backend(serve, tiny_backend, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     server = serve()
     client = HTTPBackend(server.url, "tiny", api_key_env=KEY_ENV, concurrency=2)
     remote = client.generate(REQUESTS, SAMPLING)
-    local = [local_backend.generate([r], SAMPLING)[0] for r in REQUESTS]
+    local = [tiny_backend.generate([r], SAMPLING)[0] for r in REQUESTS]
     # Same seeds, same sampling semantics: the served text is the in-process text (prefill included).
     assert [[c.text for c in cs] for cs in remote] == [[c.text for c in cs] for cs in local]
     assert all(c.tokens == 8 and c.finish_reason == "length" for cs in remote for c in cs)

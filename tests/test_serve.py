@@ -20,7 +20,6 @@ import pytest
 from montessori.errors import InputError, MontessoriError
 from montessori.generation.backends import make_backend
 from montessori.generation.backends.base import Request, Sampling
-from montessori.generation.backends.hf import TransformersBackend
 from montessori.generation.backends.http import HTTPBackend
 from montessori.generation.serve import Limits, make_server
 
@@ -29,34 +28,13 @@ LONG = 1800  # tokens: ~20 s on a loaded CPU core, far longer than any wait belo
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_spec):
-    return TransformersBackend.load(tiny_spec, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(backend):
+def server(tiny_backend):
     """One server for the tests that leave it as they found it (idle)."""
-    server = make_server(backend, "tiny", served_model_name="teacher", limits=Limits(body_timeout=1.0))
+    server = make_server(tiny_backend, "tiny", served_model_name="teacher", limits=Limits(body_timeout=1.0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture()
-def serve(backend):
-    servers = []
-
-    def start(**kwargs):
-        server = make_server(backend, "tiny", **kwargs)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 http = httpx.Client(timeout=60)  # one client: making one costs more than a tiny request
