@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="samples per prompt (instructions stage: 4)")
     parser.add_argument("--mean-len", type=int, default=0, help="mean row length via V/L EOS ids; 0 = never stop")
     parser.add_argument("--waves", type=int, default=2, help="calls of B rows per engine and batch size")
+    parser.add_argument("--old-waves", type=int, help="waves of the generate engine (default --waves): its "
+                        "rate does not depend on how many calls it gets, and it is the slow one")
     parser.add_argument("--engines", nargs="+", default=["generate", "fast", "fast-1call"],
                         choices=("generate", "fast", "fast-1call"))
     parser.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "graphs", "off"),
@@ -101,6 +103,8 @@ def main() -> None:
             backend.eos_ids = eos
             calls = [prompts] if engine == "fast-1call" else \
                 [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
+            if engine == "generate" and args.old_waves:
+                calls = calls[:args.old_waves]
             warmup = 0.0
             if fresh:  # warm-up, untimed: compilation and CUDA-graph capture at every size the timed run meets
                 t0 = time.perf_counter()

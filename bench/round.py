@@ -33,7 +33,8 @@ SIZES = {
 
 
 def cli(src: Path, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    # The checkout first; what PYTHONPATH held already stays after it (wheels installed with --target).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-m", "montessori.cli", *args], cwd=src, env=env, check=True)
 
 

@@ -273,6 +273,18 @@ def write_summary(args, losses: dict, wins: dict | None) -> dict:
     return summary
 
 
+def sweep_overrides(chosen: dict) -> list[str]:
+    """The sweep's choices as overrides: the SFT lr is also the warm-up lr (the same student, the same
+    trainer); a DPO choice is taken only when its held-out accuracy was clearly above 0.5."""
+    out = []
+    if chosen.get("sft"):
+        lr = chosen["sft"]["lr"]
+        out += [f"warmup.lr={lr}", f"sft.lr={lr}", f"sft.min_lr={lr / 1000:g}"]
+    if chosen.get("dpo") and chosen["dpo"].get("clearly_above_half"):
+        out += [f"dpo.lr={chosen['dpo']['lr']}", f"dpo.beta={chosen['dpo']['beta']}"]
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -288,6 +300,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", default=str(REFERENCE) if REFERENCE.exists() else None,
                    help="data.reference (default: the method's Alpaca-Eval GPT-4 reference set beside the checkout)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides, every arm")
+    p.add_argument("--sweep", type=Path, help="experiments/sweep.py's sweep.json: its chosen warm-up/SFT lr and "
+                   "DPO lr/beta go before --set")
     p.add_argument("--heldout", type=Path, default=HELDOUT, help="evaluation prompts no stage reads")
     p.add_argument("--eval-prompts", type=int, help="at most this many held-out prompts for the loss (default all)")
     p.add_argument("--judge-prompts", type=int, default=64, help="prompts answered for the win rate (0 = none)")
@@ -304,6 +318,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="dry run: tiny preset, tiny random models, tiny sizes")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.sweep:
+        args.set = sweep_overrides(json.loads(args.sweep.read_text())["chosen"]) + args.set
     if args.tiny:  # every step end to end in minutes on a CPU; the numbers mean nothing
         args.preset, args.warmup, args.probing, args.pairs, args.mechanism_prompts = "tiny", 4, 8, 8, 2
         args.eval_prompts, args.judge_prompts, args.max_new_tokens, args.bootstrap = 8, 4, 16, 200

