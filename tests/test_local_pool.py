@@ -42,7 +42,8 @@ def test_local_processes_give_the_single_process_values_and_a_dead_one_fails_the
     results, stats = score_distributed(tmp_path, CANDIDATES, REFERENCE, settings, backend="mp", num_workers=2)
     assert [r.id for r in results] == [c.id for c in CANDIDATES]
     assert [r.influence for r in results] == pytest.approx([r.influence for r in single], abs=1e-6)
-    assert sum(stats.per_worker.values()) == 12 and stats.restarted == set()
+    assert sum(stats.per_worker.values()) == 12 and set(stats.per_worker) == {0, 1}  # one shared queue
+    assert stats.restarted == set()
     # Without Ray nothing restarts a dead process: the call fails with WorkerLost, it does not hang.
     with pytest.raises(WorkerLost, match="not re-run without Ray"):
         score_distributed(tmp_path, CANDIDATES, REFERENCE, settings, backend="mp", num_workers=2,

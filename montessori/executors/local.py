@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,15 +70,19 @@ def deliver(batches: Iterable[Batch], stats: PoolStats, on_result: Callable[[Any
 _worker: dict = {}  # this process's worker: its index and the method it runs
 
 
-def _start(factory: Callable[[], Any], method: str, slots) -> None:
+def _start(factory: Callable[[], Any], method: str, slots, ready) -> None:
     worker, gpu = slots.get()
     if gpu is not None:  # before anything touches CUDA (torch initialises it lazily)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    _worker.update(index=worker, fn=getattr(factory(), method))
+    _worker.update(index=worker, fn=getattr(factory(), method), ready=ready)
 
 
 def _run(items: list) -> Batch:
     return Batch(_worker["index"], False, _worker["fn"](items))
+
+
+def _ready() -> None:
+    _worker["ready"].wait()  # each worker holds one of these until all have arrived: one per worker
 
 
 class LocalPool:
@@ -86,19 +92,21 @@ class LocalPool:
 
     def __init__(self, factory: Callable[[], Any], n: int, method: str, gpus: Sequence[str | None] | None = None):
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
         context = multiprocessing.get_context("spawn")
         slots = context.Queue()
         for k in range(n):
             slots.put((k, gpus[k] if gpus else None))
         self.workers = n
         self.executor = ProcessPoolExecutor(n, mp_context=context, initializer=_start,
-                                            initargs=(factory, method, slots))
+                                            initargs=(factory, method, slots, context.Barrier(n)))
+        try:  # returns once every worker has built its state (a benchmark's clock starts after setup)
+            for future in [self.executor.submit(_ready) for _ in range(n)]:
+                future.result()
+        except BrokenProcessPool as err:
+            raise WorkerLost(f"a local worker process died while building its state ({err})") from err
 
     def map(self, tasks: list[list], on_result: Callable[[Any], None], key: Callable[[Any], Any], *,
             progress: bool = False, desc: str = "tasks") -> PoolStats:
-        from concurrent.futures import as_completed
-        from concurrent.futures.process import BrokenProcessPool
         stats = PoolStats(self.workers, len(tasks), sum(map(len, tasks)))
         futures = [self.executor.submit(_run, task) for task in tasks]
         try:
