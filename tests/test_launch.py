@@ -8,9 +8,9 @@ import json
 import pytest
 
 from montessori.config import load_preset
+from montessori.errors import InputError
 from montessori.executors.launcher import (FSDP_MIN_PARAMS, SCRATCH, choose_strategy, count_params, launch_command,
                                            maybe_launch, preset_path, run_launched)
-from montessori.errors import InputError
 from montessori.pipeline import StageContext, stages_for
 from montessori.records import Pair
 from montessori.store import RunStore, atomic_write_text, read_jsonl, write_jsonl

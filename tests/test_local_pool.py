@@ -1,6 +1,7 @@
 """Workers as local processes, without Ray (executors/local.py: the standard library's
 ProcessPoolExecutor, the backend bench/scale.py uses on GPUs without Ray): the single-process
-values, both workers taking tasks, and a dead process failing the call instead of hanging."""
+values, both workers taking tasks, and a dead process failing the call instead of hanging.
+And the driver's exactly-once delivery that the Ray pool shares."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mont
 from montessori.config import WarmupConfig  # noqa: E402
 from montessori.executors.influence import InfluenceSettings, score_distributed  # noqa: E402
 from montessori.executors.launcher import maybe_launch  # noqa: E402
-from montessori.influence.stage import run_influence  # noqa: E402
 from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup  # noqa: E402
+from montessori.influence.stage import run_influence  # noqa: E402
 from montessori.models.batching import encode_pairs  # noqa: E402
 from montessori.pipeline import StageContext, run_pipeline  # noqa: E402
 from montessori.records import InfluenceResult, Pair  # noqa: E402
