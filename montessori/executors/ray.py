@@ -1,8 +1,9 @@
 """Workers on Ray: one actor per GPU (or per tensor-parallel group), built once, fed by Ray's ActorPool.
 
 What Ray gives, and we do not re-implement:
-- dynamic dispatch: `ActorPool.map_unordered` hands the next task to whichever actor is idle, so
-  fast GPUs take more, and yields results as they finish;
+- dynamic dispatch: `ActorPool.map_unordered` hands the next task to whichever actor is free, so
+  fast GPUs take more, and yields results as they finish. Each actor is in the pool twice (SLOTS),
+  so it has its next task queued while it runs one instead of idling for a driver round trip;
 - re-run of a dead worker's tasks: actors are created with `max_restarts` and `max_task_retries`;
   when an actor's process dies (a node lost, a process killed) Ray starts it again, its __init__
   rebuilds the state, and Ray re-runs the tasks it held on it (tests/test_ray_influence.py kills
@@ -13,13 +14,12 @@ What Ray gives, and we do not re-implement:
 What is ours (local.deliver): only the driver writes, each result once by its key, so a stage
 resumed from its file or an item sent twice never writes a line twice.
 
-Differences from the dispatcher this replaced, measured or accepted:
-- ActorPool keeps one task in flight per actor, not two, so an actor idles for one driver round
-  trip between tasks: 1.38 vs 1.10 ms per task (2 actors, this 2-core CPU box, actors busy), under
-  2% of a 20 ms TinyLlama candidate; not worth a queue of our own.
-- A dead actor's tasks wait for that actor's restart (Ray places it on any node with a free GPU)
-  instead of going to the survivors at once; after a node loss with no spare GPU they wait until
-  the node (or the autoscaler) brings one back.
+Measured against the dispatcher this replaced (bench/actorpool.py, 2 actors, this 2-core CPU box
+under load): with each actor in the pool once, a task of 5 / 20 ms took 7.6-8.3 / 25.0-26.0 ms
+per actor against 6.1 / 22.8-23.2 ms for its two-deep queue; with two slots per actor, 6.2-6.5 /
+22.2-22.8 ms, the same. Accepted difference: a dead actor's tasks wait for that actor's restart
+(Ray places it on any node with free resources) instead of going to the survivors at once; after
+a node loss with no spare GPU they wait until the node (or the autoscaler) brings one back.
 
 Generation: RayBackend implements the same `generate(requests, sampling)` as every backend, so
 the generation stages use it unchanged (the executor hands it to them: launcher.maybe_launch).
@@ -44,6 +44,7 @@ from montessori.executors.local import Batch, PoolStats, WorkerLost, chunks, del
 from montessori.generation.backends.base import Backend, Completion, Request, Sampling
 
 RESTARTS = 3  # per actor: a few node losses or preemptions in a run; more means something is broken
+SLOTS = 2  # tasks in flight per actor: one running, one queued on the actor
 
 
 def require_ray():
@@ -99,7 +100,7 @@ class RayPool:
                                             max_restarts=RESTARTS, max_task_retries=RESTARTS)
         self.ray, self.workers = ray, n
         self.actors = [remote.remote(factory, k, method) for k in range(n)]
-        self.pool = ActorPool(self.actors)
+        self.pool = ActorPool(self.actors * SLOTS)  # an actor's tasks run in order, one at a time
 
     def map(self, tasks: list[list], on_result: Callable[[Any], None], key: Callable[[Any], Any], *,
             progress: bool = False, desc: str = "tasks") -> PoolStats:
