@@ -6,9 +6,9 @@
 
 Each worker (one per GPU) builds a random-init model of the chosen architecture in fp32, a synthetic
 AdamW state and the reference set, once, exactly like an influence worker holding the warm-up
-state (montessori.distributed.ray_influence.Scorer over an InfluenceEngine). Candidates (random
-tokens, 300-600 tokens long) are fed through the same dynamic queue as the `influence` stage
-(montessori.distributed.scheduler.dispatch). Timing starts after every worker has built its state
+state (montessori.executors.influence.Scorer over an InfluenceEngine). Candidates (random
+tokens, 300-600 tokens long) are fed through the same pools as the `influence` stage
+(montessori.executors: RayPool, or LocalPool without Ray). Timing starts after every worker has built its state
 and scored one untimed candidate, so it measures the steady state a long run lives in.
 
 Reference set: the (prompt, response) token lengths of ../shared/data/reference_alpaca_eval_gpt4_256.jsonl
@@ -74,12 +74,12 @@ def candidate_lengths(n: int, seed: int, tiny: bool) -> list[tuple[int, int]]:
 
 
 def build_scorer(arch: str, device: str, lengths, estimator: str, precision: str, grad_precision: str,
-                 eval_batch_size: int, threads: int, worker: int):
+                 eval_batch_size: int, threads: int):
     """One worker's state, built once in the worker process: random fp32 model, synthetic AdamW
     moments (|g| ~ 1e-3), the reference set. Every worker builds the same (seed 0)."""
     import torch
 
-    from montessori.distributed.ray_influence import Scorer
+    from montessori.executors.influence import Scorer
     from montessori.influence.engine import AdamWState, InfluenceEngine
     if device == "cpu":
         torch.set_num_threads(threads)
@@ -97,19 +97,18 @@ def build_scorer(arch: str, device: str, lengths, estimator: str, precision: str
 
 
 def make_pool(backend: str, factory, n: int):
-    if backend == "ray":
-        from montessori.distributed.scheduler import init_ray, start_factory_actors
-        init_ray(os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-        import torch
-        return start_factory_actors(factory, n, "score", gpus_per_worker=1 if torch.cuda.is_available() else 0)
-    from montessori.distributed.scheduler import ProcessPool
     import torch
+    if backend == "ray":
+        from montessori.executors.ray import RayPool, init_ray
+        init_ray(os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        return RayPool(factory, n, "score", gpus_per_worker=1 if torch.cuda.is_available() else 0)
+    from montessori.executors.local import LocalPool
     gpus = torch.cuda.device_count()
-    return ProcessPool(factory, n, "score", [str(k) for k in range(n)] if gpus else None)
+    return LocalPool(factory, n, "score", [str(k) for k in range(n)] if gpus else None)
 
 
 def measure(args, n: int, lengths, vocab: int) -> dict:
-    from montessori.distributed.scheduler import dispatch
+    from montessori.executors.local import chunks
     threads = max(1, (os.cpu_count() or 1) // n)
     factory = partial(build_scorer, args.arch, args.device, lengths, args.estimator, args.precision,
                       args.grad_precision, args.eval_batch_size, threads)
@@ -117,15 +116,15 @@ def measure(args, n: int, lengths, vocab: int) -> dict:
     started = time.perf_counter()
     pool = make_pool(args.backend, factory, n)
     try:
-        # Untimed: one candidate per worker (depth 1 hands each worker exactly one), which also waits
-        # until every worker has built its state.
+        # Untimed: one candidate per worker (n tasks on n idle workers), after every worker has built
+        # its state (RayPool: the first task waits for it; LocalPool: its constructor does).
         warm = random_examples(candidate_lengths(n, 99, tiny), vocab, "warm", seed=99)
-        dispatch(pool, warm, lambda r: None, depth=1)
+        pool.map(chunks(warm, 1), lambda r: None, key=lambda r: r.id)
         setup = time.perf_counter() - started
         cands = random_examples(candidate_lengths(args.per_worker * n, 7, tiny), vocab, "cand", seed=7)
         results = []
         t0 = time.perf_counter()
-        stats = dispatch(pool, cands, results.append, depth=2)
+        stats = pool.map(chunks(cands, 1), results.append, key=lambda r: r.id)
         seconds = time.perf_counter() - t0
     finally:
         pool.close()

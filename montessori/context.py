@@ -1,5 +1,5 @@
 """What a stage is and what it is given: imported by the runner (`montessori.pipeline`) and by the
-executors (`montessori.distributed.launch`), and importing neither, so neither imports the other."""
+executors (`montessori.executors`), and importing neither, so neither imports the other."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from montessori.config import Config
 from montessori.errors import MontessoriError
@@ -52,6 +53,9 @@ class StageContext:
     stage: StageDir
     active: tuple[str, ...] = field(default_factory=tuple)
     progress: bool = True
+    # The generation backend for a model spec, when an executor runs generation elsewhere (Ray engines:
+    # executors.launcher); None: the stage builds generation.backend in this process.
+    make_backend: Callable[[str], Any] | None = None
 
     @property
     def log(self) -> logging.Logger:

@@ -171,9 +171,9 @@ def run_in_process(name: str, ctx: StageContext, fn: Callable[[StageContext], di
 
 
 def default_executor(config: Config) -> Executor:
-    if config.distributed.launcher == "none":
+    if config.distributed.launcher == "none" and not config.distributed.ray:
         return run_in_process
-    from montessori.distributed.launch import maybe_launch  # accelerate / torchrun for dpo and sft
+    from montessori.executors.launcher import maybe_launch  # Ray for influence and generation; a launcher for dpo, sft
     return maybe_launch
 
 

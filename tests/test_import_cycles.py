@@ -77,10 +77,18 @@ def test_the_graph_sees_function_level_imports():
     graph = import_graph()
     # the engine imports fast.py inside _fast_linear only; `from montessori.influence import core` is the module
     assert "montessori.influence.fast" in graph["montessori.influence.engine"]
-    assert "montessori.distributed.launch" in graph["montessori.pipeline"]
+    assert "montessori.executors.launcher" in graph["montessori.pipeline"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
 def test_no_import_cycles_in_the_package():
     found = [c for c in cycles(import_graph()) if c not in ALLOWED]
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in found)
+
+
+def test_only_the_runner_imports_the_executors():
+    """Executors import stages, never the reverse: a stage does not know where it runs."""
+    graph = import_graph()
+    importers = {m for m, targets in graph.items() if not m.startswith("montessori.executors")
+                 and any(t.startswith("montessori.executors") for t in targets)}
+    assert importers == {"montessori.pipeline"}

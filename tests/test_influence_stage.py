@@ -60,6 +60,6 @@ def test_influence_stage_scores_every_probing_pair_and_resumes(tmp_path, tiny_co
     assert [r.id for r in flat] == probing
     assert [r.influence for r in flat] == pytest.approx([r.influence for r in linear], rel=1e-5, abs=1e-9)
     assert [r.influence for r in flat] != [r.influence for r in linear]  # recomputed, not reused
-    from montessori.distributed.ray_influence import InfluenceSettings
+    from montessori.influence.settings import InfluenceSettings
     settings = InfluenceSettings.from_config(tiny_config)
     assert (settings.linear_kernel, settings.pad_multiple) == ("flat", 16)

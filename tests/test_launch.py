@@ -8,9 +8,9 @@ import json
 import pytest
 
 from montessori.config import load_preset
-from montessori.distributed.launch import (FSDP_MIN_PARAMS, SCRATCH, choose_strategy, count_params, launch_command,
-                                           maybe_launch, preset_path, run_launched)
 from montessori.errors import InputError
+from montessori.executors.launcher import (FSDP_MIN_PARAMS, SCRATCH, choose_strategy, count_params, launch_command,
+                                           maybe_launch, preset_path, run_launched)
 from montessori.pipeline import StageContext, stages_for
 from montessori.records import Pair
 from montessori.store import RunStore, atomic_write_text, read_jsonl, write_jsonl
@@ -47,7 +47,7 @@ def test_launch_commands():
     cmd = launch_command("accelerate", "fsdp", 8, ["RUN", "--round", "1", "--stage", "sft"])
     assert cmd[1:6] == ["-m", "accelerate.commands.launch", "--config_file", str(preset_path("fsdp")),
                         "--num_processes"] and cmd[6] == "8"
-    assert cmd[-7:] == ["-m", "montessori.distributed.launch", "RUN", "--round", "1", "--stage", "sft"]
+    assert cmd[-7:] == ["-m", "montessori.executors.launcher", "RUN", "--round", "1", "--stage", "sft"]
     cmd = launch_command("torchrun", "ddp", 4, ["RUN"])
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
     with pytest.raises(InputError, match="FSDP needs distributed.launcher=accelerate"):
@@ -92,3 +92,15 @@ def test_maybe_launch_runs_in_process_without_a_launcher_or_for_other_stages(tmp
     assert maybe_launch("influence", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
     # the config with a launcher stays serialisable (the launched ranks read it back from disk)
     assert json.loads(json.dumps(ctx.config.model_dump(mode="json")))["distributed"]["launcher"] == "torchrun"
+
+
+def test_distributed_ray_alone_chooses_the_executor_and_hands_generation_ray_engines(tmp_path):
+    from montessori.executors.ray import RayBackend
+    from montessori.pipeline import default_executor, run_in_process
+    ctx = sft_run(tmp_path, "none")
+    assert default_executor(ctx.config) is run_in_process
+    ctx.config.distributed.ray = True  # no launcher: still not this process for influence and generation
+    assert default_executor(ctx.config) is maybe_launch
+    seen = maybe_launch("responses", ctx, lambda c: {"backend": c.make_backend})
+    assert seen["backend"].func is RayBackend and seen["backend"].keywords["config"] is ctx.config
+    assert maybe_launch("sft", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}

@@ -8,7 +8,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'montessori[ray]')")
 
-from montessori.distributed.ray_generation import RayBackend  # noqa: E402
+from montessori.executors.ray import RayBackend  # noqa: E402
 from montessori.generation.backends.hf import TransformersBackend  # noqa: E402
 from montessori.generation.stage import generate_responses  # noqa: E402
 from montessori.records import Candidate, Pair  # noqa: E402

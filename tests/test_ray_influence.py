@@ -1,7 +1,8 @@
 """Influence on a local Ray cluster of 2 workers (tiny random Llama on CPU) against the single-process engine.
 
 The values must not depend on which worker, or how many, scored a candidate; a worker that dies
-mid-run must cost nothing but time: every candidate lands in influence.jsonl exactly once.
+mid-run must cost nothing but time: Ray restarts it and re-runs its task (max_restarts,
+max_task_retries), and every candidate lands in influence.jsonl exactly once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'montessori[ray]')")
 
 from montessori.config import WarmupConfig  # noqa: E402
-from montessori.distributed.ray_influence import InfluenceSettings, run_influence_ray, score_distributed  # noqa: E402
+from montessori.executors.influence import InfluenceSettings, score_distributed  # noqa: E402
+from montessori.executors.launcher import maybe_launch  # noqa: E402
 from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup  # noqa: E402
+from montessori.influence.stage import run_influence  # noqa: E402
 from montessori.models.batching import encode_pairs  # noqa: E402
 from montessori.pipeline import StageContext, run_pipeline  # noqa: E402
 from montessori.records import InfluenceResult, Pair  # noqa: E402
@@ -69,17 +72,17 @@ def single_process(warm_dir):
     return {r.id: r.influence for r in results}
 
 
-def test_two_workers_one_killed_give_every_single_process_value_exactly_once(warm_dir, single_process, tmp_path):
-    out_file = tmp_path / "influence.jsonl"
+def test_a_worker_killed_mid_task_is_restarted_by_ray_and_every_value_lands_once(warm_dir, single_process, tmp_path):
+    out_file, died = tmp_path / "influence.jsonl", tmp_path / "died"
+    tasks = CANDIDATES + CANDIDATES[:2]  # two candidates sent twice: the driver writes each id once
     with JsonlAppender(out_file, InfluenceResult) as out:
-        # Worker 0's process exits on its 2nd candidate. The driver queues two tasks on each worker
-        # before the first result comes back, so that candidate is surely held by worker 0 when it
-        # dies, however slowly worker 0 started (dying on a later one raced the survivor for the queue).
-        _, stats = score_distributed(warm_dir, CANDIDATES, REFERENCE, SETTINGS, num_workers=2,
-                                     on_result=out.append, die_after={0: 1})
-    assert stats.workers == 2 and stats.lost_workers == [0] and stats.requeued_tasks >= 1
-    # Both took candidates from the shared queue; the survivor finished the dead worker's share.
-    assert stats.per_worker.get(0, 0) in (0, 1) and stats.per_worker.get(0, 0) + stats.per_worker[1] == 12
+        # The first worker to score a candidate creates `died` and its process exits holding that task.
+        _, stats = score_distributed(warm_dir, tasks, REFERENCE, SETTINGS, num_workers=2,
+                                     on_result=out.append, die_once=died)
+    assert died.exists() and stats.workers == 2
+    # Ray started the dead actor again (max_restarts) and re-ran the task it held (max_task_retries):
+    # every task came back, the re-run one from the restarted process.
+    assert len(stats.restarted) == 1 and sum(stats.per_worker.values()) == len(tasks) == 14
     written = read_jsonl(out_file, InfluenceResult)
     assert sorted(r.id for r in written) == sorted(c.id for c in CANDIDATES)  # each exactly once
     # The exact estimator on the same state: equal to the single-process engine's values.
@@ -108,7 +111,7 @@ def test_ray_stage_equals_the_single_process_stage_and_resumes(tmp_path, tiny_co
     tiny_config.distributed.ray, tiny_config.distributed.num_workers = True, 2
     store = RunStore(tmp_path)
     ctx = StageContext(tiny_config, store, 1, store.stage(1, "influence"), progress=False)
-    counts = run_influence_ray(ctx)
+    counts = maybe_launch("influence", ctx, run_influence)  # the executor picks Ray for distributed.ray
     resumed = read_jsonl(folder / "influence.jsonl", InfluenceResult)
     assert [r.id for r in resumed[:3]] == [r.id for r in single[:3]]
     assert sorted(r.id for r in resumed) == sorted(r.id for r in single)

@@ -152,5 +152,5 @@ def test_every_config_key_is_read_by_a_stage_or_named_as_not_fingerprinted():
 
 
 def test_the_launcher_does_not_import_the_runner():
-    code = "import sys, montessori.distributed.launch; sys.exit('montessori.pipeline' in sys.modules)"
+    code = "import sys, montessori.executors.launcher; sys.exit('montessori.pipeline' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

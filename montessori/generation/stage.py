@@ -211,9 +211,8 @@ def _seeds(cfg) -> list[tuple[str, str]]:
 
 
 def _backend(ctx, spec: str) -> Backend:
-    if ctx.config.distributed.ray:  # one engine per GPU behind the same interface
-        from montessori.distributed.ray_generation import RayBackend
-        return RayBackend(spec, ctx.config)
+    if ctx.make_backend is not None:  # the executor's (Ray: one engine per GPU behind the same interface)
+        return ctx.make_backend(spec)
     gen = ctx.config.generation
     ctx.log.info("teacher %s on backend %s", spec, choose_backend(gen))
     return make_backend(spec, gen, ctx.config.models)

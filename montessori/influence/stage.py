@@ -34,8 +34,8 @@ def probing_pairs(ctx) -> list[Pair]:
 
 
 def run_influence(ctx) -> dict:
-    """In this process. (distributed.ray=true runs distributed.ray_influence.run_influence_ray instead:
-    the executor is chosen by distributed.launch, which imports this stage; this stage imports no executor.)"""
+    """In this process. (distributed.ray=true runs executors.influence.run_influence_ray instead:
+    the executor is chosen by executors.launcher, which imports this stage; this stage imports no executor.)"""
     if ctx.config.influence.utility != "influence":
         return run_utility(ctx)
     cfg, icfg = ctx.config, ctx.config.influence

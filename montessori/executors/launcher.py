@@ -1,7 +1,9 @@
-"""Training stages (dpo, sft) on several GPUs: `montessori run` starts them through
-`accelerate launch` or `torchrun` itself, with a DDP or FSDP preset chosen by model size.
+"""Where a stage runs (`maybe_launch`, the pipeline's executor when distributed.* asks for more than
+this process): influence and generation on Ray (influence.py, ray.py), and the training stages
+(dpo, sft) on several GPUs, which `montessori run` starts through `accelerate launch` or `torchrun`
+itself, with a DDP or FSDP preset chosen by model size.
 
-    driver (montessori run)                    every rank (python -m montessori.distributed.launch)
+    driver (montessori run)                    every rank (python -m montessori.executors.launcher)
     -----------------------                    ------------------------------------------------------
     maybe_launch("sft", ctx, run_sft)  ---->   reads RUN/config.resolved.yaml, builds the stage's context,
       accelerate launch --config_file            calls run_sft(ctx): TRL's trainers see WORLD_SIZE and
@@ -29,6 +31,8 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -42,7 +46,7 @@ SCRATCH = ".ranks"
 
 
 def preset_path(strategy: str) -> Path:
-    return Path(str(resources.files("montessori.distributed").joinpath("accelerate", f"{strategy}.yaml")))
+    return Path(str(resources.files("montessori.executors").joinpath("accelerate", f"{strategy}.yaml")))
 
 
 def count_params(spec: str) -> int:
@@ -71,11 +75,11 @@ def num_processes(dcfg) -> int:
 
 
 def launch_command(launcher: str, strategy: str, processes: int, entry: list[str]) -> list[str]:
-    """The command line that starts `python -m montessori.distributed.launch ENTRY` on every rank.
+    """The command line that starts `python -m montessori.executors.launcher ENTRY` on every rank.
 
     No `--cpu` for accelerate: it would start a single process; the stage's models.device decides
     the device, and on CPU the trainers join the ranks over gloo."""
-    module = ["-m", "montessori.distributed.launch", *entry]
+    module = ["-m", "montessori.executors.launcher", *entry]
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_path(strategy)),
                "--num_processes", str(processes)]
@@ -124,12 +128,16 @@ def run_launched(stage: str, ctx, target: str | None = None) -> dict:
 
 
 def maybe_launch(stage: str, ctx, fn):
-    """The pipeline's hook: a training stage under a launcher when distributed.launcher is set (and
-    we are not already inside one); influence on Ray when distributed.ray is set (stages import no
-    executor: the choice is made here); else the stage function in this process."""
-    if stage == "influence" and ctx.config.distributed.ray:
-        from montessori.distributed.ray_influence import run_influence_ray
-        return run_influence_ray(ctx)
+    """The pipeline's hook: influence on Ray and generation on Ray engines when distributed.ray is
+    set; a training stage under a launcher when distributed.launcher is set (and we are not already
+    inside one); else the stage function in this process. Stages import no executor: the choice is
+    made here, and a generation stage is handed its backend through the context."""
+    if ctx.config.distributed.ray:
+        if stage == "influence":
+            from montessori.executors.influence import run_influence_ray
+            return run_influence_ray(ctx)
+        from montessori.executors.ray import RayBackend
+        ctx = replace(ctx, make_backend=partial(RayBackend, config=ctx.config, progress=ctx.progress))
     if ctx.config.distributed.launcher == "none" or stage not in LAUNCHED_STAGES or "LOCAL_RANK" in os.environ:
         return fn(ctx)
     return run_launched(stage, ctx, f"{fn.__module__}:{fn.__qualname__}")
