@@ -35,8 +35,11 @@ def dtype_name(value: Any) -> Any:
     return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
-def _dtype(*names: str) -> Any:
-    return Annotated[Literal[names], BeforeValidator(dtype_name)]
+_TorchName = BeforeValidator(dtype_name)
+Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], _TorchName]
+Precision = Annotated[Literal["float32", "tf32", "bfloat16"], _TorchName]
+AutoPrecision = Annotated[Literal["auto", "float32", "tf32", "bfloat16"], _TorchName]
+StoredDtype = Annotated[Literal["auto", "float32", "bfloat16"], _TorchName]
 
 
 class Section(BaseModel):
@@ -60,7 +63,7 @@ class ModelsConfig(Section):
     student: str = "smollm2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Weights dtype for training/inference. `auto` = bfloat16 on CUDA, float32 on CPU.
-    dtype: _dtype("auto", "float32", "bfloat16", "float16") = "auto"
+    dtype: Dtype = "auto"
 
 
 class DataConfig(Section):
@@ -167,7 +170,7 @@ class WarmupConfig(Section):
     max_length: PositiveInt = 1024
     seed: int = 0
     # Arithmetic over fp32 master weights: auto = bfloat16 autocast on CUDA (METHOD.md), float32 on CPU.
-    precision: _dtype("auto", "float32", "tf32", "bfloat16") = "auto"
+    precision: AutoPrecision = "auto"
     gradient_checkpointing: bool = False
 
     @model_validator(mode="before")
@@ -200,10 +203,10 @@ class InfluenceConfig(Section):
     # Arithmetic of the reference evaluation (exact: before/after losses; linear: ∇L_ref), over fp32
     # master weights: float32, tf32 (CUDA only, a no-op on CPU) or bfloat16 autocast. One AdamW step
     # moves weights ~1e-4 relative, below bf16/tf32 resolution: keep float32 for exact.
-    precision: _dtype("float32", "tf32", "bfloat16") = "float32"
+    precision: Precision = "float32"
     # Arithmetic of the candidate's forward/backward (an ordinary training gradient). auto = bfloat16 for
     # the linear estimator on CUDA, float32 otherwise.
-    grad_precision: _dtype("auto", "float32", "tf32", "bfloat16") = "auto"
+    grad_precision: AutoPrecision = "auto"
     lr: PositiveFloat | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
     eval_batch_size: PositiveInt = 8
     max_length: PositiveInt = 1024
@@ -215,7 +218,7 @@ class InfluenceConfig(Section):
     # Memory layout (values are the same, bit for bit for `shadow`): auto keeps a fourth fp32 copy of
     # the weights on the device only when it fits (not for an 8B student on one 141 GB GPU): else
     # ∇L_ref is stored in bf16 and exact steps θ in place, restoring it from a pinned host copy.
-    ref_grad_dtype: _dtype("auto", "float32", "bfloat16") = "auto"
+    ref_grad_dtype: StoredDtype = "auto"
     shadow: Literal["auto", "device", "host"] = "auto"
     # How the linear step runs (the same quantity, computed differently; measured in docs/benchmarks.md:
     # in fp32 flat/graphed equal hooks to a median 5e-4 relative; with the bf16 candidate gradient, graphed

@@ -85,3 +85,14 @@ def test_run_refuses_a_0_1_run_directory_in_one_line_and_touches_nothing(old_run
                  "--until", "instructions"]) == 0
     manifest = json.loads((old_run.parent / "new" / "round-1" / "instructions" / "manifest.json").read_text())
     assert manifest["stage"] == "instructions"
+
+
+def test_the_notebook_api_defaults_are_what_the_cli_runs():
+    """compute_influence(...) without settings runs InfluenceSettings(): the influence.* defaults."""
+    from dataclasses import fields
+    from montessori.config import InfluenceConfig
+    from montessori.influence.settings import InfluenceSettings
+    settings, config = InfluenceSettings(), InfluenceConfig()
+    shared = [f.name for f in fields(settings) if f.name in InfluenceConfig.model_fields]
+    assert len(shared) >= 10 and {n: getattr(settings, n) for n in shared} == {n: getattr(config, n) for n in shared}
+    assert InfluenceSettings(precision="fp32", grad_precision="bf16").grad_precision == "bfloat16"

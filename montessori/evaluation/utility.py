@@ -1,6 +1,6 @@
 """Data-utility scorers for the paper's ablation: rank candidates by something cheaper than influence.
 
-Each scorer returns one InfluenceResult per candidate pair (same id), so the pairs stage ranks them
+Each scorer returns one InfluenceResult per candidate pair (same id), so the preferences stage ranks them
 exactly as it ranks influence values; `estimator` says which signal it was.
 
   loss   the student's own response-token loss on the candidate (token mean). Larger = the student
