@@ -168,7 +168,7 @@ class WarmupConfig(Section):
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     max_length: PositiveInt = 1024
-    seed: int = 0
+    seed: int = 0  # the warm-up's data order (not the top-level seed, which seeds what samples)
     # Arithmetic over fp32 master weights: auto = bfloat16 autocast on CUDA (METHOD.md), float32 on CPU.
     precision: AutoPrecision = "auto"
     gradient_checkpointing: bool = False
@@ -251,7 +251,7 @@ class Schedule(Section):
     decay_ratio: Fraction = 0.4
     max_length: PositiveInt = 1024
     gradient_checkpointing: bool = False
-    seed: int = 0
+    seed: int = 0  # this training stage's data order, split and initialisation (not the top-level seed)
 
 
 class DPOConfig(Schedule):
@@ -324,7 +324,7 @@ class Config(Section):
     name: str = "montessori"
     method: Literal["montessori", "self-instruct"] = "montessori"
     rounds: PositiveInt = 1
-    seed: int = 0
+    seed: int = 0  # every stage that samples; the training stages' own `seed` keys are theirs alone
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
     generation: GenerationConfig = GenerationConfig()
