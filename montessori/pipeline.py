@@ -26,7 +26,8 @@ from pathlib import Path
 from montessori.config import Config, Schedule, load_config
 from montessori.context import Stage, StageContext
 from montessori.errors import InputError, MontessoriError
-from montessori.store import RunLock, RunStore, StageDir, atomic_write_text, count_records, file_hash
+from montessori.store import (RENAMED_STAGES, RunLock, RunStore, StageDir, atomic_write_text, count_records,
+                              file_hash)
 
 log = logging.getLogger("montessori")
 
@@ -155,6 +156,9 @@ def parse_stage_arg(flag: str, value: str | None, config: Config,
     if value is None:
         return None
     round_text, _, name = value.rpartition(":")
+    renamed = {old: new for new, old in RENAMED_STAGES.items()}
+    if name in renamed:
+        raise InputError(f"{flag} {value}: stage '{name}' is called '{renamed[name]}' since montessori 0.2")
     if name not in STAGE_NAMES:
         raise InputError(f"{flag} {value}: unknown stage (stages: {', '.join(STAGE_NAMES)}; "
                          f"a round may be given as ROUND:STAGE, e.g. 2:{STAGE_NAMES[0]})")

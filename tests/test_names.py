@@ -96,3 +96,10 @@ def test_the_notebook_api_defaults_are_what_the_cli_runs():
     shared = [f.name for f in fields(settings) if f.name in InfluenceConfig.model_fields]
     assert len(shared) >= 10 and {n: getattr(settings, n) for n in shared} == {n: getattr(config, n) for n in shared}
     assert InfluenceSettings(precision="fp32", grad_precision="bf16").grad_precision == "bfloat16"
+
+
+def test_the_old_stage_names_on_the_command_line_say_the_new_ones(capsys):
+    from montessori.pipeline import plan
+    for old, new in (("pairs", "preferences"), ("data", "dataset")):
+        with pytest.raises(InputError, match=f"'{old}' is called '{new}'"):
+            plan(load_preset("tiny"), "/nonexistent", until=old)
