@@ -35,14 +35,14 @@ from montessori.influence.metrics import median_relative_error, sign_agreement, 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = {
-    "exact-fp32": ("exact", "fp32", "fp32"),
+    "exact-fp32": ("exact", "float32", "float32"),
     "exact-tf32": ("exact", "tf32", "tf32"),
-    "exact-bf16": ("exact", "bf16", "bf16"),
-    "exact-bf16eval": ("exact", "bf16", "fp32"),
-    "linear-fp32": ("linear", "fp32", "fp32"),
+    "exact-bf16": ("exact", "bfloat16", "bfloat16"),
+    "exact-bf16eval": ("exact", "bfloat16", "float32"),
+    "linear-fp32": ("linear", "float32", "float32"),
     "linear-tf32": ("linear", "tf32", "tf32"),
-    "linear-bf16grad": ("linear", "fp32", "bf16"),
-    "linear-bf16": ("linear", "bf16", "bf16"),
+    "linear-bf16grad": ("linear", "float32", "bfloat16"),
+    "linear-bf16": ("linear", "bfloat16", "bfloat16"),
 }
 
 
@@ -60,7 +60,7 @@ def warm_state(args, model, tokenizer):
         pairs = read_pairs(str(SHARED / "self_instruct_seed_tasks.jsonl"), limit=args.warmup_steps).records
         optimizer, log = train_warmup(model, encode_pairs(tokenizer, pairs, args.max_length),
                                       WarmupConfig(lr=5e-6, batch_size=1), pad_id=tokenizer.pad_token_id,
-                                      precision="fp32", progress=True)
+                                      precision="float32", progress=True)
         save_warmup(folder, model, tokenizer, optimizer)
     return load_warmup(folder, args.device)
 

@@ -53,13 +53,13 @@ from montessori.models.batching import Example, length_batches, precision_contex
 from bench.archs import ARCHS, build_model  # noqa: E402
 from montessori.influence.metrics import spearman  # noqa: E402
 METHODS = {  # name: (estimator, precision of the reference pass, precision of the candidate gradient)
-    "linear-fp32": ("linear", "fp32", "fp32"),
-    "linear-bf16grad": ("linear", "fp32", "bf16"),
+    "linear-fp32": ("linear", "float32", "float32"),
+    "linear-bf16grad": ("linear", "float32", "bfloat16"),
     "linear-tf32": ("linear", "tf32", "tf32"),
-    "linear-tf32-bf16grad": ("linear", "tf32", "bf16"),
-    "exact-fp32": ("exact", "fp32", "fp32"),
+    "linear-tf32-bf16grad": ("linear", "tf32", "bfloat16"),
+    "exact-fp32": ("exact", "float32", "float32"),
     "exact-tf32": ("exact", "tf32", "tf32"),
-    "exact-bf16": ("exact", "bf16", "bf16"),
+    "exact-bf16": ("exact", "bfloat16", "bfloat16"),
 }
 # (prompt, response) token lengths of the 256 reference examples (SmolLM2 tokenizer + chat template, cut at 1024).
 REFERENCE_LENGTHS = """
@@ -102,9 +102,9 @@ def timed(fn, device, repeat: int = 5) -> float:
 def matmul_rate(device: torch.device, precision: str) -> float:
     """FLOP/s of a square matmul in this precision (the evaluation's ceiling)."""
     n = 8192 if device.type == "cuda" else 1024
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    with precision_context("tf32" if precision == "tf32" else "fp32", device):
+    with precision_context("tf32" if precision == "tf32" else "float32", device):
         return 2 * n ** 3 / timed(lambda: a @ b, device)
 
 
@@ -256,7 +256,7 @@ def run_public(model, state, ref, cands, args, device):
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     n = len(loads)
-    return dict(method="public (reload + bf16)", precision="bf16", grad_precision="bf16", setup=save,
+    return dict(method="public (reload + bf16)", precision="bfloat16", grad_precision="bfloat16", setup=save,
                 load=sum(loads) / n, step=sum(steps) / n, eval=sum(evals) / n, peak_gib=float("nan"), values=[],
                 layout="disk")
 
@@ -273,7 +273,7 @@ def main() -> None:
                     help="influence.compile: auto (the library default: the graphed step's copy, layer by layer, "
                          "on CUDA), on (also the eager passes and the flat step), off")
     ap.add_argument("--pad-multiple", type=int, default=64, help="graphed/flat: candidates padded to a multiple")
-    ap.add_argument("--ref-grad-dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--ref-grad-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--no-public", action="store_true", help="skip the public code's reload strategy")
     ap.add_argument("--ckpt-dir", default=None, help="where the public strategy saves its checkpoint")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of each linear method's step")
@@ -326,7 +326,7 @@ def main() -> None:
           f"shadow or ∇L_ref {gib:.1f} GiB -> resident {4 * gib:.1f} GiB + activations")
     print(f"reference: {len(ref)} examples, {sum(len(e.input_ids) for e in ref)} tokens "
           f"({sum(e.num_targets for e in ref)} response); candidates {[len(c.input_ids) for c in cands]} tokens")
-    rates = {p: matmul_rate(device, p) for p in ("fp32", "tf32", "bf16")}
+    rates = {p: matmul_rate(device, p) for p in ("float32", "tf32", "bfloat16")}
     copy = copy_rate(device)
     print("matmul TFLOP/s: " + ", ".join(f"{p} {r / 1e12:.1f}" for p, r in rates.items()) +
           f"; device copy {copy / 1e9:.0f} GB/s")

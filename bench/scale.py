@@ -148,14 +148,14 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,4", help="worker counts to measure (one GPU each)")
     ap.add_argument("--per-worker", type=int, default=32, help="timed candidates per worker")
     ap.add_argument("--estimator", default="linear", choices=["linear", "exact"])
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
-    ap.add_argument("--grad-precision", default=None, choices=["fp32", "tf32", "bf16"],
-                    help="default: bf16 for linear on CUDA, else fp32 (the influence stage's auto)")
+    ap.add_argument("--precision", default="float32", choices=["float32", "tf32", "bfloat16"])
+    ap.add_argument("--grad-precision", default=None, choices=["float32", "tf32", "bfloat16"],
+                    help="default: bfloat16 for linear on CUDA, else float32 (the influence stage's auto)")
     ap.add_argument("--reference", type=int, default=256)
     ap.add_argument("--eval-batch-size", type=int, default=16)
     args = ap.parse_args()
     if args.grad_precision is None:
-        args.grad_precision = "bf16" if args.estimator == "linear" and args.device == "cuda" else "fp32"
+        args.grad_precision = "bfloat16" if args.estimator == "linear" and args.device == "cuda" else "float32"
     import torch
     counts = [int(x) for x in args.workers.split(",") if x]
     if args.device == "cuda":

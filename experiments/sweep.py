@@ -12,7 +12,7 @@ measures, on the project's own data only (never on evaluation prompts):
        split; per (lr, beta): held-out reward accuracy and margin. The chosen pair has the highest
        held-out accuracy, if the lower end of its 95% Wilson interval is above 0.5.
 
-The data comes from one run of the preset until the `pairs` stage (done first, resumable). Every
+The data comes from one run of the preset until the `preferences` stage (done first, resumable). Every
 result is appended to OUT/sft.jsonl and OUT/dpo.jsonl as soon as it is measured, so a re-run only
 measures what is missing. Writes OUT/sweep.json and OUT/sweep.md, and prints the table.
 
@@ -100,7 +100,7 @@ def dpo_sweep(args, cfg, run: Path) -> list[dict]:
     from montessori.records import PreferencePair
     from montessori.training.common import last_value, mean_value
     from montessori.training.dpo import eval_split, train_dpo
-    prefs = read_jsonl(run / "round-1" / "pairs" / "preferences.jsonl", PreferencePair)
+    prefs = read_jsonl(run / "round-1" / "preferences" / "preferences.jsonl", PreferencePair)
     train, held = eval_split(prefs, args.val_fraction, 0)
     train = train[:args.max_train]
     if not held:
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         from montessori.pipeline import run_pipeline
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", cfg.to_yaml())
-        run_pipeline(cfg, run, until="pairs", progress=not args.quiet)  # resumable; skips what is done
+        run_pipeline(cfg, run, until="preferences", progress=not args.quiet)  # resumable; skips what is done
     sft_rows = sft_sweep(args, cfg, run) if args.step in ("all", "sft") else read_jsonl(args.out / "sft.jsonl")
     dpo_rows = dpo_sweep(args, cfg, run) if args.step in ("all", "dpo") else read_jsonl(args.out / "dpo.jsonl")
     chosen = choose(sft_rows, dpo_rows, args.min_move)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError, model_validator)
 
 from montessori.errors import InputError
 
@@ -24,6 +24,22 @@ PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape")
 # Every size, rate and probability is bounded here, so a bad value is refused (exit 2, naming the key)
 # before any stage runs or any old output is touched.
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+# Dtypes and precisions have the torch names (float32, bfloat16, float16; tf32 = float32 on TF32 tensor
+# cores). The spellings before 0.2 are read as the same value, so an old config fingerprints as a new one.
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(value: Any) -> Any:
+    """The torch name of a dtype or precision ("bf16" -> "bfloat16"); other values unchanged."""
+    return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+_TorchName = BeforeValidator(dtype_name)
+Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], _TorchName]
+Precision = Annotated[Literal["float32", "tf32", "bfloat16"], _TorchName]
+AutoPrecision = Annotated[Literal["auto", "float32", "tf32", "bfloat16"], _TorchName]
+StoredDtype = Annotated[Literal["auto", "float32", "bfloat16"], _TorchName]
 
 
 class Section(BaseModel):
@@ -46,8 +62,8 @@ class ModelsConfig(Section):
     teacher: str = "smollm2"
     student: str = "smollm2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Weights dtype for training/inference. `auto` = bf16 on CUDA, fp32 on CPU.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Weights dtype for training/inference. `auto` = bfloat16 on CUDA, float32 on CPU.
+    dtype: Dtype = "auto"
 
 
 class DataConfig(Section):
@@ -77,7 +93,7 @@ class SteerConfig(Section):
     # Bias each generation prompt's seed examples toward the kinds that measured best (montessori.steer):
     # a seed's weight is exp(strength * z), z = the standardized mean influence of its kind (task type
     # or the seed itself) in `source` (a finished run) or, when None, in this run's earlier rounds
-    # (the `data` stage also sees its own round's). Off: the prompts are the unsteered ones, byte for byte.
+    # (the `dataset` stage also sees its own round's). Off: the prompts are the unsteered ones, byte for byte.
     enabled: bool = False
     source: str | None = None
     by: Literal["task_type", "seed"] = "task_type"
@@ -95,7 +111,8 @@ class GenerationConfig(Section):
     # step failed on torch 2.11, docs/benchmarks.md), off without.
     engine: Literal["auto", "fast", "generate"] = "auto"
     compile: Literal["auto", "on", "graphs", "off"] = "auto"
-    # OpenAI-compatible endpoint for backend=http; the API key is read from `api_key_env`, never stored.
+    # OpenAI-compatible endpoint for backend=http; the API key is read from the environment variable
+    # named by `api_key_env` (every HTTP client: generation.api_key_env, influence/eval.judge_api_key_env).
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     http_concurrency: PositiveInt = 8
@@ -115,10 +132,26 @@ class GenerationConfig(Section):
     banned_words: list[str] = ["image", "images", "graph", "graphs", "picture", "pictures", "file",
                                "files", "map", "maps", "draw", "plot", "go to"]
     rouge_threshold: Fraction = 0.7
-    # Stage `data`: give up after this many prompts per wanted pair (sft.num_pairs) if too few are kept.
-    data_max_prompts_per_pair: PositiveFloat = 3.0
-    seed: int = 0
+    # Stage `dataset`: give up after this many prompts per wanted pair (sft.num_pairs) if too few are kept.
+    dataset_max_prompts_per_pair: PositiveFloat = 3.0
     steer: SteerConfig = SteerConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "data_max_prompts_per_pair" in data:  # 0.1 name (the stage was called `data`)
+            data.setdefault("dataset_max_prompts_per_pair", data.pop("data_max_prompts_per_pair"))
+        # 0.1 added generation.seed to the top-level seed; 0 (its default, in every resolved config)
+        # means exactly what the top-level seed alone means now.
+        if "seed" in data:
+            if data["seed"] not in (0, None):
+                raise InputError(f"key 'generation.seed': removed in 0.2 (it was added to the top-level seed): "
+                                 f"delete it and set the top-level seed to the sum (was {data['seed']} + seed)")
+            data.pop("seed")
+        return data
 
 
 class SplitConfig(Section):
@@ -135,9 +168,9 @@ class WarmupConfig(Section):
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     max_length: PositiveInt = 1024
-    seed: int = 0
-    # Arithmetic over fp32 master weights: auto = bf16 autocast on CUDA (METHOD.md), fp32 on CPU.
-    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    seed: int = 0  # the warm-up's data order (not the top-level seed, which seeds what samples)
+    # Arithmetic over fp32 master weights: auto = bfloat16 autocast on CUDA (METHOD.md), float32 on CPU.
+    precision: AutoPrecision = "auto"
     gradient_checkpointing: bool = False
 
     @model_validator(mode="before")
@@ -156,23 +189,24 @@ class InfluenceConfig(Section):
     LATER_KEYS = frozenset({"utility", "judge", "judge_url", "judge_model", "linear_kernel", "pad_multiple"})
     # What ranks the probing candidates (the paper's data-utility ablation): influence = local data
     # influence (this section's estimator); loss = the warmed-up student's own loss on the candidate
-    # (larger = less known); judge = a judge's 1-10 grade of the pair. loss needs `pairs.rule: rank`.
+    # (larger = less known); judge = a judge's 1-10 grade of the pair. loss needs `preferences.rule: rank`.
     utility: Literal["influence", "loss", "judge"] = "influence"
     # Judge for utility=judge: a local model spec (None = this round's teacher) or an OpenAI-compatible
-    # endpoint + model name (API key from $OPENAI_API_KEY).
+    # endpoint + model name (API key read from the variable `judge_api_key_env` names).
     judge: str | None = None
     judge_url: str | None = None
     judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
     # linear: first-order form, one fwd/bwd per candidate; exact: step + full reference pass (the check).
     # Measured agreement and speed: docs/benchmarks.md.
     estimator: Literal["exact", "linear"] = "linear"
     # Arithmetic of the reference evaluation (exact: before/after losses; linear: ∇L_ref), over fp32
-    # master weights: fp32, tf32 (CUDA only, a no-op on CPU) or bf16 autocast. One AdamW step moves
-    # weights ~1e-4 relative, below bf16/tf32 resolution: keep fp32 for exact.
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
-    # Arithmetic of the candidate's forward/backward (an ordinary training gradient). auto = bf16 for
-    # the linear estimator on CUDA, fp32 otherwise.
-    grad_precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    # master weights: float32, tf32 (CUDA only, a no-op on CPU) or bfloat16 autocast. One AdamW step
+    # moves weights ~1e-4 relative, below bf16/tf32 resolution: keep float32 for exact.
+    precision: Precision = "float32"
+    # Arithmetic of the candidate's forward/backward (an ordinary training gradient). auto = bfloat16 for
+    # the linear estimator on CUDA, float32 otherwise.
+    grad_precision: AutoPrecision = "auto"
     lr: PositiveFloat | None = None  # probing-step lr; None = the warm-up optimizer's next lr (optimizer.json)
     eval_batch_size: PositiveInt = 8
     max_length: PositiveInt = 1024
@@ -184,7 +218,7 @@ class InfluenceConfig(Section):
     # Memory layout (values are the same, bit for bit for `shadow`): auto keeps a fourth fp32 copy of
     # the weights on the device only when it fits (not for an 8B student on one 141 GB GPU): else
     # ∇L_ref is stored in bf16 and exact steps θ in place, restoring it from a pinned host copy.
-    ref_grad_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    ref_grad_dtype: StoredDtype = "auto"
     shadow: Literal["auto", "device", "host"] = "auto"
     # How the linear step runs (the same quantity, computed differently; measured in docs/benchmarks.md:
     # in fp32 flat/graphed equal hooks to a median 5e-4 relative; with the bf16 candidate gradient, graphed
@@ -198,7 +232,7 @@ class InfluenceConfig(Section):
     pad_multiple: PositiveInt = 64
 
 
-class PairsConfig(Section):
+class PreferencesConfig(Section):
     # sign: chosen I>0 x rejected I<0 (METHOD.md); rank: above vs below the prompt's median.
     rule: Literal["sign", "rank"] = "sign"
     best_vs_worst: bool = False
@@ -217,7 +251,7 @@ class Schedule(Section):
     decay_ratio: Fraction = 0.4
     max_length: PositiveInt = 1024
     gradient_checkpointing: bool = False
-    seed: int = 0
+    seed: int = 0  # this training stage's data order, split and initialisation (not the top-level seed)
 
 
 class DPOConfig(Schedule):
@@ -242,7 +276,7 @@ class MechanismConfig(Section):
 
 
 class SFTConfig(Schedule):
-    num_pairs: PositiveInt = 10000  # N training pairs written by the updated teacher (stage `data`)
+    num_pairs: PositiveInt = 10000  # N training pairs written by the updated teacher (stage `dataset`)
     lr: PositiveFloat = 5e-6
     min_lr: NonNegativeFloat = 5e-9
     global_batch_size: PositiveInt = 32
@@ -290,19 +324,32 @@ class Config(Section):
     name: str = "montessori"
     method: Literal["montessori", "self-instruct"] = "montessori"
     rounds: PositiveInt = 1
-    seed: int = 0
+    seed: int = 0  # every stage that samples; the training stages' own `seed` keys are theirs alone
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
     generation: GenerationConfig = GenerationConfig()
     split: SplitConfig = SplitConfig()
     warmup: WarmupConfig = WarmupConfig()
     influence: InfluenceConfig = InfluenceConfig()
-    pairs: PairsConfig = PairsConfig()
+    preferences: PreferencesConfig = PreferencesConfig()
     dpo: DPOConfig = DPOConfig()
     mechanism: MechanismConfig = MechanismConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_sections(cls, data: Any) -> Any:
+        # 0.1 called the preferences section `pairs` (configs in older run directories still load;
+        # an override `pairs.rule=rank` given on top of a `preferences:` section applies to it).
+        if isinstance(data, dict) and "pairs" in data:
+            data = dict(data)
+            old, new = data.pop("pairs"), data.get("preferences")
+            if isinstance(old, dict) and isinstance(new, dict):
+                old = {**new, **old}
+            data["preferences"] = old
+        return data
 
     def section_hash(self, *sections: str) -> str:
         """Hash of whole top-level sections, LATER_KEYS at their default left out. Stage fingerprints

@@ -67,7 +67,7 @@ class StageContext:
     def teacher_spec(self, after_dpo: bool = False) -> str:
         """The teacher of this round: the base teacher in round 1, else last round's DPO output.
 
-        With after_dpo=True: this round's DPO output (used by the `data` stage)."""
+        With after_dpo=True: this round's DPO output (used by the `dataset` stage)."""
         source = self.round if after_dpo else self.round - 1
         if source >= 1 and "dpo" in self.active:
             return str(self.store.stage(source, "dpo").path / "model")

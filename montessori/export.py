@@ -10,7 +10,7 @@ Formats (one record per pair, instruction as the user turn, response as the assi
             `--push-to-hub REPO` then uploads it with `Dataset.push_to_hub` (stored as Parquet on the Hub)
   parquet   one Parquet file (messages shape): pandas, polars, `load_dataset("parquet", data_files=OUT)`
 
-Provenance columns on every record: id, round, stage (`data`: the training set written by the
+Provenance columns on every record: id, round, stage (`dataset`: the training set written by the
 DPO-updated teacher; `responses`: the probing round's pairs), split (warmup / probing for `responses`
 pairs), teacher (the model spec that wrote it), influence (where measured, else null) and task_type
 (montessori.analysis). Records are in a fixed order (round, stage, file order), so exporting the
@@ -28,7 +28,7 @@ from montessori.errors import InputError
 from montessori.store import RunStore, atomic_write_text, read_jsonl
 
 FORMATS = ("messages", "alpaca", "sharegpt", "hf", "parquet")
-STAGES = ("data", "responses")
+STAGES = ("dataset", "responses")
 PROVENANCE = ("id", "round", "stage", "split", "teacher", "influence", "task_type")
 
 
@@ -57,7 +57,7 @@ def collect(run_dir: str | Path, stages: tuple[str, ...] = STAGES) -> list[dict]
                              "task_type": task_type(p["instruction"])})
     if not rows:
         raise InputError(f"{run_dir}: no generated pairs to export in stages {', '.join(stages)} "
-                         f"(run the responses or data stage first)")
+                         f"(run the responses or dataset stage first)")
     return rows
 
 
@@ -75,7 +75,7 @@ def shape(row: dict, fmt: str) -> dict:
 def _dataset(records: list[dict]):
     import datasets
     datasets.disable_progress_bars()
-    # Explicit types: a column that is null in every row (influence of a data-only export) stays float.
+    # Explicit types: a column that is null in every row (influence of a dataset-only export) stays float.
     features = datasets.Features({
         "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
         "id": datasets.Value("string"), "round": datasets.Value("int64"), "stage": datasets.Value("string"),
@@ -129,7 +129,7 @@ def register(sub) -> None:
     p.add_argument("out", help="output file (JSONL, Parquet) or directory (hf)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--stages", default=",".join(STAGES),
-                   help="which pairs: data (the training set of the updated teacher), responses (probing round); "
+                   help="which pairs: dataset (the training set of the updated teacher), responses (probing round); "
                         "default both")
     p.add_argument("--push-to-hub", metavar="REPO", help="with --format hf: upload to this Hub dataset repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")

@@ -26,7 +26,8 @@ from pathlib import Path
 from montessori.config import Config, Schedule, load_config
 from montessori.context import Stage, StageContext
 from montessori.errors import InputError, MontessoriError
-from montessori.store import RunLock, RunStore, StageDir, atomic_write_text, count_records, file_hash
+from montessori.store import (RENAMED_STAGES, RunLock, RunStore, StageDir, atomic_write_text, count_records,
+                              file_hash)
 
 log = logging.getLogger("montessori")
 
@@ -43,10 +44,10 @@ STUDENT = ("models.student", "models.device", "models.dtype")
 BACKEND = ("generation.backend", "generation.engine", "generation.compile", "generation.base_url",
            "generation.batch_size")
 SEEDS = ("data.seeds", "data.max_seeds", "data.lenient", "data.max_seed_chars")
-# What the teacher is asked and which of its instructions are kept (instructions and data stages).
+# What the teacher is asked and which of its instructions are kept (instructions and dataset stages).
 PROMPTS = ("generation.prompt_style", "generation.examples_per_prompt", "generation.synthetic_per_prompt",
            "generation.instructions", "generation.min_chars", "generation.max_chars", "generation.banned_words",
-           "generation.rouge_threshold", "generation.steer", "generation.seed", "seed")
+           "generation.rouge_threshold", "generation.steer", "seed")
 REFERENCE = ("data.reference", "data.max_reference", "data.reference_max_length", "data.lenient")
 INFLUENCE = tuple(f"influence.{k}" for k in (
     "utility", "judge", "judge_url", "judge_model", "estimator", "precision", "grad_precision", "lr",
@@ -63,7 +64,8 @@ EVAL = tuple(f"eval.{k}" for k in ("prompts", "max_examples", "batch_size", "max
 # Keys no stage's output depends on: labels, the number of rounds (the runner's loop), how an endpoint
 # is reached, and where stages run (executors give the same records on one process or many).
 NOT_FINGERPRINTED = ("name", "rounds", "generation.api_key_env", "generation.http_concurrency",
-                     "generation.http_timeout", "generation.http_max_retries", "eval.judge_api_key_env",
+                     "generation.http_timeout", "generation.http_max_retries", "influence.judge_api_key_env",
+                     "eval.judge_api_key_env",
                      "distributed")
 
 STAGES: tuple[Stage, ...] = (
@@ -71,32 +73,33 @@ STAGES: tuple[Stage, ...] = (
           TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.num_prompts",),
           round_inputs=("dpo",), files=("data.seeds",)),
     Stage("responses", "montessori.generation.stage:run_responses",
-          TEACHER + BACKEND + ("generation.responses", "generation.seed", "seed"),
+          TEACHER + BACKEND + ("generation.responses", "seed"),
           ("instructions",), round_inputs=("dpo",)),
     Stage("warmup", "montessori.influence.warmup:run_warmup", STUDENT + ("split.warmup", "split.probing") + WARMUP,
           ("responses",), round_inputs=("sft",)),
     Stage("influence", "montessori.influence.stage:run_influence",
           ("models.teacher", "models.device") + REFERENCE + INFLUENCE,
           ("responses", "warmup"), files=("data.reference",)),
-    Stage("pairs", "montessori.pairs.stage:run_pairs",
-          ("pairs.rule", "pairs.best_vs_worst", "pairs.min_gap", "pairs.max_per_prompt"), ("instructions", "influence")),
-    Stage("dpo", "montessori.training.dpo:run_dpo", TEACHER + DPO, ("pairs",), round_inputs=("dpo",)),
+    Stage("preferences", "montessori.preferences.stage:run_preferences",
+          ("preferences.rule", "preferences.best_vs_worst", "preferences.min_gap", "preferences.max_per_prompt"),
+          ("instructions", "influence")),
+    Stage("dpo", "montessori.training.dpo:run_dpo", TEACHER + DPO, ("preferences",), round_inputs=("dpo",)),
     Stage("mechanism", "montessori.influence.mechanism:run_mechanism",
           TEACHER + STUDENT + BACKEND + SEEDS + PROMPTS + REFERENCE + INFLUENCE
           + ("generation.responses", "mechanism.enabled", "mechanism.num_prompts", "mechanism.bootstrap_samples"),
           ("instructions", "warmup", "dpo"), round_inputs=("dpo",), files=("data.seeds", "data.reference")),
-    Stage("data", "montessori.generation.stage:run_data",
-          TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.responses", "generation.data_max_prompts_per_pair",
+    Stage("dataset", "montessori.generation.stage:run_dataset",
+          TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.responses", "generation.dataset_max_prompts_per_pair",
                                                  "sft.num_pairs"),
           ("dpo",), round_inputs=("dpo",), files=("data.seeds",)),
-    Stage("sft", "montessori.training.sft:run_sft", STUDENT + SFT, ("data",), round_inputs=("sft",)),
+    Stage("sft", "montessori.training.sft:run_sft", STUDENT + SFT, ("dataset",), round_inputs=("sft",)),
     Stage("eval", "montessori.evaluation.stage:run_eval",
           STUDENT + EVAL + ("data.lenient", "method", "seed"), ("sft",),
           files=("eval.prompts", "eval.questions", "eval.task_path")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # Self-Instruct baseline: the same teacher writes the training set; no influence, no DPO.
-SELF_INSTRUCT = ("data", "sft", "eval")
+SELF_INSTRUCT = ("dataset", "sft", "eval")
 
 
 def stages_for(config: Config) -> list[Stage]:
@@ -153,6 +156,9 @@ def parse_stage_arg(flag: str, value: str | None, config: Config,
     if value is None:
         return None
     round_text, _, name = value.rpartition(":")
+    renamed = {old: new for new, old in RENAMED_STAGES.items()}
+    if name in renamed:
+        raise InputError(f"{flag} {value}: stage '{name}' is called '{renamed[name]}' since montessori 0.2")
     if name not in STAGE_NAMES:
         raise InputError(f"{flag} {value}: unknown stage (stages: {', '.join(STAGE_NAMES)}; "
                          f"a round may be given as ROUND:STAGE, e.g. 2:{STAGE_NAMES[0]})")
@@ -192,6 +198,7 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
     store = RunStore(run_dir)
     if store.root.exists() and not store.root.is_dir():
         raise InputError("not a directory (the run directory must be a folder)", file=store.root)
+    store.check_current()
     store.root.mkdir(parents=True, exist_ok=True)
     executor = executor or default_executor(config)
     with RunLock(store.root):
@@ -226,6 +233,7 @@ def plan(config: Config, run_dir: str | Path, *, only: str | None = None, until:
     anything: a stage runs when its fingerprint changed or a stage it reads runs before it."""
     active = tuple(s.name for s in stages_for(config))
     store = RunStore(run_dir)
+    store.check_current()
     runs: list[tuple[int, str]] = []
     file_hashes: dict[str, str | None] = {}
     for round_, stage in _schedule(config, parse_stage_arg("--only", only, config, active),
@@ -247,7 +255,7 @@ def preflight(config: Config) -> None:
     from montessori.readers import read_pairs, read_seeds
     lenient = config.data.lenient
     active = {s.name for s in stages_for(config)}
-    if active & {"instructions", "data"}:
+    if active & {"instructions", "dataset"}:
         read_seeds(config.data.seeds, lenient=lenient, max_chars=config.data.max_seed_chars)
     if "influence" in active:
         read_pairs(config.data.reference, lenient=lenient)
@@ -260,13 +268,13 @@ def preflight(config: Config) -> None:
             except UnicodeDecodeError as err:
                 raise InputError(f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
                                  file=config.eval.questions) from None
-    teacher_stages = {"instructions", "responses", "dpo", "data"}
+    teacher_stages = {"instructions", "responses", "dpo", "dataset"}
     if active & teacher_stages:
         check_model_spec(config.models.teacher, "models.teacher")
-    if active - teacher_stages - {"pairs"}:
+    if active - teacher_stages - {"preferences"}:
         check_model_spec(config.models.student, "models.student")
     gen, needs = config.generation, []
-    if active & {"instructions", "responses", "data"}:
+    if active & {"instructions", "responses", "dataset"}:
         if gen.backend == "http" and not gen.base_url:
             raise InputError("generation.backend=http needs generation.base_url (the server's /v1 address)")
         needs.append(("generation.backend=vllm", gen.backend == "vllm", "vllm", "vllm"))

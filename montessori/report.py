@@ -31,7 +31,7 @@ def _fmt(v) -> str:
 
 def generation_table(store: RunStore, round_: int) -> Section | None:
     rows = []
-    for name, label in (("instructions", "probing instructions"), ("data", "training data")):
+    for name, label in (("instructions", "probing instructions"), ("dataset", "training data")):
         sd = store.stage(round_, name)
         if not (sd.path / "candidates.jsonl").exists():
             continue
@@ -44,7 +44,7 @@ def generation_table(store: RunStore, round_: int) -> Section | None:
     section = Section("Generated candidates")
     section.tables.append((["stage", "generated", "filtered", "duplicate", "kept"], rows))
     reasons: dict[str, int] = {}
-    for name in ("instructions", "data"):
+    for name in ("instructions", "dataset"):
         for d in read_jsonl(store.stage(round_, name).path / "dropped.jsonl"):
             reasons[d.get("dropped") or "?"] = reasons.get(d.get("dropped") or "?", 0) + 1
     if reasons:
@@ -92,8 +92,8 @@ def examples_section(store: RunStore, round_: int) -> Section | None:
     return section
 
 
-def pairs_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
-    manifest = store.stage(round_, "pairs").manifest()
+def preferences_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+    manifest = store.stage(round_, "preferences").manifest()
     if manifest is None:
         return None, {}
     counts = manifest["counts"]
@@ -227,11 +227,11 @@ def build_sections(run_dir: Path) -> tuple[list[Section], list[tuple[int, list[S
     rounds = []
     for round_ in store.rounds():
         influence, inf = influence_section(store, round_)
-        pairs, pc = pairs_section(store, round_)
+        preferences, pc = preferences_section(store, round_)
         dpo, dc = dpo_section(store, round_)
         sft, sc = sft_section(store, round_)
         evaluation, ec = eval_section(store, round_)
-        sections = [s for s in (generation_table(store, round_), influence, examples_section(store, round_), pairs,
+        sections = [s for s in (generation_table(store, round_), influence, examples_section(store, round_), preferences,
                                 dpo, mechanism_section(store, round_), sft, evaluation) if s is not None]
         rounds.append((round_, sections))
         overview.append([round_, _fmt(inf.get("measured")), _fmt(inf.get("share_positive")), _fmt(pc.get("pairs")),

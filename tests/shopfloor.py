@@ -146,7 +146,7 @@ def make_measured_run(root: Path) -> Path:
                                    status="non_finite_loss"))
     write_jsonl(store.stage(1, "influence").file("influence.jsonl"), results)
     data = [Pair(id=f"r1-data-p{i:05d}-s0", instruction=q, response=a) for i, (q, a) in enumerate(TASKS[:3])]
-    write_jsonl(store.stage(1, "data").file("pairs.jsonl"), data)
-    store.stage(1, "data").write_manifest(fingerprint="f", config_hash="c", inputs={}, counts={}, started=0.0,
+    write_jsonl(store.stage(1, "dataset").file("pairs.jsonl"), data)
+    store.stage(1, "dataset").write_manifest(fingerprint="f", config_hash="c", inputs={}, counts={}, started=0.0,
                                           extra={"teacher": str(root / "round-1" / "dpo" / "model")})
     return root

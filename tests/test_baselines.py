@@ -18,10 +18,10 @@ def test_self_instruct_baseline_end_to_end(tmp_path, capsys):
     assert main(["init", str(run), "--preset", "tiny"]) == 0
     assert main(["run", str(run / "config.yaml"), "method=self-instruct"]) == 0
     # No influence, no DPO: the base teacher writes the training set, the student is SFT-trained on it.
-    assert sorted(p.name for p in (run / "round-1").iterdir()) == ["data", "eval", "sft"]
-    data = manifest(run, "data")
+    assert sorted(p.name for p in (run / "round-1").iterdir()) == ["dataset", "eval", "sft"]
+    data = manifest(run, "dataset")
     assert not any("dpo" in key for key in data["inputs"])
-    assert len(read_jsonl(run / "round-1" / "data" / "pairs.jsonl")) == data["counts"]["pairs"] == 8
+    assert len(read_jsonl(run / "round-1" / "dataset" / "pairs.jsonl")) == data["counts"]["pairs"] == 8
     assert (run / "round-1" / "sft" / "model" / "config.json").exists()
     results = json.loads((run / "round-1" / "eval" / "results.json").read_text())
     assert results["metrics"]
@@ -36,7 +36,7 @@ def test_utility_ablation_end_to_end(tmp_path, utility):
     from montessori.records import Pair
     run = tmp_path / utility
     assert main(["init", str(run), "--preset", "tiny"]) == 0
-    assert main(["run", str(run / "config.yaml"), f"influence.utility={utility}", "pairs.rule=rank"]) == 0
+    assert main(["run", str(run / "config.yaml"), f"influence.utility={utility}", "preferences.rule=rank"]) == 0
     r1 = run / "round-1"
     scores = read_jsonl(r1 / "influence" / "influence.jsonl")
     split = json.loads((r1 / "warmup" / "split.json").read_text())
@@ -51,6 +51,6 @@ def test_utility_ablation_end_to_end(tmp_path, utility):
         assert first["influence"] == pytest.approx(direct.loss_sum / direct.tokens, rel=1e-5)
     else:  # a 1-10 grade, centred
         assert all(-4.5 <= s["influence"] <= 4.5 for s in scores if s["status"] == "ok")
-    prefs = read_jsonl(r1 / "pairs" / "preferences.jsonl")
+    prefs = read_jsonl(r1 / "preferences" / "preferences.jsonl")
     assert prefs and all(p["chosen_influence"] > p["rejected_influence"] for p in prefs)
     assert (r1 / "dpo" / "model" / "config.json").exists() and (r1 / "sft" / "model" / "config.json").exists()

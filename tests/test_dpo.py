@@ -164,8 +164,8 @@ def test_lora_dpo_merges_adapters_into_a_plain_teacher(tiny_spec, tmp_path):
 def dpo_ctx(tmp_path, prefs, overrides=()):
     config = load_preset("tiny", list(overrides))
     store = RunStore(tmp_path)
-    write_jsonl(store.stage(1, "pairs").file("preferences.jsonl"), prefs)
-    return StageContext(config, store, 1, store.stage(1, "dpo"), active=("pairs", "dpo"), progress=False)
+    write_jsonl(store.stage(1, "preferences").file("preferences.jsonl"), prefs)
+    return StageContext(config, store, 1, store.stage(1, "dpo"), active=("preferences", "dpo"), progress=False)
 
 
 def test_dpo_stage_writes_teacher_metrics_and_a_disjoint_eval_split(tmp_path):
@@ -186,7 +186,7 @@ def test_dpo_stage_writes_teacher_metrics_and_a_disjoint_eval_split(tmp_path):
 
 
 def test_dpo_stage_refuses_an_empty_pair_file(tmp_path):
-    with pytest.raises(MontessoriError, match="pairs.rule=rank"):
+    with pytest.raises(MontessoriError, match="preferences.rule=rank"):
         run_dpo(dpo_ctx(tmp_path, []))
 
 
@@ -200,8 +200,8 @@ def test_round_two_trains_last_rounds_teacher_against_itself(tmp_path, tiny_dir)
     prefs = make_prefs(2)
     long_prompt = PreferencePair(**{**prefs[0].to_dict(), "id": "long", "prompt": [
         {"role": "user", "content": "word " * 200}]})  # fills dpo.max_length=128 alone
-    write_jsonl(store.stage(2, "pairs").file("preferences.jsonl"), prefs + [long_prompt])
-    ctx = StageContext(config, store, 2, store.stage(2, "dpo"), active=("pairs", "dpo"), progress=False)
+    write_jsonl(store.stage(2, "preferences").file("preferences.jsonl"), prefs + [long_prompt])
+    ctx = StageContext(config, store, 2, store.stage(2, "dpo"), active=("preferences", "dpo"), progress=False)
     counts = run_dpo(ctx)
     assert counts["_extra"]["teacher"] == str(tmp_path / "round-1" / "dpo" / "model")
     assert counts["dropped_too_long"] == 1 and counts["steps"] == 1

@@ -14,7 +14,7 @@ from montessori.pipeline import run_pipeline
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair
 from montessori.store import RunStore, read_jsonl, write_jsonl
 
-OVERRIDES = ["pairs.rule=rank", "pairs.max_per_prompt=2", "sft.global_batch_size=2"]
+OVERRIDES = ["preferences.rule=rank", "preferences.max_per_prompt=2", "sft.global_batch_size=2"]
 
 
 def fake_upstream(run_dir) -> None:
@@ -32,9 +32,9 @@ def fake_upstream(run_dir) -> None:
     write_jsonl(store.stage(1, "instructions").file("prompts.jsonl"), prompts)
     write_jsonl(store.stage(1, "instructions").file("candidates.jsonl"), cands)
     write_jsonl(store.stage(1, "influence").file("influence.jsonl"), results)
-    write_jsonl(store.stage(1, "data").file("pairs.jsonl"),
+    write_jsonl(store.stage(1, "dataset").file("pairs.jsonl"),
                 [Pair(id=f"d{i}", instruction=f"Name {i} fruits.", response="Apple, pear, plum.") for i in range(4)])
-    for name in ("instructions", "influence", "data"):
+    for name in ("instructions", "influence", "dataset"):
         store.stage(1, name).write_manifest(fingerprint=f"fake-{name}", config_hash="x", inputs={}, counts={},
                                             started=0.0)
 
@@ -72,7 +72,7 @@ def test_killed_stage_resumes_to_the_same_artifacts(stage, tmp_path, monkeypatch
     for run in (clean, killed):
         fake_upstream(run)
         if stage == "dpo":
-            run_pipeline(config, run, only="pairs", progress=False)
+            run_pipeline(config, run, only="preferences", progress=False)
     run_pipeline(config, clean, only=stage, progress=False)
 
     with monkeypatch.context() as m:
@@ -117,7 +117,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_artifacts(stage, tmp_path):
 
     for run in runs.values():
         if stage == "dpo":
-            subprocess.run(cli(run, "pairs"), check=True, capture_output=True)
+            subprocess.run(cli(run, "preferences"), check=True, capture_output=True)
     subprocess.run(cli(runs["clean"], stage), check=True, capture_output=True)
 
     killed = runs["killed"]

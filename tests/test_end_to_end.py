@@ -32,10 +32,10 @@ def test_tiny_two_rounds_end_to_end(tmp_path, capsys):
         assert {p["id"] for p in pairs} <= {c["id"] for c in candidates}
         assert len(split["warmup"]) == 4 and len(split["probing"]) == len(influence) == 8
         assert {i["id"] for i in influence} == set(split["probing"]) and not set(split["warmup"]) & set(split["probing"])
-        prefs = lines(rd / "pairs" / "preferences.jsonl")
+        prefs = lines(rd / "preferences" / "preferences.jsonl")
         assert prefs and all(p["chosen_influence"] > p["rejected_influence"] for p in prefs)
         assert (rd / "dpo" / "model" / "config.json").exists() and (rd / "sft" / "model" / "config.json").exists()
-        assert len(lines(rd / "data" / "pairs.jsonl")) == 8
+        assert len(lines(rd / "dataset" / "pairs.jsonl")) == 8
     # Round 2 starts from round 1's teacher and student.
     m2 = json.loads((run / "round-2" / "instructions" / "manifest.json").read_text())
     assert "round-1/dpo" in m2["inputs"]

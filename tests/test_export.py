@@ -42,7 +42,7 @@ def test_each_format_loads_with_provenance_and_reexports_identically(run, tmp_pa
     rows = list(ds)
     data, probing = rows[0], next(r for r in rows if r["split"] == "probing")
     # Provenance: the updated teacher wrote the training set (no influence); probing pairs carry theirs.
-    assert data["stage"] == "data" and data["influence"] is None and data["teacher"].endswith("round-1/dpo/model")
+    assert data["stage"] == "dataset" and data["influence"] is None and data["teacher"].endswith("round-1/dpo/model")
     assert data["round"] == 1 and data["task_type"] == "open question"
     assert probing["stage"] == "responses" and probing["teacher"] == "tiny-random:0"
     assert probing["influence"] == MEASURED[0][2] and probing["task_type"] == "code"
@@ -63,8 +63,8 @@ def test_each_format_loads_with_provenance_and_reexports_identically(run, tmp_pa
 
 def test_stages_filter_and_errors(run, tmp_path, capsys):
     out = tmp_path / "data.jsonl"
-    assert main(["export", str(run), str(out), "--format", "alpaca", "--stages", "data"]) == 0
-    assert [json.loads(line)["stage"] for line in out.read_text().splitlines()] == ["data"] * 3
+    assert main(["export", str(run), str(out), "--format", "alpaca", "--stages", "dataset"]) == 0
+    assert [json.loads(line)["stage"] for line in out.read_text().splitlines()] == ["dataset"] * 3
     assert main(["export", str(run), str(tmp_path / "x"), "--format", "alpaca", "--push-to-hub", "me/x"]) == 2
     assert "--push-to-hub needs --format hf" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "y"), "--format", "messages"]) == 2

@@ -123,8 +123,8 @@ def test_data_stage_writes_exactly_num_pairs(tmp_path, tiny_config):
     config.method = "self-instruct"  # stages data, sft, eval: the data stage needs no DPO output here
     config.generation.instructions.max_new_tokens = config.generation.responses.max_new_tokens = 8
     config.sft.num_pairs = 10
-    run_pipeline(config, tmp_path / "run", until="data", progress=False)
-    data = tmp_path / "run" / "round-1" / "data"
+    run_pipeline(config, tmp_path / "run", until="dataset", progress=False)
+    data = tmp_path / "run" / "round-1" / "dataset"
     pairs, kept = read_jsonl(data / "pairs.jsonl"), read_jsonl(data / "candidates.jsonl")
     assert len(pairs) == 10 and [p["id"] for p in pairs] == [c["id"] for c in kept[:10]]
     assert all(p["id"].startswith("r1-data-p") for p in pairs)
@@ -134,7 +134,7 @@ def test_data_stage_writes_exactly_num_pairs(tmp_path, tiny_config):
     assert counts["prompts"] == len(read_jsonl(data / "prompts.jsonl")) and counts["prompts"] % 2 == 0
 
     config.sft.num_pairs = 40
-    config.generation.data_max_prompts_per_pair = 0.05  # at most 2 prompts: too few for 40 pairs
-    run_pipeline(config, tmp_path / "capped", until="data", progress=False)
-    counts = json.loads((tmp_path / "capped" / "round-1" / "data" / "manifest.json").read_text())["counts"]
+    config.generation.dataset_max_prompts_per_pair = 0.05  # at most 2 prompts: too few for 40 pairs
+    run_pipeline(config, tmp_path / "capped", until="dataset", progress=False)
+    counts = json.loads((tmp_path / "capped" / "round-1" / "dataset" / "manifest.json").read_text())["counts"]
     assert counts["prompts"] == 2 and counts["pairs"] == counts["kept"] <= 8 and counts["short"] == 40 - counts["pairs"]

@@ -98,7 +98,7 @@ def margins(model, tokenizer, prefs) -> float:
 def test_dpo_in_bf16_moves_the_weights_and_the_margin_the_right_way(tmp_path):
     from test_dpo import make_prefs
     prefs = make_prefs(8, prompts=4)
-    ctx = stage_ctx(tmp_path, "dpo", "pairs", "preferences.jsonl", prefs, ["dpo.lr=1e-5"])
+    ctx = stage_ctx(tmp_path, "dpo", "preferences", "preferences.jsonl", prefs, ["dpo.lr=1e-5"])
     counts = run_dpo(ctx)
     assert counts["steps"] == 4 and math.isfinite(counts["loss"])
     losses = [m["loss"] for m in read_jsonl(ctx.stage.path / "metrics.jsonl") if "loss" in m]
@@ -123,7 +123,7 @@ def response_loss(model, tokenizer, pairs) -> float:
 def test_sft_in_bf16_moves_the_weights_and_lowers_the_loss(tmp_path):
     from test_sft import make_pairs
     pairs = make_pairs(8)
-    ctx = stage_ctx(tmp_path, "sft", "data", "pairs.jsonl", pairs, ["sft.lr=1e-5"])
+    ctx = stage_ctx(tmp_path, "sft", "dataset", "pairs.jsonl", pairs, ["sft.lr=1e-5"])
     counts = run_sft(ctx)
     assert counts["steps"] == 2 and math.isfinite(counts["loss_last"])
     trained, tokenizer = load_model(str(ctx.stage.path / "model"), "cpu", "float32")

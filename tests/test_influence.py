@@ -161,7 +161,7 @@ def test_bf16_precision_runs_and_moves_values(warm_dir):
     fp32 = influences(compute_influence(model, state, CANDIDATES[:3], REFERENCE, tokenizer=tokenizer,
                                         estimator="exact"))
     bf16 = influences(compute_influence(model, state, CANDIDATES[:3], REFERENCE, tokenizer=tokenizer, estimator="exact",
-                                        precision="bf16", grad_precision="bf16"))
+                                        precision="bfloat16", grad_precision="bfloat16"))
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.05)
 
 
@@ -195,13 +195,13 @@ def test_host_shadow_and_gradient_buckets_give_the_same_values(warm_dir, monkeyp
 
 
 def test_bf16_reference_gradient_keeps_the_ranking(warm_dir):
-    """ref_grad_dtype="bf16" (∇L_ref accumulated in fp32, stored in bf16: the 8B layout) changes the
+    """ref_grad_dtype="bfloat16" (∇L_ref accumulated in fp32, stored in bf16: the 8B layout) changes the
     linear values by bf16 rounding only."""
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     fp32 = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
-                                        estimator="linear", ref_grad_dtype="fp32"))
+                                        estimator="linear", ref_grad_dtype="float32"))
     bf16 = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
-                                        estimator="linear", ref_grad_dtype="bf16"))
+                                        estimator="linear", ref_grad_dtype="bfloat16"))
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=1e-2)
     assert spearman(bf16, fp32) >= 0.95
 
@@ -292,10 +292,10 @@ def test_flat_linear_step_in_bf16_uses_a_bf16_copy(warm_dir, monkeypatch):
     import montessori.influence.engine as engine_module
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     autocast = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
-                                            estimator="linear", grad_precision="bf16", linear_kernel="hooks"))
+                                            estimator="linear", grad_precision="bfloat16", linear_kernel="hooks"))
     monkeypatch.setattr(engine_module, "fits_device", lambda params, size: False)  # offload θ meanwhile
     flat = influences(compute_influence(model, state, CANDIDATES, REFERENCE, tokenizer=tokenizer,
-                                        estimator="linear", grad_precision="bf16", linear_kernel="flat"))
+                                        estimator="linear", grad_precision="bfloat16", linear_kernel="flat"))
     assert flat != autocast and flat == pytest.approx(autocast, rel=0.05)
     assert spearman(flat, autocast) >= 0.9
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -310,7 +310,7 @@ def test_fast_step_attention_is_math_only_and_the_bf16_copy_allows_tf32(warm_dir
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     state = AdamWState.from_state_dict(state, list(model.parameters()))
     engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
-                             estimator="linear", grad_precision="bf16", linear_kernel="flat")
+                             estimator="linear", grad_precision="bfloat16", linear_kernel="flat")
     seen = []
     b = torch.backends.cuda
     flags = lambda: (b.math_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),  # noqa: E731
@@ -335,7 +335,7 @@ def test_compile_on_the_flat_path_compiles_the_copys_layers(warm_dir):
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     state = AdamWState.from_state_dict(state, list(model.parameters()))
     engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
-                             estimator="linear", grad_precision="bf16", linear_kernel="flat", compile=True)
+                             estimator="linear", grad_precision="bfloat16", linear_kernel="flat", compile=True)
     try:
         layers = engine.fast.student.base_model.layers
         assert engine.fast.compiled == list(layers) and layers[0] is not model.base_model.layers[0]
@@ -345,7 +345,7 @@ def test_compile_on_the_flat_path_compiles_the_copys_layers(warm_dir):
         engine.close()
     # compile="auto" (the default) compiles only the graphed step on CUDA: the flat step stays eager
     engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
-                             estimator="linear", grad_precision="bf16", linear_kernel="flat")
+                             estimator="linear", grad_precision="bfloat16", linear_kernel="flat")
     try:
         assert engine.fast.compiled == [] and engine.fast.forward is engine.fast.student.base_model
     finally:
@@ -365,7 +365,7 @@ def test_a_failing_fast_path_gives_the_student_its_weights_back(warm_dir, monkey
     monkeypatch.setattr(torch.nn.Module, "compile", no_inductor)  # fails after the offload: the copy's layers
     with pytest.raises(RuntimeError, match="inductor"):
         compute_influence(model, state, CANDIDATES[:1], REFERENCE, tokenizer=tokenizer, estimator="linear",
-                          grad_precision="bf16", linear_kernel="flat", compile=True)
+                          grad_precision="bfloat16", linear_kernel="flat", compile=True)
     assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
     assert_state_is_saved_one(model, state, warm_dir)
@@ -378,10 +378,10 @@ def test_compiled_flat_step_gives_the_eager_values(warm_dir):
     leaves no gradient or hook on the student."""
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     eager = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
-                                         estimator="linear", grad_precision="bf16", linear_kernel="flat"))
+                                         estimator="linear", grad_precision="bfloat16", linear_kernel="flat"))
     model.base_model.compile(dynamic=True)
     compiled = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
-                                            estimator="linear", grad_precision="bf16", linear_kernel="flat",
+                                            estimator="linear", grad_precision="bfloat16", linear_kernel="flat",
                                             compile=True))
     assert compiled == pytest.approx(eager, rel=0.05)
     assert all(p.grad is None and not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())

@@ -82,9 +82,9 @@ def test_core_equals_deepcopy_and_torch_adamw(warm_dir, by_core, weight_decay): 
 PATHS = {
     "exact-shadow-device": dict(estimator="exact", shadow="device", eval_batch_size=1),
     "exact-shadow-host": dict(estimator="exact", shadow="host", eval_batch_size=1),
-    "linear-hooks": dict(estimator="linear", linear_kernel="hooks", ref_grad_dtype="fp32"),
-    "linear-flat": dict(estimator="linear", linear_kernel="flat", ref_grad_dtype="fp32"),
-    "linear-flat-unpadded": dict(estimator="linear", linear_kernel="flat", ref_grad_dtype="fp32", pad_multiple=1),
+    "linear-hooks": dict(estimator="linear", linear_kernel="hooks", ref_grad_dtype="float32"),
+    "linear-flat": dict(estimator="linear", linear_kernel="flat", ref_grad_dtype="float32"),
+    "linear-flat-unpadded": dict(estimator="linear", linear_kernel="flat", ref_grad_dtype="float32", pad_multiple=1),
 }
 
 

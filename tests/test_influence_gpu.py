@@ -43,7 +43,7 @@ def test_the_default_is_the_graphed_compiled_bf16_path(warm_dir):  # noqa: F811
                              encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id)
     try:
         assert engine.estimator == "linear" and engine.linear_kernel == "graphed" and engine.fast.use_graphs
-        assert engine.grad_precision == "bf16" and all(p.dtype == torch.bfloat16 for p in engine.fast.own)
+        assert engine.grad_precision == "bfloat16" and all(p.dtype == torch.bfloat16 for p in engine.fast.own)
         assert engine.fast.compiled  # compile="auto": the copy's decoder layers
     finally:
         engine.close()
@@ -73,5 +73,5 @@ def test_fp32_candidate_gradient_equals_core(warm_dir, truth, kernel):  # noqa: 
     # from core (cuBLAS, inductor's fused update pass). On the CPU flat/hooks equal core to 1e-6
     # relative; docs/benchmarks.md has fp32 graphed = hooks to a median 5e-4 on TinyLlama-1.1B's
     # near-zero values. 1e-4 relative here still fails a bf16 gradient slipping in (5e-4, above).
-    values = on_cuda(warm_dir, grad_precision="fp32", linear_kernel=kernel)
+    values = on_cuda(warm_dir, grad_precision="float32", linear_kernel=kernel)
     assert values == pytest.approx(truth, rel=1e-4)

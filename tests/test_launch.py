@@ -59,7 +59,7 @@ def sft_run(tmp_path, launcher: str):
                                   "sft.global_batch_size=4", "sft.micro_batch_size=1"])
     atomic_write_text(tmp_path / "config.yaml", config.to_yaml())  # what `montessori run` writes first
     store = RunStore(tmp_path)
-    data = store.stage(1, "data")
+    data = store.stage(1, "dataset")
     write_jsonl(data.file("pairs.jsonl"), [Pair(f"d{i}", f"Say the number {i}.", f"The number is {i}.",
                                                 prompt_id=f"p{i}") for i in range(8)])
     data.write_manifest(fingerprint="t", config_hash="t", inputs={}, counts={}, started=0.0)

@@ -94,7 +94,7 @@ def test_status_and_report_read_a_locked_run(finished_tiny_run, capsys):
     "generation.num_prompts=0", "split.probing=0", "split.warmup=0", "sft.num_pairs=0", "sft.micro_batch_size=0",
     "generation.instructions.n=0", "generation.batch_size=0", "influence.eval_batch_size=0", "rounds=0",
     "generation.instructions.temperature=-1", "generation.responses.top_p=5", "dpo.warmup_ratio=1.5",
-    "sft.lr=0", "warmup.lr=-1", "pairs.max_per_prompt=0", "data.max_reference=0",
+    "sft.lr=0", "warmup.lr=-1", "preferences.max_per_prompt=0", "data.max_reference=0",
 ])
 def test_a_bad_value_is_refused_before_any_output_is_touched(finished_copy, override, capsys):
     before = snapshot(finished_copy)

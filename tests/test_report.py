@@ -29,7 +29,7 @@ def make_run(root) -> RunStore:
     results.append(InfluenceResult(id="r1-bad", influence=None, ref_loss_before=2.0, ref_loss_after=None,
                                    status="non_finite_loss"))
     write_jsonl(store.stage(1, "influence").file("influence.jsonl"), results)
-    store.stage(1, "pairs").write_manifest(fingerprint="f", config_hash="c", inputs={}, started=0.0,
+    store.stage(1, "preferences").write_manifest(fingerprint="f", config_hash="c", inputs={}, started=0.0,
                                            counts={"rule": "rank", "pairs": 3, "prompts": 6, "prompts_with_pairs": 3,
                                                    "prompts_without_pair": 3})
     write_jsonl(store.stage(1, "dpo").file("metrics.jsonl"),

@@ -65,8 +65,8 @@ def test_editing_the_seed_file_in_place_reruns_what_reads_it(finished_tiny_run):
     try:
         seeds.write_bytes(original + b'{"instruction": "Name three rivers."}\n')
         assert plan(config_of(finished_tiny_run), finished_tiny_run) == ROUND_1
-        # data reads the seeds too: with only its own stage selected it is stale by its own fingerprint.
-        assert plan(config_of(finished_tiny_run), finished_tiny_run, only="data") == [(1, "data")]
+        # dataset reads the seeds too: with only its own stage selected it is stale by its own fingerprint.
+        assert plan(config_of(finished_tiny_run), finished_tiny_run, only="dataset") == [(1, "dataset")]
         assert plan(config_of(finished_tiny_run), finished_tiny_run, only="sft") == []
     finally:
         seeds.write_bytes(original)
@@ -76,7 +76,7 @@ def test_changing_the_top_level_seed_reruns_only_what_samples(finished_tiny_run)
     config = config_of(finished_tiny_run, "seed=7")
     stale = {name for name in STAGE_NAMES if plan(config, finished_tiny_run, only=name)}
     # mechanism samples fresh candidates too; warm-up, DPO and SFT have their own seeds
-    assert stale == {"instructions", "responses", "mechanism", "data", "eval"}
+    assert stale == {"instructions", "responses", "mechanism", "dataset", "eval"}
 
 
 def test_data_max_reference_reruns_influence_onward_only(finished_tiny_run):
@@ -102,7 +102,7 @@ def test_until_stops_in_round_1_unless_a_round_is_named(tmp_path):
     assert plan(config, tmp_path, until="influence") == onward("instructions")[:4]
     assert plan(config, tmp_path, until="2:influence") == ROUND_1 + [(2, n) for n in STAGE_NAMES[:4]]
     from montessori.errors import InputError
-    with pytest.raises(InputError, match="needs stage 'data' of round 2"):  # as run_pipeline would say
+    with pytest.raises(InputError, match="needs stage 'dataset' of round 2"):  # as run_pipeline would say
         plan(config, tmp_path, only="2:sft")
     with pytest.raises(InputError, match="round must be 1 to 2"):
         plan(config, tmp_path, until="3:influence")

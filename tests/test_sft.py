@@ -61,8 +61,8 @@ def response_loss(model, tokenizer, pairs) -> float:
 def sft_ctx(tmp_path, pairs, round_=1, overrides=()):
     config = load_preset("tiny", list(overrides))
     store = RunStore(tmp_path)
-    write_jsonl(store.stage(round_, "data").file("pairs.jsonl"), pairs)
-    return StageContext(config, store, round_, store.stage(round_, "sft"), active=("data", "sft"), progress=False)
+    write_jsonl(store.stage(round_, "dataset").file("pairs.jsonl"), pairs)
+    return StageContext(config, store, round_, store.stage(round_, "sft"), active=("dataset", "sft"), progress=False)
 
 
 def test_sft_stage_trains_the_student_and_saves_an_hf_model(tmp_path):

@@ -138,7 +138,7 @@ def test_own_tasks_to_analysis_and_exported_data(tmp_path, capsys):
     n = len(exported["messages"])
     assert n >= 8 and all(len(ds) == n for ds in exported.values())
     measured = [r for r in exported["messages"] if r["influence"] is not None]
-    assert len(measured) == summary["measured"] and {r["stage"] for r in exported["messages"]} == {"data", "responses"}
+    assert len(measured) == summary["measured"] and {r["stage"] for r in exported["messages"]} == {"dataset", "responses"}
 
     # The messages file trains TRL's SFTTrainer unchanged, one step, on the tiny student.
     from trl import SFTConfig, SFTTrainer

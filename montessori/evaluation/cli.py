@@ -20,7 +20,7 @@ def _eval_config(args):
     base = load_config(args.config).eval if args.config else EvalConfig()
     values = base.model_dump()
     for key in ("prompts", "max_examples", "batch_size", "max_length", "bootstrap_samples", "temperature",
-                "max_new_tokens", "judge", "judge_url", "judge_model", "questions", "task_path"):
+                "max_new_tokens", "judge", "judge_url", "judge_model", "judge_api_key_env", "questions", "task_path"):
         given = getattr(args, key)
         if given is not None:
             values[key] = given
@@ -103,6 +103,8 @@ def register(sub) -> None:
     p.add_argument("--judge", help="local judge model spec (HF dir, smollm2, *.gguf, Hub id)")
     p.add_argument("--judge-url", dest="judge_url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     p.add_argument("--judge-model", dest="judge_model", help="model name served at --judge-url")
+    p.add_argument("--judge-api-key-env", dest="judge_api_key_env", metavar="VAR",
+                   help="environment variable holding the --judge-url API key (default OPENAI_API_KEY)")
     p.add_argument("--questions", help="MT-Bench-style question file (turns) for 1-10 grading by the judge")
     p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (mmlu,arc-c,gsm8k,hellaswag,gpqa)")
     p.add_argument("--task-path", dest="task_path", help="folder of extra lm-evaluation-harness task YAMLs")

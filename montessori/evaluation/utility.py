@@ -1,10 +1,10 @@
 """Data-utility scorers for the paper's ablation: rank candidates by something cheaper than influence.
 
-Each scorer returns one InfluenceResult per candidate pair (same id), so the pairs stage ranks them
+Each scorer returns one InfluenceResult per candidate pair (same id), so the preferences stage ranks them
 exactly as it ranks influence values; `estimator` says which signal it was.
 
   loss   the student's own response-token loss on the candidate (token mean). Larger = the student
-         knows it less. Always positive: use `pairs.rule: rank`.
+         knows it less. Always positive: use `preferences.rule: rank`.
   judge  a judge model's 1-10 grade of the instruction/response, centred at 5.5 so that the `sign`
          rule reads "above the scale's middle" as chosen.
 

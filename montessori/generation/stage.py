@@ -1,4 +1,4 @@
-"""Stages `instructions`, `responses` and `data` (METHOD.md steps 1, 2 and 8).
+"""Stages `instructions`, `responses` and `dataset` (METHOD.md steps 1, 2 and 8).
 
 The processing order is fixed (by prompt, then sample index) and so is the batching: prompts are cut
 into batches of `generation.batch_size // n` from the first one, and each batch is sampled with a seed
@@ -231,7 +231,7 @@ def run_instructions(ctx) -> dict:
     backend = _backend(ctx, spec)
     try:
         counts = generate_instructions(backend, cfg.generation, seeds, ctx.stage.path, round=ctx.round,
-                                       prefix=f"r{ctx.round}", seed=cfg.generation.seed + cfg.seed,
+                                       prefix=f"r{ctx.round}", seed=cfg.seed,
                                        num_prompts=cfg.generation.num_prompts, progress=ctx.progress,
                                        seed_weights=weights)
     finally:
@@ -251,13 +251,13 @@ def run_responses(ctx) -> dict:
     backend = _backend(ctx, spec)
     try:
         counts = generate_responses(backend, cfg.generation, candidates, ctx.stage.file("pairs.jsonl"),
-                                    round=ctx.round, seed=cfg.generation.seed + cfg.seed, progress=ctx.progress)
+                                    round=ctx.round, seed=cfg.seed, progress=ctx.progress)
     finally:
         backend.close()
     return counts | {"_extra": _extra(ctx, spec)}
 
 
-def run_data(ctx) -> dict:
+def run_dataset(ctx) -> dict:
     """METHOD.md step 8: the DPO-updated teacher writes `sft.num_pairs` training pairs."""
     cfg, gen = ctx.config, ctx.config.generation
     wanted = cfg.sft.num_pairs
@@ -265,19 +265,19 @@ def run_data(ctx) -> dict:
     seeds = _seeds(cfg)
     weights, steer = steer_weights(ctx, seeds, this_round=True)  # "generate more of what works"
     backend = _backend(ctx, spec)
-    max_prompts = max(1, math.ceil(gen.data_max_prompts_per_pair * wanted))
+    max_prompts = max(1, math.ceil(gen.dataset_max_prompts_per_pair * wanted))
     try:
         counts = generate_instructions(backend, gen, seeds, ctx.stage.path, round=ctx.round,
-                                       prefix=f"r{ctx.round}-data", seed=gen.seed + cfg.seed,
+                                       prefix=f"r{ctx.round}-data", seed=cfg.seed,  # ids as in 0.1
                                        target_kept=wanted, max_prompts=max_prompts, progress=ctx.progress,
                                        seed_weights=weights)
         kept = read_jsonl(ctx.stage.path / "candidates.jsonl", Candidate)[:wanted]
         if len(kept) < wanted:
-            ctx.log.warning("data: only %d of %d instructions kept after %d prompts "
-                            "(generation.data_max_prompts_per_pair); training on %d pairs",
+            ctx.log.warning("dataset: only %d of %d instructions kept after %d prompts "
+                            "(generation.dataset_max_prompts_per_pair); training on %d pairs",
                             len(kept), wanted, counts.prompts, len(kept))
         answered = generate_responses(backend, gen, kept, ctx.stage.file("pairs.jsonl"), round=ctx.round,
-                                      seed=gen.seed + cfg.seed, progress=ctx.progress)
+                                      seed=cfg.seed, progress=ctx.progress)
     finally:
         backend.close()
     result = counts.manifest()

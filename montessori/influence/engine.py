@@ -84,7 +84,7 @@ def _my_share(batches: Sequence[Batch]) -> Sequence[Batch]:
 
 
 @torch.no_grad()
-def reference_loss(model, batches: Sequence[Batch], precision: str = "fp32") -> float:
+def reference_loss(model, batches: Sequence[Batch], precision: str = "float32") -> float:
     """Token-mean response loss over the whole reference set: Σ token losses / Σ tokens (fp64)."""
     device = batches[0].input_ids.device
     acc = torch.zeros(2, dtype=torch.float64, device=device)
@@ -96,7 +96,7 @@ def reference_loss(model, batches: Sequence[Batch], precision: str = "fp32") -> 
     return total / count if count else float("nan")
 
 
-def reference_grad(model, batches: Sequence[Batch], precision: str = "fp32") -> list[torch.Tensor]:
+def reference_grad(model, batches: Sequence[Batch], precision: str = "float32") -> list[torch.Tensor]:
     """∇L_ref(θ) with L_ref the token mean: each batch contributes Σ losses / N_total, so gradients
     accumulate in the fp32 .grad of the fp32 master weights, independent of batching."""
     device = batches[0].input_ids.device
@@ -219,7 +219,7 @@ def foreach_update_dots(R, G, M, V, step: int, lr: float, betas, eps: float) -> 
 class InfluenceEngine:
     """Holds the warm-up state in memory and scores candidates one at a time, never disturbing it.
 
-    ref_grad_dtype (linear): "fp32", "bf16" (stored after fp32 accumulation) or "auto" (fp32 when four
+    ref_grad_dtype (linear): "float32", "bfloat16" (stored after fp32 accumulation) or "auto" (float32 when four
     fp32 copies fit the device). shadow (exact): "device" (stepped weights in a second fp32 buffer,
     swapped in by pointer), "host" (θ stepped in place, restored from a pinned host copy) or "auto".
     compile: True (torch.compile the eager passes and the fast path's copy), False, or "auto" (only the
@@ -245,14 +245,14 @@ class InfluenceEngine:
         model.eval()  # no dropout: the same state must give the same value
         self.loss_before = reference_loss(model, self.batches, s.precision)
         fits = fits_device(self.params, 16)
-        self.ref_grad_dtype = ("fp32" if fits else "bf16") if s.ref_grad_dtype == "auto" else s.ref_grad_dtype
+        self.ref_grad_dtype = ("float32" if fits else "bfloat16") if s.ref_grad_dtype == "auto" else s.ref_grad_dtype
         self.shadow_mode = ("device" if fits else "host") if s.shadow == "auto" else s.shadow
         self.ref_dot_theta = 0.0
         self.fast = None
         self.linear_kernel = None
         if s.estimator == "linear":  # one example per backward: activations of a batch would not fit an 8B
             grads = reference_grad(model, length_batches(reference, 1, pad_id, self.device), s.precision)
-            dtype = torch.bfloat16 if self.ref_grad_dtype == "bf16" else torch.float32
+            dtype = torch.bfloat16 if self.ref_grad_dtype == "bfloat16" else torch.float32
             for i, g in enumerate(grads):  # tensor by tensor: the fp32 copy is freed as it goes
                 grads[i] = g.to(dtype)
             self.ref_grad = grads
@@ -279,7 +279,7 @@ class InfluenceEngine:
 
     def _fast_linear(self, grad_precision: str, pad_multiple: int):
         from montessori.influence.fast import FastLinear  # CUDA-only machinery: imported when used
-        grad_dtype = torch.bfloat16 if grad_precision == "bf16" else torch.float32
+        grad_dtype = torch.bfloat16 if grad_precision == "bfloat16" else torch.float32
         # θ, m, v, ∇L_ref and (bf16) the copy's weights; else θ waits on the host. The candidate
         # gradient is consumed parameter by parameter: never held whole.
         copy = grad_dtype.itemsize if grad_dtype != torch.float32 else 0

@@ -57,7 +57,7 @@ def mechanism_prompts(ctx) -> list[GenerationPrompt]:
                                                           Candidate)]
     prompts = []
     for i in range(cfg.mechanism.num_prompts):
-        rng = random.Random(derived_seed(gen.seed + cfg.seed, ctx.round, "mechanism", i))
+        rng = random.Random(derived_seed(cfg.seed, ctx.round, "mechanism", i))
         examples = choose_examples(rng, seeds, probing, gen.examples_per_prompt, gen.synthetic_per_prompt)
         messages, prefill = build_prompt(gen.prompt_style, [t for _, t in examples])
         prompts.append(GenerationPrompt(f"r{ctx.round}-mech-p{i:05d}", messages, [e for e, _ in examples],
@@ -164,7 +164,7 @@ def run_mechanism(ctx) -> dict:
     if not mcfg.enabled:
         return {"enabled": False}
     prompts = mechanism_prompts(ctx)
-    seed = cfg.generation.seed + cfg.seed
+    seed = cfg.seed
     specs = {"updated": str(ctx.input("dpo").path / "model"), "original": ctx.teacher_spec()}
     with JsonlAppender(ctx.stage.file("candidates.jsonl"), MechanismCandidate) as out:
         for teacher in TEACHERS:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from montessori.config import dtype_name
+
 
 @dataclass(frozen=True)
 class InfluenceSettings:
     estimator: str = "linear"  # linear: −∇L_ref·Δ_z; exact: take the step, evaluate (core.py)
-    precision: str = "fp32"  # the reference pass (exact: the losses; linear: ∇L_ref)
-    grad_precision: str = "auto"  # the candidate's gradient; auto: bf16 for linear on CUDA, else fp32
+    precision: str = "float32"  # the reference pass (exact: the losses; linear: ∇L_ref)
+    grad_precision: str = "auto"  # the candidate's gradient; auto: bfloat16 for linear on CUDA, else float32
     eval_batch_size: int = 8
     max_length: int = 1024  # candidate tokens
     reference_max_length: int | None = None  # reference tokens; None: max_length
@@ -24,6 +26,10 @@ class InfluenceSettings:
     shadow: str = "auto"
     linear_kernel: str = "auto"
     pad_multiple: int = 64
+
+    def __post_init__(self):  # the spellings before 0.2 ("fp32", "bf16") name the same precisions
+        for name in ("precision", "grad_precision", "ref_grad_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name)))
 
     @classmethod
     def from_config(cls, config) -> InfluenceSettings:
@@ -36,4 +42,4 @@ class InfluenceSettings:
         if self.grad_precision != "auto":
             return self
         cuda_linear = self.estimator == "linear" and device.type == "cuda"
-        return replace(self, grad_precision="bf16" if cuda_linear else "fp32")
+        return replace(self, grad_precision="bfloat16" if cuda_linear else "float32")

@@ -89,7 +89,8 @@ def run_utility(ctx) -> dict:
             else:
                 from montessori.evaluation.judge import make_judge
                 judge = make_judge(icfg.judge or (None if icfg.judge_url else ctx.teacher_spec()),
-                                   icfg.judge_url, icfg.judge_model, device=cfg.models.device)
+                                   icfg.judge_url, icfg.judge_model, api_key_env=icfg.judge_api_key_env,
+                                   device=cfg.models.device)
                 for pair in tqdm(todo, desc="utility (judge)", disable=not ctx.progress):
                     out.append(judge_utility(judge, [pair])[0])
         results = [r for r in out.records if r.id in {c.id for c in candidates}]

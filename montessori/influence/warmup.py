@@ -44,10 +44,10 @@ def split_pairs(pairs: list[Pair], warmup: int, probing: int) -> tuple[list[Pair
 def warmup_precision(cfg: WarmupConfig, device: torch.device) -> str:
     if cfg.precision != "auto":
         return cfg.precision
-    return "bf16" if device.type == "cuda" else "fp32"  # METHOD.md: bf16 (on GPU); CPU bf16 is slow
+    return "bfloat16" if device.type == "cuda" else "float32"  # METHOD.md: bf16 (on GPU); CPU bf16 is slow
 
 
-def train_warmup(model, examples: list[Example], cfg: WarmupConfig, *, pad_id: int, precision: str = "fp32",
+def train_warmup(model, examples: list[Example], cfg: WarmupConfig, *, pad_id: int, precision: str = "float32",
                  progress: bool = False) -> tuple[torch.optim.AdamW, list[dict]]:
     """1 epoch of AdamW (one parameter group) on the response-only loss, lr linearly warmed up from
     lr/steps to lr over the whole run, so the step after the run (the probing step) uses the peak lr.

@@ -16,23 +16,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from montessori.config import dtype_name
 from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
 from montessori.records import Pair
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("float32", "tf32", "bfloat16")
+
 LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logits (4096 x vocab)
 
 
 @contextmanager
 def precision_context(precision: str, device: torch.device):
-    """fp32: true fp32 matmuls. tf32: TF32 tensor-core matmuls (CUDA only; a no-op on CPU).
-    bf16: bf16 autocast over fp32 master weights."""
+    """float32: true fp32 matmuls. tf32: TF32 tensor-core matmuls (CUDA only; a no-op on CPU).
+    bfloat16: bf16 autocast over fp32 master weights."""
+    precision = dtype_name(precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -121,10 +121,10 @@ def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **k
 
 def run_dpo(ctx) -> dict:
     cfg, models = ctx.config.dpo, ctx.config.models
-    prefs = read_jsonl(ctx.input("pairs").path / "preferences.jsonl", PreferencePair)
+    prefs = read_jsonl(ctx.input("preferences").path / "preferences.jsonl", PreferencePair)
     if not prefs:
-        raise MontessoriError("dpo: pairs/preferences.jsonl holds no preference pairs, nothing to train on; "
-                              "re-run the pairs stage with pairs.rule=rank")
+        raise MontessoriError("dpo: preferences/preferences.jsonl holds no preference pairs, nothing to train on; "
+                              "re-run the preferences stage with preferences.rule=rank")
     train, held = eval_split(prefs, cfg.eval_fraction, cfg.seed)
     spec = ctx.teacher_spec()
     ctx.log.info("dpo: teacher %s, %d train / %d eval pairs", spec, len(train), len(held))

@@ -1,4 +1,4 @@
-"""Stage `sft`: train the student on the updated teacher's data (METHOD.md step 9).
+"""Stage `sft`: train the student on the updated teacher's dataset (METHOD.md step 9).
 
 From the student entering this round (the base student in round 1, not the warmed-up copy), TRL's
 SFTTrainer, response-only loss, 1 epoch, AdamW lr 5e-6, WSD 10/50/40 down to min_lr, global batch 32
@@ -103,9 +103,9 @@ def train_sft(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, **kwargs):
 
 def run_sft(ctx) -> dict:
     cfg, models = ctx.config.sft, ctx.config.models
-    pairs = read_jsonl(ctx.input("data").path / "pairs.jsonl", Pair)
+    pairs = read_jsonl(ctx.input("dataset").path / "pairs.jsonl", Pair)
     if not pairs:
-        raise MontessoriError("sft: data/pairs.jsonl holds no training pairs; re-run the data stage")
+        raise MontessoriError("sft: dataset/pairs.jsonl holds no training pairs; re-run the dataset stage")
     spec = ctx.base_student_spec()
     ctx.log.info("sft: student %s, %d training pairs", spec, len(pairs))
     model, tokenizer, compute = load_for_training(spec, models, lora=False)

@@ -15,7 +15,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from montessori.config import PairsConfig
+from montessori.config import PreferencesConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def split_prompt(cands: list[Scored], rule: str) -> tuple[list[Scored], list[Sco
     return [c for c in cands if c.influence > median], [c for c in cands if c.influence < median]
 
 
-def prompt_pairs(cands: list[Scored], cfg: PairsConfig) -> list[tuple[Scored, Scored]]:
+def prompt_pairs(cands: list[Scored], cfg: PreferencesConfig) -> list[tuple[Scored, Scored]]:
     """The preference pairs of one generation prompt, widest influence gap first."""
     chosen, rejected = split_prompt(cands, cfg.rule)
     if not chosen or not rejected:
@@ -54,7 +54,7 @@ def prompt_pairs(cands: list[Scored], cfg: PairsConfig) -> list[tuple[Scored, Sc
     return pairs
 
 
-def build_pairs(scored: list[Scored], cfg: PairsConfig) -> tuple[list[tuple[Scored, Scored]], dict]:
+def build_pairs(scored: list[Scored], cfg: PreferencesConfig) -> tuple[list[tuple[Scored, Scored]], dict]:
     """All pairs, in prompt order of first appearance, and the counts the stage reports."""
     groups: dict[str, list[Scored]] = defaultdict(list)
     for s in scored:
@@ -77,15 +77,15 @@ def build_pairs(scored: list[Scored], cfg: PairsConfig) -> tuple[list[tuple[Scor
     return pairs, counts
 
 
-def starvation_hint(counts: dict, cfg: PairsConfig) -> str:
+def starvation_hint(counts: dict, cfg: PreferencesConfig) -> str:
     """One plain sentence on why a rule built few pairs and what to try instead."""
     n, pos, neg = counts["candidates"], counts["positive"], counts["negative"]
     if cfg.rule == "sign":
         return (f"{pos} of {n} measured candidates had positive influence and {neg} negative; the sign rule "
-                f"needs both within one prompt. Use pairs.rule=rank (above vs below each prompt's median).")
+                f"needs both within one prompt. Use preferences.rule=rank (above vs below each prompt's median).")
     tips = []
     if cfg.min_gap > 0:
-        tips.append(f"lower pairs.min_gap (now {cfg.min_gap:g})")
+        tips.append(f"lower preferences.min_gap (now {cfg.min_gap:g})")
     tips.append("generate more candidates per prompt (generation.instructions.n) or more probing pairs "
                 "(split.probing)")
     return f"the rank rule needs 2+ measured candidates with different influence in a prompt; {' or '.join(tips)}."

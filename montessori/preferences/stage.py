@@ -1,17 +1,17 @@
-"""Stage `pairs`: turn influence-scored candidates into DPO preference pairs (METHOD.md step 6).
+"""Stage `preferences`: turn influence-scored candidates into DPO preference pairs (METHOD.md step 6).
 
 Reads instructions/prompts.jsonl + candidates.jsonl and influence/influence.jsonl (status "ok" only);
-writes pairs/preferences.jsonl. A pair's prompt is the generation prompt the teacher sampled from
+writes preferences/preferences.jsonl. A pair's prompt is the generation prompt the teacher sampled from
 (messages + assistant prefill); chosen and rejected are the raw completions, reasoning included.
 
 Zero pairs is an error, not an empty DPO run: the message says why the rule starved and names the
-alternative (pairs.rule=rank for the sign rule). Few pairs (under half the prompts) is a warning.
+alternative (preferences.rule=rank for the sign rule). Few pairs (under half the prompts) is a warning.
 """
 
 from __future__ import annotations
 
 from montessori.errors import InputError, MontessoriError
-from montessori.pairs.rules import Scored, build_pairs, starvation_hint
+from montessori.preferences.rules import Scored, build_pairs, starvation_hint
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, PreferencePair
 from montessori.store import read_jsonl, write_jsonl
 
@@ -45,18 +45,18 @@ def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str,
     return prefs, counts
 
 
-def run_pairs(ctx) -> dict:
-    cfg = ctx.config.pairs
+def run_preferences(ctx) -> dict:
+    cfg = ctx.config.preferences
     instructions, influence_dir = ctx.input("instructions"), ctx.input("influence")
     prompts = {p.id: p for p in read_jsonl(instructions.path / "prompts.jsonl", GenerationPrompt)}
     candidates = {c.id: c for c in read_jsonl(instructions.path / "candidates.jsonl", Candidate)}
     influence = read_jsonl(influence_dir.path / "influence.jsonl", InfluenceResult)
     prefs, counts = make_preferences(prompts, candidates, influence, cfg)
     if not prefs:
-        raise MontessoriError(f"pairs: rule '{cfg.rule}' built 0 preference pairs from {counts['prompts']} prompts, "
+        raise MontessoriError(f"preferences: rule '{cfg.rule}' built 0 preference pairs from {counts['prompts']} prompts, "
                               f"so DPO would train on nothing. {starvation_hint(counts, cfg)}")
     if counts["prompts_with_pairs"] * 2 < counts["prompts"]:
-        ctx.log.warning("pairs: only %d of %d prompts gave a pair (%d pairs). %s", counts["prompts_with_pairs"],
+        ctx.log.warning("preferences: only %d of %d prompts gave a pair (%d pairs). %s", counts["prompts_with_pairs"],
                         counts["prompts"], len(prefs), starvation_hint(counts, cfg))
     write_jsonl(ctx.stage.file("preferences.jsonl"), prefs)
     counts["rule"] = cfg.rule

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from montessori.config import PairsConfig, load_preset
+from montessori.config import PreferencesConfig, load_preset
 from montessori.errors import MontessoriError
-from montessori.pairs.rules import Scored, build_pairs
-from montessori.pairs.stage import run_pairs
+from montessori.preferences.rules import Scored, build_pairs
+from montessori.preferences.stage import run_preferences
 from montessori.pipeline import StageContext
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, PreferencePair
 from montessori.store import RunStore, read_jsonl, write_jsonl
@@ -23,7 +23,7 @@ def ids(pairs) -> set[tuple[str, str]]:
 
 def test_sign_rule_pairs_every_positive_with_every_negative_within_a_prompt():
     data = scored({"p0": [0.3, -0.1, 0.2, -0.4], "p1": [0.5, 0.1, 0.2, 0.0], "p2": [-0.2, 0.7]})
-    pairs, counts = build_pairs(data, PairsConfig(rule="sign"))
+    pairs, counts = build_pairs(data, PreferencesConfig(rule="sign"))
     assert ids(pairs) == {("p0-s0", "p0-s1"), ("p0-s0", "p0-s3"), ("p0-s2", "p0-s1"), ("p0-s2", "p0-s3"),
                           ("p2-s1", "p2-s0")}
     # p1 has no negative candidate (0.0 is neither side): no pair, counted.
@@ -34,8 +34,8 @@ def test_sign_rule_pairs_every_positive_with_every_negative_within_a_prompt():
 def test_sign_rule_starves_when_all_influence_is_positive_and_rank_rule_does_not():
     # The SmolLM2-135M measurement: 12 of 12 candidates had positive influence.
     data = scored({"p0": [0.3, 0.1, 0.2, 0.4], "p1": [0.5, 0.1, 0.2, 0.05], "p2": [0.2, 0.7, 0.6, 0.01]})
-    assert build_pairs(data, PairsConfig(rule="sign"))[1]["pairs"] == 0
-    pairs, counts = build_pairs(data, PairsConfig(rule="rank"))
+    assert build_pairs(data, PreferencesConfig(rule="sign"))[1]["pairs"] == 0
+    pairs, counts = build_pairs(data, PreferencesConfig(rule="rank"))
     # n=4 per prompt: top 2 vs bottom 2 of each prompt.
     assert counts["pairs"] == 12 and counts["prompts_without_pair"] == 0
     assert ("p0-s3", "p0-s1") in ids(pairs) and ("p0-s0", "p0-s2") in ids(pairs)
@@ -43,17 +43,17 @@ def test_sign_rule_starves_when_all_influence_is_positive_and_rank_rule_does_not
 
 
 def test_rank_rule_leaves_the_median_candidate_out_and_needs_two_candidates():
-    pairs, counts = build_pairs(scored({"p0": [3.0, 2.0, 1.0], "p1": [5.0], "p2": [1.0, 1.0]}), PairsConfig(rule="rank"))
+    pairs, counts = build_pairs(scored({"p0": [3.0, 2.0, 1.0], "p1": [5.0], "p2": [1.0, 1.0]}), PreferencesConfig(rule="rank"))
     assert ids(pairs) == {("p0-s0", "p0-s2")}
     assert counts["prompts_without_pair"] == 2
 
 
 def test_best_vs_worst_min_gap_and_cap():
     data = scored({"p0": [0.4, 0.3, -0.1, -0.5], "p1": [0.2, -0.01]})
-    assert ids(build_pairs(data, PairsConfig(best_vs_worst=True))[0]) == {("p0-s0", "p0-s3"), ("p1-s0", "p1-s1")}
-    gap = build_pairs(data, PairsConfig(min_gap=0.5))[0]
+    assert ids(build_pairs(data, PreferencesConfig(best_vs_worst=True))[0]) == {("p0-s0", "p0-s3"), ("p1-s0", "p1-s1")}
+    gap = build_pairs(data, PreferencesConfig(min_gap=0.5))[0]
     assert ids(gap) == {("p0-s0", "p0-s2"), ("p0-s0", "p0-s3"), ("p0-s1", "p0-s3")}
-    capped = build_pairs(data, PairsConfig(max_per_prompt=2))[0]
+    capped = build_pairs(data, PreferencesConfig(max_per_prompt=2))[0]
     # The cap keeps the widest gaps of each prompt.
     assert ids(capped) == {("p0-s0", "p0-s3"), ("p0-s1", "p0-s3"), ("p1-s0", "p1-s1")}
 
@@ -76,15 +76,15 @@ def write_round(store: RunStore, influence: dict[str, list[float | None]]) -> No
 
 
 def stage_ctx(store: RunStore, config) -> StageContext:
-    return StageContext(config, store, 1, store.stage(1, "pairs"), progress=False)
+    return StageContext(config, store, 1, store.stage(1, "preferences"), progress=False)
 
 
 def test_stage_writes_preference_pairs_with_the_generation_prompt_and_raw_completions(tmp_path):
     store = RunStore(tmp_path)
     write_round(store, {"p0": [0.3, -0.2, None, 0.1], "p1": [0.4, 0.2]})
-    config = load_preset("tiny", ["pairs.rule=sign"])
-    counts = run_pairs(stage_ctx(store, config))
-    prefs = read_jsonl(store.stage(1, "pairs").path / "preferences.jsonl", PreferencePair)
+    config = load_preset("tiny", ["preferences.rule=sign"])
+    counts = run_preferences(stage_ctx(store, config))
+    prefs = read_jsonl(store.stage(1, "preferences").path / "preferences.jsonl", PreferencePair)
     assert {(p.chosen_id, p.rejected_id) for p in prefs} == {("r1-p0-s0", "r1-p0-s1"), ("r1-p0-s3", "r1-p0-s1")}
     first = next(p for p in prefs if p.chosen_id == "r1-p0-s0")
     assert first.prompt == [{"role": "user", "content": "Write an instruction (p0)"}] and first.prefill == "1."
@@ -97,10 +97,10 @@ def test_stage_writes_preference_pairs_with_the_generation_prompt_and_raw_comple
 def test_stage_refuses_to_build_nothing_and_names_the_rank_rule(tmp_path):
     store = RunStore(tmp_path)
     write_round(store, {"p0": [0.3, 0.2, 0.1], "p1": [0.4, 0.2, 0.5], "p2": [0.1, 0.3, 0.2], "p3": [0.2, 0.6, 0.1]})
-    with pytest.raises(MontessoriError, match=r"0 preference pairs.*12 of 12.*pairs\.rule=rank"):
-        run_pairs(stage_ctx(store, load_preset("tiny", ["pairs.rule=sign"])))
-    assert not (store.stage(1, "pairs").path / "preferences.jsonl").exists()
-    counts = run_pairs(stage_ctx(store, load_preset("tiny", ["pairs.rule=rank"])))
+    with pytest.raises(MontessoriError, match=r"0 preference pairs.*12 of 12.*preferences\.rule=rank"):
+        run_preferences(stage_ctx(store, load_preset("tiny", ["preferences.rule=sign"])))
+    assert not (store.stage(1, "preferences").path / "preferences.jsonl").exists()
+    counts = run_preferences(stage_ctx(store, load_preset("tiny", ["preferences.rule=rank"])))
     assert counts["pairs"] == 4 and counts["rule"] == "rank"
 
 
@@ -108,6 +108,6 @@ def test_stage_warns_when_few_prompts_give_a_pair(tmp_path, caplog):
     store = RunStore(tmp_path)
     write_round(store, {"p0": [0.3, -0.2], "p1": [0.4, 0.2], "p2": [0.1, 0.3], "p3": [0.2, 0.6]})
     with caplog.at_level("WARNING"):
-        counts = run_pairs(stage_ctx(store, load_preset("tiny", ["pairs.rule=sign"])))
+        counts = run_preferences(stage_ctx(store, load_preset("tiny", ["preferences.rule=sign"])))
     assert counts["pairs"] == 1
-    assert "only 1 of 4 prompts" in caplog.text and "pairs.rule=rank" in caplog.text
+    assert "only 1 of 4 prompts" in caplog.text and "preferences.rule=rank" in caplog.text
