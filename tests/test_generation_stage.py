@@ -138,3 +138,17 @@ def test_data_stage_writes_exactly_num_pairs(tmp_path, tiny_config):
     run_pipeline(config, tmp_path / "capped", until="dataset", progress=False)
     counts = json.loads((tmp_path / "capped" / "round-1" / "dataset" / "manifest.json").read_text())["counts"]
     assert counts["prompts"] == 2 and counts["pairs"] == counts["kept"] <= 8 and counts["short"] == 40 - counts["pairs"]
+
+
+def test_library_generation_returns_what_the_stages_write(tmp_path, tiny_config):
+    """sample_instructions / answer_candidates return the records stages `instructions` / `responses`
+    write for the same config and round (the value-returning form of the generation stages)."""
+    from montessori.generation.backends import make_backend
+    from montessori.generation.stage import answer_candidates, sample_instructions
+    from montessori.records import Candidate, Pair
+    run_pipeline(tiny_config, tmp_path / "run", until="responses", progress=False)
+    backend = make_backend(tiny_config.models.teacher, tiny_config.generation, tiny_config.models)
+    candidates = sample_instructions(backend, tiny_config)
+    assert candidates and candidates == read_jsonl(tmp_path / "run/round-1/instructions/candidates.jsonl", Candidate)
+    pairs = answer_candidates(backend, tiny_config, candidates)
+    assert pairs == read_jsonl(tmp_path / "run/round-1/responses/pairs.jsonl", Pair)

@@ -204,6 +204,33 @@ def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], p
             "truncated": truncated, "tokens": tokens, "tokens_per_s": _rate(tokens, seconds)}
 
 
+def sample_instructions(backend: Backend, cfg, *, round: int = 1, folder: Path | None = None,
+                        seeds: list[tuple[str, str]] | None = None) -> list[Candidate]:
+    """Library form of stage `instructions`: the kept candidates of `generation.num_prompts` prompts,
+    sampled as the stage samples them (the same records for the same config and round). `folder`
+    keeps the stage's files (prompts, kept and dropped candidates; a re-call resumes); default: a
+    temporary folder. `seeds`: (id, text) pairs instead of `data.seeds`."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(folder or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        generate_instructions(backend, cfg.generation, seeds if seeds is not None else _seeds(cfg), out,
+                              round=round, prefix=f"r{round}", seed=cfg.seed, num_prompts=cfg.generation.num_prompts)
+        return read_jsonl(out / "candidates.jsonl", Candidate)
+
+
+def answer_candidates(backend: Backend, cfg, candidates: list[Candidate], *, round: int = 1,
+                      path: Path | None = None) -> list[Pair]:
+    """Library form of stage `responses`: one Pair per candidate, as the stage answers it; `path` keeps
+    the stage's pairs.jsonl (a re-call resumes), default a temporary file."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(path or Path(tmp) / "pairs.jsonl")
+        generate_responses(backend, cfg.generation, candidates, out, round=round, seed=cfg.seed)
+        ids = {c.id for c in candidates}
+        return [p for p in read_jsonl(out, Pair) if p.id in ids]
+
+
 def _seeds(cfg) -> list[tuple[str, str]]:
     result = read_seeds(cfg.data.seeds, lenient=cfg.data.lenient, limit=cfg.data.max_seeds,
                         max_chars=cfg.data.max_seed_chars)
