@@ -132,3 +132,19 @@ def test_preflight_refuses_gemma_with_a_transformers_that_breaks_its_tokenizer(m
     with pytest.raises(InputError, match=r"models.student=gemma3-270m: transformers 5.17.0 .*transformers>=5.18"):
         check_model_spec("gemma3-270m", "models.student")
     check_model_spec("smollm2", "models.teacher")  # SmolLM2's tokenizer converts right on 5.17 (same ids)
+
+
+@pytest.mark.slow
+def test_a_cached_conversion_with_a_wrong_tokenizer_is_converted_again(monkeypatch, tmp_path):
+    """A conversion cached by a transformers that broke the tokenizer (5.17: characters) is not reused."""
+    named = installed("gemma3-270m", converts=True)
+    gguf = assemble_gguf(named)
+    monkeypatch.setenv("MONTESSORI_GGUF_DIR", str(gguf.parent))
+    monkeypatch.setenv("MONTESSORI_CACHE", str(tmp_path / "cache"))
+    folder = Path(resolve_model_dir("gemma3-270m"))
+    # Another model's tokenizer in its place: encodes the probe into other ids, as 5.17's did.
+    from transformers import AutoTokenizer
+    (folder / "tokenizer.json").unlink()
+    AutoTokenizer.from_pretrained(resolve_model_dir("smollm2")).save_pretrained(folder)
+    assert not named.tokenizer_ok(folder)
+    assert Path(resolve_model_dir("gemma3-270m")) == folder and named.tokenizer_ok(folder)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,25 +212,31 @@ def sample_instructions(backend: Backend, cfg, *, round: int = 1, folder: Path |
     sampled as the stage samples them (the same records for the same config and round). `folder`
     keeps the stage's files (prompts, kept and dropped candidates; a re-call resumes); default: a
     temporary folder. `seeds`: (id, text) pairs instead of `data.seeds`."""
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(folder or tmp)
-        out.mkdir(parents=True, exist_ok=True)
+    with _folder(folder) as out:
         generate_instructions(backend, cfg.generation, seeds if seeds is not None else _seeds(cfg), out,
                               round=round, prefix=f"r{round}", seed=cfg.seed, num_prompts=cfg.generation.num_prompts)
         return read_jsonl(out / "candidates.jsonl", Candidate)
 
 
 def answer_candidates(backend: Backend, cfg, candidates: list[Candidate], *, round: int = 1,
-                      path: Path | None = None) -> list[Pair]:
-    """Library form of stage `responses`: one Pair per candidate, as the stage answers it; `path` keeps
-    the stage's pairs.jsonl (a re-call resumes), default a temporary file."""
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(path or Path(tmp) / "pairs.jsonl")
-        generate_responses(backend, cfg.generation, candidates, out, round=round, seed=cfg.seed)
+                      folder: Path | None = None) -> list[Pair]:
+    """Library form of stage `responses`: one Pair per candidate, as the stage answers it; `folder`
+    keeps the stage's pairs.jsonl (a re-call resumes), default a temporary folder."""
+    with _folder(folder) as out:
+        generate_responses(backend, cfg.generation, candidates, out / "pairs.jsonl", round=round, seed=cfg.seed)
         ids = {c.id for c in candidates}
-        return [p for p in read_jsonl(out, Pair) if p.id in ids]
+        return [p for p in read_jsonl(out / "pairs.jsonl", Pair) if p.id in ids]
+
+
+@contextmanager
+def _folder(folder: Path | None):
+    """`folder` (created), or a temporary one removed afterwards."""
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
 
 
 def _seeds(cfg) -> list[tuple[str, str]]:
