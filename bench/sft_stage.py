@@ -7,7 +7,7 @@ the H200); the stage took 1.6 s per step in `bench/round.py` (docs/benchmarks.md
 - `stage`: what the stage does (fp32 master weights, models.dtype compute through autocast, the
   preset's micro batch);
 - `bf16-weights`: weights loaded in bf16, no autocast (what 0.1 did; loses small AdamW steps);
-- `micro-16`: the stage with micro batch 16 (fewer, larger forward/backward passes).
+- `micro-N`: the stage with micro batch N (fewer, larger forward/backward passes).
 
 A variant named twice runs twice in the same process: the second run finds every kernel compiled
 (TRL's fused log-prob head is Triton, compiled on first use and cached in ~/.triton).
@@ -54,7 +54,8 @@ def run_variant(name: str, args, pairs, profile: bool) -> dict:
         model, tokenizer, compute = load_for_training(args.model, models, lora=False)
     sync(args.device)
     t1 = time.perf_counter()
-    cfg = SFTConfig(micro_batch_size=16 if name == "micro-16" else args.micro, global_batch_size=32,
+    micro = int(name.split("-")[1]) if name.startswith("micro-") else args.micro
+    cfg = SFTConfig(micro_batch_size=micro, global_batch_size=32,
                     max_length=512, lr=3e-5)
     out = Path(args.work) / f"{name}-{time.monotonic_ns()}"
     trainer, _ = build_sft_trainer(model, tokenizer, pairs, cfg, output_dir=out / "trainer", compute_dtype=compute)
