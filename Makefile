@@ -50,7 +50,7 @@ test-all: setup
 
 # On a CUDA machine (skipped without one; MONTESSORI_TEST_DEVICE=cpu runs the same tests on the CPU).
 test-gpu:
-	$(PY) -m pytest -q -m gpu tests/test_gpu.py
+	$(PY) -m pytest -q -m gpu tests
 
 clean:
 	rm -rf runs $(STAMP) $(FLOOR)
