@@ -79,8 +79,12 @@ def worker_count(num_workers: int | None, gpus_per_worker: int, cpus_per_worker:
 class Worker:
     """The actor: builds `factory()` once (again after a restart), then runs its `method` on tasks."""
 
-    def __init__(self, factory: Callable[[], Any], worker: int, method: str):
+    def __init__(self, factory: Callable[[], Any], worker: int, method: str, threads: int = 1):
         import ray
+        import torch
+        # As many torch threads as CPUs reserved: Ray leaves an inherited OMP_NUM_THREADS alone, and
+        # actors that each take every core oversubscribe the machine (and sum in another order).
+        torch.set_num_threads(max(1, threads))
         self.worker, self.restarted = worker, ray.get_runtime_context().was_current_actor_reconstructed
         self.fn = getattr(factory(), method)
 
@@ -99,7 +103,7 @@ class RayPool:
         remote = ray.remote(Worker).options(num_gpus=gpus, num_cpus=cpus_per_worker,
                                             max_restarts=RESTARTS, max_task_retries=RESTARTS)
         self.ray, self.workers = ray, n
-        self.actors = [remote.remote(factory, k, method) for k in range(n)]
+        self.actors = [remote.remote(factory, k, method, cpus_per_worker) for k in range(n)]
         self.pool = ActorPool(self.actors * SLOTS)  # an actor's tasks run in order, one at a time
 
     def map(self, tasks: list[list], on_result: Callable[[Any], None], key: Callable[[Any], Any], *,
