@@ -120,3 +120,22 @@ def test_ray_stage_equals_the_single_process_stage_and_resumes(tmp_path, tiny_co
     assert {r.id: r.influence for r in resumed} == pytest.approx({r.id: r.influence for r in single}, rel=1e-4)
     assert all(r.estimator == "linear" for r in resumed)
     assert counts["candidates"] == 8 and counts["_extra"]["ray_workers"] == 2
+
+
+
+def test_an_actor_computes_with_as_many_threads_as_cpus_it_reserved():
+    """Ray leaves an OMP_NUM_THREADS the process inherited alone; 2 threads in an actor that reserved
+    1 CPU oversubscribe the cores (and sum in another order than the 1-thread reference)."""
+    from montessori.executors.ray import Worker
+
+    class Threads:  # defined here, so that Ray pickles it by value (the test module is not importable there)
+        def count(self, items: list) -> list[int]:
+            import torch
+            return [torch.get_num_threads() for _ in items]
+
+    actor = ray.remote(Worker).options(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}}).remote(
+        Threads, 0, "count", 1)
+    try:
+        assert ray.get(actor.run.remote([None, None])).results == [1, 1]
+    finally:
+        ray.kill(actor)
