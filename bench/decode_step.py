@@ -57,8 +57,8 @@ def graph_of(fn):
 
 
 def main() -> None:
-    from montessori.generation.backends.slots import (ATTEMPTS, SlotEngine, _attention, _register_attention, _round_up,
-                                                      draw, penalize, uniform)
+    from montessori.generation.backends.slots import (SlotEngine, _attention, _register_attention, _round_up, draw,
+                                                      penalize, proposal_uniforms)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=sorted(ARCHS), default="smollm2-135m")
     p.add_argument("--slots", type=int, nargs="+", default=[256, 1024])
@@ -93,10 +93,8 @@ def main() -> None:
         def penalties():
             penalize(logits, engine.seen, engine.context, 1.0, 1.0)
 
-        attempt = torch.arange(ATTEMPTS, device=device)[None]
-
         def sampling():
-            u = uniform(engine.seed[:, None], engine.sample[:, None], engine.count[:, None], attempt)
+            u = proposal_uniforms(engine.seed, engine.sample, engine.count, engine.tries)
             draw(logits, u, engine.params[0], engine.params[1])
 
         def step():

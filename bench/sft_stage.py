@@ -104,6 +104,7 @@ def run_variant(name: str, args, pairs, profile: bool) -> dict:
 
 
 def main() -> None:
+    from montessori.readers import read_pairs
     from montessori.records import Pair
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -115,8 +116,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/sft-stage")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    pairs = [Pair(id=str(i), instruction=r["instruction"], response=r["response"], prompt_id=str(i))
+    rows = read_pairs(str(DATA)).records
+    pairs = [Pair(id=str(i), instruction=r.instruction, response=r.response, prompt_id=str(i))
              for i, r in enumerate((rows * (1 + args.pairs // len(rows)))[:args.pairs])]
     import transformers
     import trl

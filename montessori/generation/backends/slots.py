@@ -86,6 +86,12 @@ def uniform(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor, attemp
     return (h >> 8).to(torch.float32) * (2.0 ** -24)  # 24 bits: exact in float32, never 1.0
 
 
+def proposal_uniforms(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor, tries: torch.Tensor) -> torch.Tensor:
+    """[B, ATTEMPTS] uniforms of each row's next top-p proposals: attempts tries .. tries + ATTEMPTS - 1."""
+    attempt = tries[:, None] + torch.arange(ATTEMPTS, device=tries.device)
+    return uniform(seed[:, None], sample[:, None], step[:, None], attempt)
+
+
 def in_nucleus(probs: torch.Tensor, index: torch.Tensor, top_p) -> torch.Tensor:
     """Whether token index[b, a] is in row b's top-p nucleus: the tokens more likely than it hold less
     than top_p (HF's and vLLM's cut, ties kept together). One pass over the vocabulary per column."""
@@ -267,8 +273,7 @@ class SlotEngine:
         if greedy:
             token = logits.argmax(dim=-1)
         else:
-            attempt = self.tries[:, None] + torch.arange(ATTEMPTS, device=self.tries.device)
-            u = uniform(self.seed[:, None], self.sample[:, None], self.count[:, None], attempt)
+            u = proposal_uniforms(self.seed, self.sample, self.count, self.tries)
             token, accepted = draw(logits, u, temperature, top_p)
             # A row whose proposals all missed stays where it is (its KV column is rewritten with
             # the same values next step) and tries the next ATTEMPTS uniforms.
