@@ -19,6 +19,7 @@ Every step skips what is done: stages by their manifests, losses and answers by 
 
     python experiments/paper_shape.py --out runs/paper                      # runs + eval + summary
     python experiments/paper_shape.py --out runs/paper --step runs --seeds 0  # one seed's arms only
+    python experiments/paper_shape.py --out runs/paper --step teacher       # the teacher's stages only
     python experiments/paper_shape.py --out runs/paper --step judge         # win rates (CPU is fine)
     python experiments/paper_shape.py --out runs/tiny --tiny                # dry run, tiny random models
 
@@ -45,6 +46,9 @@ from montessori.config import load_preset
 from montessori.store import atomic_write_json, atomic_write_text
 
 ARMS = ("self-instruct", "montessori")
+# The last stage of each arm that needs only the teacher: `--step teacher` runs up to it, so a GPU
+# machine that has the teacher but not yet the student (models carried in pieces) is not idle.
+TEACHER_UNTIL = {"self-instruct": "dataset", "montessori": "responses"}
 HELDOUT = ROOT.parent / "shared" / "data" / "self_instruct_user_oriented.jsonl"
 REFERENCE = ROOT.parent / "shared" / "data" / "reference_alpaca_eval_gpt4_256.jsonl"
 log = logging.getLogger("paper_shape")
@@ -61,7 +65,7 @@ def arm_overrides(args, arm: str, seed: int) -> list[str]:
     return [f"method={arm}", f"name={arm}-s{seed}", *sizes, *seeds, *args.set]
 
 
-def run_arms(args) -> None:
+def run_arms(args, teacher_only: bool = False) -> None:
     from montessori.pipeline import run_pipeline
     for seed in args.seeds:
         for arm in ARMS:
@@ -74,7 +78,9 @@ def run_arms(args) -> None:
                 continue
             started = time.time()
             log.info("seed %d %s: montessori run %s", seed, arm, run / "config.yaml")
-            run_pipeline(cfg, run, until="sft", progress=not args.quiet)  # skips finished stages
+            # Skips finished stages; the teacher's stages do not read the student's keys, so what
+            # --step teacher wrote is reused as it is.
+            run_pipeline(cfg, run, until=TEACHER_UNTIL[arm] if teacher_only else "sft", progress=not args.quiet)
             log.info("seed %d %s: done in %.0fs", seed, arm, time.time() - started)
 
 
@@ -288,8 +294,9 @@ def sweep_overrides(chosen: dict) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--step", default="all", choices=("all", "runs", "eval", "judge", "summary"),
-                   help="all = runs, eval, summary (the judge step only with --step judge)")
+    p.add_argument("--step", default="all", choices=("all", "teacher", "runs", "eval", "judge", "summary"),
+                   help="all = runs, eval, summary (the judge step only with --step judge); teacher = each arm's "
+                        "stages that need only the teacher")
     p.add_argument("--preset", default="paper-shape")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--warmup", type=int, default=256, help="warm-up pairs (split.warmup)")
@@ -333,6 +340,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.step == "teacher":
+        run_arms(args, teacher_only=True)
+        return 0
     if args.step in ("all", "runs"):
         run_arms(args)
     if args.step in ("all", "eval"):

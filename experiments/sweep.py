@@ -78,7 +78,7 @@ def sft_sweep(args, cfg, run: Path) -> list[dict]:
             history = []
             if lr > 0:
                 sft = cfg.sft.model_copy(update={"lr": lr, "min_lr": lr / 1000, "epochs": args.sft_epochs})
-                work = args.out / ".trainer"
+                work = args.out / ".trainer-sft"  # its own: --step sft and --step dpo may run at once
                 model, history, _ = train_sft(model, tokenizer, train, sft, output_dir=work, progress=not args.quiet)
                 shutil.rmtree(work, ignore_errors=True)
             model.eval()
@@ -116,7 +116,7 @@ def dpo_sweep(args, cfg, run: Path) -> list[dict]:
                 ref = load_model(cfg.models.teacher, cfg.models.device, cfg.models.dtype)[0].eval()
                 dpo = cfg.dpo.model_copy(update={"lr": lr, "min_lr": lr / 1000, "beta": beta,
                                                  "epochs": args.dpo_epochs})
-                work = args.out / ".trainer"
+                work = args.out / ".trainer-dpo"
                 _, history, _ = train_dpo(model, tokenizer, train, dpo, ref_model=ref, eval_prefs=held,
                                           output_dir=work, progress=not args.quiet)
                 shutil.rmtree(work, ignore_errors=True)
@@ -178,7 +178,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder: the data run (OUT/run) and the results")
     p.add_argument("--preset", default="paper-shape")
-    p.add_argument("--step", default="all", choices=("all", "data", "sft", "dpo", "table"))
+    p.add_argument("--step", default="all", choices=("all", "teacher", "data", "sft", "dpo", "table"),
+                   help="teacher = the data run's stages that need only the teacher (instructions, responses)")
     p.add_argument("--warmup", type=int, default=128, help="warm-up pairs of the data run")
     p.add_argument("--probing", type=int, default=512, help="probing candidates of the data run (DPO pairs)")
     p.add_argument("--reference", default=str(REFERENCE) if REFERENCE.exists() else None)
@@ -210,11 +211,14 @@ def main(argv=None) -> int:
     cfg = load_preset(args.preset, overrides)
     run = args.out / "run"
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.step in ("all", "data"):
+    if args.step in ("all", "teacher", "data"):
         from montessori.pipeline import run_pipeline
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", cfg.to_yaml())
-        run_pipeline(cfg, run, until="preferences", progress=not args.quiet)  # resumable; skips what is done
+        until = "responses" if args.step == "teacher" else "preferences"
+        run_pipeline(cfg, run, until=until, progress=not args.quiet)  # resumable; skips what is done
+        if args.step == "teacher":
+            return 0
     sft_rows = sft_sweep(args, cfg, run) if args.step in ("all", "sft") else read_jsonl(args.out / "sft.jsonl")
     dpo_rows = dpo_sweep(args, cfg, run) if args.step in ("all", "dpo") else read_jsonl(args.out / "dpo.jsonl")
     chosen = choose(sft_rows, dpo_rows, args.min_move)

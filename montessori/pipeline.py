@@ -194,7 +194,7 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
     active = tuple(s.name for s in stages)
     only_at = parse_stage_arg("--only", only, config, active)
     until_at = parse_stage_arg("--until", until, config, active)
-    preflight(config)
+    preflight(config, {stage.name for _, stage in _schedule(config, only_at, until_at)})
     store = RunStore(run_dir)
     if store.root.exists() and not store.root.is_dir():
         raise InputError("not a directory (the run directory must be a folder)", file=store.root)
@@ -248,13 +248,15 @@ def plan(config: Config, run_dir: str | Path, *, only: str | None = None, until:
     return runs
 
 
-def preflight(config: Config) -> None:
+def preflight(config: Config, stages: set[str] | None = None) -> None:
     """Check every input before any stage runs, so a bad file, record or model fails in seconds (exit
     2) and before any old output is touched: every data file is read and decoded, every model spec
-    resolved as far as that is cheap (no weights are loaded)."""
+    resolved as far as that is cheap (no weights are loaded). `stages`: the names that will run (default
+    all of the method's); what only other stages read is not asked for, so `--until responses` runs
+    the teacher's stages on a machine where the student is not installed yet."""
     from montessori.readers import read_pairs, read_seeds
     lenient = config.data.lenient
-    active = {s.name for s in stages_for(config)}
+    active = {s.name for s in stages_for(config)} if stages is None else set(stages)
     if active & {"instructions", "dataset"}:
         read_seeds(config.data.seeds, lenient=lenient, max_chars=config.data.max_seed_chars)
     if "influence" in active:

@@ -20,7 +20,16 @@ def script(name: str):
 def test_paper_shape_tiny_dry_run(tmp_path):
     ps = script("paper_shape")
     out = tmp_path / "paper"
+    # The teacher's stages first, with the student not installed: they must run, and be reused as they are.
+    assert ps.main(["--out", str(out), "--tiny", "--seeds", "0", "--quiet", "--step", "teacher",
+                    "--set", "models.student=./no/such/dir"]) == 0
+    written = {arm: out / "seed-0" / arm / "round-1" / stage / "manifest.json"
+               for arm, stage in ps.TEACHER_UNTIL.items()}
+    assert all(m.exists() for m in written.values())
+    assert not (out / "seed-0" / "montessori" / "round-1" / "warmup").exists()
+    before = {arm: m.read_text() for arm, m in written.items()}
     assert ps.main(["--out", str(out), "--tiny", "--seeds", "0", "1", "--quiet"]) == 0
+    assert {arm: m.read_text() for arm, m in written.items()} == before
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["loss"]["seeds"]["0"]) >= {"self-instruct", "montessori", "montessori - self-instruct"}
     across = summary["loss"]["across_seeds"]["montessori - self-instruct"]

@@ -105,6 +105,15 @@ def test_a_bad_value_is_refused_before_any_output_is_touched(finished_copy, over
     assert snapshot(finished_copy) == before
 
 
+def test_only_what_the_scheduled_stages_read_is_checked(finished_copy, capsys):
+    """`--until responses` runs the teacher's stages only: a student that is not installed (yet) must not
+    stop them, and the same student still refuses the whole run."""
+    config = str(finished_copy / "config.yaml")
+    assert main(["run", config, "models.student=./no/such/dir", "--until", "responses"]) == 0
+    assert main(["run", config, "models.student=./no/such/dir"]) == 2
+    assert "models.student" in capsys.readouterr().err
+
+
 def test_a_failing_rerun_leaves_the_last_good_result(finished_copy, capsys):
     """sft.global_batch_size=3 passes the schema but the SFT stage refuses it (not a multiple of the
     micro-batch): the finished SFT model and manifest must still be there."""
@@ -202,7 +211,7 @@ def toy_config(monkeypatch, tmp_path, target: str) -> Path:
     stages = (Stage("instructions", target, ("generation.num_prompts",)),)
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "STAGE_NAMES", ("instructions",))
-    monkeypatch.setattr(pipeline, "preflight", lambda config: None)
+    monkeypatch.setattr(pipeline, "preflight", lambda config, stages=None: None)
     config = tmp_path / "run" / "config.yaml"
     config.parent.mkdir()
     config.write_text(load_preset("tiny").to_yaml())

@@ -115,7 +115,7 @@ def test_until_influence_with_two_rounds_runs_nothing_after_round_1_influence(tm
     ran.clear()
     stages = tuple(Stage(s.name, "test_rerun:record_stage", s.keys, s.inputs, s.round_inputs) for s in STAGES)
     monkeypatch.setattr(pipeline, "STAGES", stages)
-    monkeypatch.setattr(pipeline, "preflight", lambda config: None)
+    monkeypatch.setattr(pipeline, "preflight", lambda config, stages=None: None)
     run_pipeline(load_preset("tiny", ["rounds=2"]), tmp_path, until="influence", progress=False)
     assert ran == onward("instructions")[:4]
     run_pipeline(load_preset("tiny", ["rounds=2"]), tmp_path, until="2:responses", progress=False)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 14 on one GPU machine that receives its models in pieces (bench/carry/env.sh), started once in
+# the background (setsid: it outlives the call that starts it) as soon as the teacher is there:
+#   setsid nohup bash bench/carry/paper_shape.sh > ~/runs/go.log 2>&1 < /dev/null &
+# It works while later calls carry the student's pieces and report (bench/carry/status.sh):
+#   1. the teacher's stages of the sweep's data run and of every seed's two arms (4 processes at once:
+#      the models are small, so one process leaves the GPU mostly idle);
+#   2. once the student's GGUF is assembled: the untrained student's evaluation, the sweep (its data run,
+#      then the SFT and DPO rows at once), then every seed's runs and evaluation, one process per seed.
+# Everything resumes from its records, so starting it again after a lost machine redoes only what is lost.
+set -u
+R=$HOME/runs L=$HOME/runs/logs C=$HOME/code
+mkdir -p $L $C $HOME/shared
+# A copy: every later call re-syncs the checkout under the running jobs.
+cp -r montessori experiments bench pyproject.toml $C/ && cp -rn .gpu/data $HOME/shared/
+export PYTHONPATH=$HOME/tf:$C:$HOME/site OMP_NUM_THREADS=${THREADS:-4}
+SEEDS=${SEEDS:-0 1 2}
+SIZE=${SIZE:---probing 4096 --pairs 4096}
+EVAL="--step eval --batch-size 64 --max-length 1024 --quiet"
+G=${STUDENT_FILE:-$HOME/m/gemma-3-270m-q4_k_m.gguf}
+paper() { python3 $C/experiments/paper_shape.py --out $R/paper "$@"; }
+sw() { python3 $C/experiments/sweep.py --out $R/sweep --quiet ${SWEEP_ARGS:-} "$@"; }
+say() { echo "$(date +%T) $*"; }
+
+python3 -c "from montessori.models.load import resolve_model_dir as r; r('smollm2')"  # convert once, not 4x
+say teacher stages
+sw --step teacher > $L/sweep-teacher.log 2>&1 & SWEEP_TEACHER=$!
+TEACHER=()
+for s in $SEEDS; do paper --seeds $s $SIZE --step teacher --quiet > $L/teacher-$s.log 2>&1 & TEACHER+=($!); done
+while [ ! -f $G ]; do sleep 5; done
+say student here
+python3 -c "from montessori.models.load import resolve_model_dir as r; r('gemma3-270m')"
+paper --seeds ${SEEDS%% *} $SIZE $EVAL > $L/eval-untrained.log 2>&1 &  # no trained student yet: the untrained one
+wait $SWEEP_TEACHER; say sweep data
+sw --step data > $L/sweep-data.log 2>&1
+sw --step sft --sft-lrs 1e-5 3e-5 1e-4 3e-4 > $L/sweep-sft.log 2>&1 & A=$!
+sw --step dpo --dpo-lrs 5e-6 2e-5 5e-5 --betas 0.1 > $L/sweep-dpo.log 2>&1 & B=$!
+wait $A $B
+sw --step table > $L/sweep-table.log 2>&1; say sweep done
+wait "${TEACHER[@]}"; say teacher stages done
+for s in $SEEDS; do
+  (paper --seeds $s $SIZE --sweep $R/sweep/sweep.json --step runs --quiet > $L/runs-$s.log 2>&1 &&
+   paper --seeds $s $SIZE --sweep $R/sweep/sweep.json $EVAL > $L/eval-$s.log 2>&1; say seed $s: rc $?) &
+done
+wait
+paper --seeds $SEEDS $SIZE --sweep $R/sweep/sweep.json --step summary --quiet > $L/summary.log 2>&1
+say all done

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# What bench/carry/paper_shape.sh has done so far; the small result files go to $OUT/small.tgz.
+R=$HOME/runs
+tail -n 20 $R/go.log 2>/dev/null
+for f in $R/logs/*.log; do [ -f "$f" ] && { echo "== $(basename $f)"; tail -c 600 "$f" | tail -n 3; }; done
+for run in $R/sweep/run $R/paper/seed-*/*; do
+  [ -d "$run/round-1" ] || continue
+  echo "$run: $(cd $run/round-1 && for d in *; do [ -f $d/manifest.json ] && printf '%s ' $d || printf '(%s) ' $d; done)"
+done
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+cd $R && find paper sweep logs go.log -size -3M \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
+  -not -path '*/model/*' 2>/dev/null | tar czf $OUT/small.tgz -T - && ls -la $OUT
