@@ -13,16 +13,17 @@ fi
 mkdir -p $HOME/m ../shared && cp -rn .gpu/data ../shared/ 2>/dev/null
 for f in .carry/m.0[0-9]; do [ -f "$f" ] && cp "$f" $HOME/m/; done
 # The pieces are one stream: SmolLM2's GGUF (98362432 bytes) then Gemma's; each file is cut out once its
-# bytes are all there and kept only if its sha256 matches.
+# bytes are all there and kept only if its sha256 matches; it appears under its name only then, whole
+# (bench/carry/paper_shape.sh waits for the student's file to appear).
 n=$(ls $HOME/m/m.0* 2>/dev/null | wc -l)
 S=$HOME/m/SmolLM2-135M-Instruct.Q4_1.gguf G=$HOME/m/gemma-3-270m-q4_k_m.gguf
 if [ ! -f $S ] && [ "$n" -ge 2 ]; then
-  cat $HOME/m/m.00 $HOME/m/m.01 | head -c 98362432 > $S
-  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $S" | sha256sum -c || rm -f $S
+  cat $HOME/m/m.00 $HOME/m/m.01 | head -c 98362432 > $S.part
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $S.part" | sha256sum -c && mv $S.part $S || rm -f $S.part
 fi
 if [ ! -f $G ] && [ "$n" -eq 6 ]; then
-  cat $HOME/m/m.0* | tail -c +98362433 > $G
-  echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $G" | sha256sum -c || rm -f $G
+  cat $HOME/m/m.0* | tail -c +98362433 > $G.part
+  echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $G.part" | sha256sum -c && mv $G.part $G || rm -f $G.part
 fi
 echo "pieces: $(ls $HOME/m | tr '\n' ' ')"
 python3 -c "import torch, transformers, trl, peft, accelerate, datasets; print('versions', torch.__version__, transformers.__version__, trl.__version__, peft.__version__, accelerate.__version__, datasets.__version__, torch.cuda.get_device_name(0))"

@@ -8,5 +8,9 @@ for run in $R/sweep/run $R/paper/seed-*/*; do
   echo "$run: $(cd $run/round-1 && for d in *; do [ -f $d/manifest.json ] && printf '%s ' $d || printf '(%s) ' $d; done)"
 done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-cd $R && find paper sweep logs go.log -size -3M \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
-  -not -path '*/model/*' 2>/dev/null | tar czf $OUT/small.tgz -T - && ls -la $OUT
+# Two archives: if the data ever outgrew what comes back (16 MiB a file), the results would still come.
+cd $R && find paper sweep logs go.log -size -1024k \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
+  -not -path '*/model/*' -not -path '*/.*' 2>/dev/null | tar czf $OUT/small.tgz -T -
+find paper sweep -size +1023k -size -12288k -name '*.jsonl' -not -path '*/model/*' -not -path '*/.*' 2>/dev/null \
+  | tar czf $OUT/data.tgz -T -
+ls -la $OUT
