@@ -21,6 +21,7 @@ Every step skips what is done: stages by their manifests, losses and answers by 
     python experiments/paper_shape.py --out runs/paper --step runs --seeds 0  # one seed's arms only
     python experiments/paper_shape.py --out runs/paper --step teacher       # the teacher's stages only
     python experiments/paper_shape.py --out runs/paper --step judge         # win rates (CPU is fine)
+    python experiments/paper_shape.py --out runs/paper --step diagnose      # what the influence rewarded
     python experiments/paper_shape.py --out runs/tiny --tiny                # dry run, tiny random models
 
 Writes OUT/summary.json and OUT/summary.md.
@@ -210,6 +211,53 @@ def judge_step(args) -> dict:
     return out
 
 
+def diagnose(args) -> list[dict]:
+    """Why the arms differ, from the runs' own files: what the influence rewards (its rank correlation
+    with the lengths of the candidate's instruction and response), what DPO learned from it (the
+    training sets the two teachers then wrote), and the students' answers. Writes OUT/diagnostics.*."""
+    from montessori.influence.metrics import spearman
+    from montessori.records import InfluenceResult, Pair
+    from montessori.store import read_jsonl
+    rows = []
+    for seed in args.seeds:
+        r1 = args.out / f"seed-{seed}" / "montessori" / "round-1"
+        if not (r1 / "influence" / "influence.jsonl").exists():
+            continue
+        pairs = {p.id: p for p in read_jsonl(r1 / "responses" / "pairs.jsonl", Pair)}
+        scored = [(r.influence, pairs[r.id]) for r in read_jsonl(r1 / "influence" / "influence.jsonl", InfluenceResult)
+                  if r.influence is not None and r.id in pairs]
+        infl = [v for v, _ in scored]
+        row = {"seed": seed, "candidates": len(scored), "share_positive": sum(v > 0 for v in infl) / len(infl),
+               "spearman_response_chars": spearman(infl, [len(p.response) for _, p in scored]),
+               "spearman_instruction_chars": spearman(infl, [len(p.instruction) for _, p in scored])}
+        for arm in ARMS:
+            data = read_jsonl(args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "pairs.jsonl", Pair)
+            counts = json.loads((args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "manifest.json")
+                                .read_text())["counts"]
+            answers = answers_file(args, seed, arm)
+            row[arm] = {"pairs": len(data), "instruction_chars": statistics.fmean(len(p.instruction) for p in data),
+                        "response_chars": statistics.fmean(len(p.response) for p in data),
+                        "duplicates_dropped_per_kept": counts.get("dropped_duplicate", 0) / counts["kept"],
+                        "answer_chars": statistics.fmean(len(json.loads(line)["answers"][0]) for line in
+                                                         answers.read_text().splitlines()) if answers.exists() else None}
+        rows.append(row)
+    md = ["| seed | influence > 0 | rank corr. with response / instruction length | training set (self-instruct vs "
+          "montessori): response chars | instruction chars | duplicates dropped per kept | held-out answer chars |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["self-instruct"], r["montessori"]
+        ans = (f"{a['answer_chars']:.0f} vs {b['answer_chars']:.0f}" if a["answer_chars"] and b["answer_chars"]
+               else "–")
+        md.append(f"| {r['seed']} | {r['share_positive']:.3f} | {r['spearman_response_chars']:+.3f} / "
+                  f"{r['spearman_instruction_chars']:+.3f} | {a['response_chars']:.0f} vs {b['response_chars']:.0f} | "
+                  f"{a['instruction_chars']:.0f} vs {b['instruction_chars']:.0f} | "
+                  f"{a['duplicates_dropped_per_kept']:.2f} vs {b['duplicates_dropped_per_kept']:.2f} | {ans} |")
+    atomic_write_json(args.out / "diagnostics.json", rows)
+    atomic_write_text(args.out / "diagnostics.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+    return rows
+
+
 def fmt(value, low=None, high=None, digits=4) -> str:
     if value is None:
         return "–"
@@ -294,7 +342,8 @@ def sweep_overrides(chosen: dict) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--step", default="all", choices=("all", "teacher", "runs", "eval", "judge", "summary"),
+    p.add_argument("--step", default="all",
+                   choices=("all", "teacher", "runs", "eval", "judge", "summary", "diagnose"),
                    help="all = runs, eval, summary (the judge step only with --step judge); teacher = each arm's "
                         "stages that need only the teacher")
     p.add_argument("--preset", default="paper-shape")
@@ -342,6 +391,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step == "teacher":
         run_arms(args, teacher_only=True)
+        return 0
+    if args.step == "diagnose":
+        diagnose(args)
         return 0
     if args.step in ("all", "runs"):
         run_arms(args)

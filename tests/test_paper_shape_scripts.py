@@ -37,6 +37,10 @@ def test_paper_shape_tiny_dry_run(tmp_path):
     assert ps.main(["--out", str(out), "--tiny", "--seeds", "0", "1", "--quiet", "--step", "judge"]) == 0
     wins = json.loads((out / "win_rate.json").read_text())
     assert wins["0"]["montessori vs self-instruct"]["prompts"] == 4
+    assert ps.main(["--out", str(out), "--tiny", "--seeds", "0", "1", "--quiet", "--step", "diagnose"]) == 0
+    rows = json.loads((out / "diagnostics.json").read_text())
+    assert [r["seed"] for r in rows] == [0, 1] and all(-1 <= r["spearman_response_chars"] <= 1 for r in rows)
+    assert all(r[arm]["pairs"] == 8 and r[arm]["answer_chars"] is not None for r in rows for arm in ps.ARMS)
 
 
 @pytest.mark.slow

@@ -9,8 +9,10 @@ for run in $R/sweep/run $R/paper/seed-*/*; do
 done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 # Two archives: if the data ever outgrew what comes back (16 MiB a file), the results would still come.
-cd $R && find paper sweep logs go.log -size -1024k \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
+cd $R && find paper sweep logs go.log -size -1024k \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.yaml' \) \
   -not -path '*/model/*' -not -path '*/.*' 2>/dev/null | tar czf $OUT/small.tgz -T -
-find paper sweep -size +1023k -size -12288k -name '*.jsonl' -not -path '*/model/*' -not -path '*/.*' 2>/dev/null \
-  | tar czf $OUT/data.tgz -T -
+for d in sweep paper/seed-*; do  # one archive per run folder: each must stay under 16 MiB
+  find $d -size +1023k -size -12288k -name '*.jsonl' -not -path '*/model/*' -not -path '*/.*' 2>/dev/null \
+    | tar czf $OUT/data-$(basename $d).tgz -T -
+done
 ls -la $OUT
