@@ -63,7 +63,9 @@ def arm_overrides(args, arm: str, seed: int) -> list[str]:
     if args.reference:
         sizes.append(f"data.reference={args.reference}")
     seeds = [f"seed={seed}", f"warmup.seed={seed}", f"dpo.seed={seed}", f"sft.seed={seed}"]
-    return [f"method={arm}", f"name={arm}-s{seed}", *sizes, *seeds, *args.set]
+    # Every round writes sft.num_pairs new pairs and trains on from the last round's student, in both arms:
+    # the budget stays equal.
+    return [f"method={arm}", f"name={arm}-s{seed}", f"rounds={args.rounds}", *sizes, *seeds, *args.set]
 
 
 def run_arms(args, teacher_only: bool = False) -> None:
@@ -74,14 +76,15 @@ def run_arms(args, teacher_only: bool = False) -> None:
             cfg = load_preset(args.preset, arm_overrides(args, arm, seed))
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run / "config.yaml", cfg.to_yaml())  # `montessori run run/config.yaml` = this
-            if (run / "round-1" / "sft" / "manifest.json").exists() and args.trust_done:
+            if (run / f"round-{args.rounds}" / "sft" / "manifest.json").exists() and args.trust_done:
                 log.info("seed %d %s: done, skipped", seed, arm)
                 continue
             started = time.time()
             log.info("seed %d %s: montessori run %s", seed, arm, run / "config.yaml")
             # Skips finished stages; the teacher's stages do not read the student's keys, so what
             # --step teacher wrote is reused as it is.
-            run_pipeline(cfg, run, until=TEACHER_UNTIL[arm] if teacher_only else "sft", progress=not args.quiet)
+            until = TEACHER_UNTIL[arm] if teacher_only else f"{args.rounds}:sft"
+            run_pipeline(cfg, run, until=until, progress=not args.quiet)
             log.info("seed %d %s: done in %.0fs", seed, arm, time.time() - started)
 
 
@@ -89,7 +92,7 @@ def students(args, seed: int) -> dict[str, str]:
     base = load_preset(args.preset, args.set).models.student
     out = {"untrained": base}
     for arm in ARMS:
-        model = args.out / f"seed-{seed}" / arm / "round-1" / "sft" / "model"
+        model = args.out / f"seed-{seed}" / arm / f"round-{args.rounds}" / "sft" / "model"
         if (model / "config.json").exists():
             out[arm] = str(model)
     return out
@@ -216,7 +219,7 @@ def diagnose(args) -> list[dict]:
     with the lengths of the candidate's instruction and response), what DPO learned from it (the
     training sets the two teachers then wrote), and the students' answers. Writes OUT/diagnostics.*."""
     from montessori.influence.metrics import spearman
-    from montessori.records import InfluenceResult, Pair
+    from montessori.records import InfluenceResult, Pair, PreferencePair
     from montessori.store import read_jsonl
     rows = []
     for seed in args.seeds:
@@ -230,6 +233,11 @@ def diagnose(args) -> list[dict]:
         row = {"seed": seed, "candidates": len(scored), "share_positive": sum(v > 0 for v in infl) / len(infl),
                "spearman_response_chars": spearman(infl, [len(p.response) for _, p in scored]),
                "spearman_instruction_chars": spearman(infl, [len(p.instruction) for _, p in scored])}
+        # DPO sees only the instructions; how often the chosen one's response was the longer one says how
+        # much of the preference is about the answer's length.
+        prefs = read_jsonl(r1 / "preferences" / "preferences.jsonl", PreferencePair)
+        row["chosen_response_longer"] = statistics.fmean(
+            len(pairs[q.chosen_id].response) > len(pairs[q.rejected_id].response) for q in prefs) if prefs else None
         for arm in ARMS:
             data = read_jsonl(args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "pairs.jsonl", Pair)
             counts = json.loads((args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "manifest.json")
@@ -241,15 +249,17 @@ def diagnose(args) -> list[dict]:
                         "answer_chars": statistics.fmean(len(json.loads(line)["answers"][0]) for line in
                                                          answers.read_text().splitlines()) if answers.exists() else None}
         rows.append(row)
-    md = ["| seed | influence > 0 | rank corr. with response / instruction length | training set (self-instruct vs "
-          "montessori): response chars | instruction chars | duplicates dropped per kept | held-out answer chars |",
-          "|---|---|---|---|---|---|---|"]
+    md = ["| seed | influence > 0 | rank corr. with response / instruction length | preference pairs whose chosen "
+          "response is longer | training set (self-instruct vs montessori): response chars | instruction chars | "
+          "duplicates dropped per kept | held-out answer chars |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, b = r["self-instruct"], r["montessori"]
         ans = (f"{a['answer_chars']:.0f} vs {b['answer_chars']:.0f}" if a["answer_chars"] and b["answer_chars"]
                else "–")
         md.append(f"| {r['seed']} | {r['share_positive']:.3f} | {r['spearman_response_chars']:+.3f} / "
-                  f"{r['spearman_instruction_chars']:+.3f} | {a['response_chars']:.0f} vs {b['response_chars']:.0f} | "
+                  f"{r['spearman_instruction_chars']:+.3f} | {fmt(r['chosen_response_longer'], digits=3)} | "
+                  f"{a['response_chars']:.0f} vs {b['response_chars']:.0f} | "
                   f"{a['instruction_chars']:.0f} vs {b['instruction_chars']:.0f} | "
                   f"{a['duplicates_dropped_per_kept']:.2f} vs {b['duplicates_dropped_per_kept']:.2f} | {ans} |")
     atomic_write_json(args.out / "diagnostics.json", rows)
@@ -350,7 +360,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--warmup", type=int, default=256, help="warm-up pairs (split.warmup)")
     p.add_argument("--probing", type=int, default=4096, help="probing candidates per Montessori arm")
-    p.add_argument("--pairs", type=int, default=4096, help="training pairs per arm (sft.num_pairs)")
+    p.add_argument("--pairs", type=int, default=4096, help="training pairs per arm and round (sft.num_pairs)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of both arms; the last round's students are "
+                   "evaluated (use another --out than a run with fewer rounds: answers are cached by name)")
     p.add_argument("--num-prompts", type=int, help="generation prompts (default: (warmup + probing) / 3.2)")
     p.add_argument("--mechanism-prompts", type=int, default=64)
     p.add_argument("--reference", default=str(REFERENCE) if REFERENCE.exists() else None,

@@ -50,3 +50,19 @@ def test_sweep_tiny_dry_run(tmp_path):
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [r["lr"] for r in result["sft"]] == [0.0, 1e-4, 1e-3] and len(result["dpo"]) == 2
     assert all(r["heldout_pairs"] > 0 and r["heldout_reward_accuracy"] is not None for r in result["dpo"])
+
+
+@pytest.mark.slow
+def test_paper_shape_second_round_tiny(tmp_path):
+    """--rounds 2: both arms run a second round (new pairs, training on from round 1's student), and the
+    round-2 students are the ones evaluated."""
+    ps = script("paper_shape")
+    out = tmp_path / "paper"
+    assert ps.main(["--out", str(out), "--tiny", "--seeds", "0", "--rounds", "2", "--quiet"]) == 0
+    for arm in ps.ARMS:
+        assert (out / "seed-0" / arm / "round-2" / "sft" / "manifest.json").exists()
+        spec = json.loads((out / "eval" / f"loss-seed-0-{arm}.json").read_text())["spec"]
+        assert spec.endswith(f"{arm}/round-2/sft/model")
+    r1, r2 = (set((out / "seed-0" / "self-instruct" / f"round-{r}" / "dataset" / "pairs.jsonl").read_text()
+                  .splitlines()) for r in (1, 2))
+    assert r1 and r2 and not r1 & r2  # the second round's pairs are new
