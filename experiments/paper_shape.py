@@ -262,10 +262,15 @@ def diagnose(args) -> list[dict]:
                   f"{a['response_chars']:.0f} vs {b['response_chars']:.0f} | "
                   f"{a['instruction_chars']:.0f} vs {b['instruction_chars']:.0f} | "
                   f"{a['duplicates_dropped_per_kept']:.2f} vs {b['duplicates_dropped_per_kept']:.2f} | {ans} |")
-    atomic_write_json(args.out / "diagnostics.json", rows)
-    atomic_write_text(args.out / "diagnostics.md", "\n".join(md) + "\n")
+    return publish(args, "diagnostics", rows, md)
+
+
+def publish(args, name: str, data, md: list[str]):
+    """OUT/NAME.json and OUT/NAME.md, and the table printed."""
+    atomic_write_json(args.out / f"{name}.json", data)
+    atomic_write_text(args.out / f"{name}.md", "\n".join(md) + "\n")
     print("\n".join(md))
-    return rows
+    return data
 
 
 def fmt(value, low=None, high=None, digits=4) -> str:
@@ -331,10 +336,7 @@ def write_summary(args, losses: dict, wins: dict | None) -> dict:
                 md.append(f"| {seed} | {pair} | {fmt(w['win_rate'], w['win_rate_low'], w['win_rate_high'], 1)} | "
                           f"{fmt(w['lc_win_rate'], w['lc_win_rate_low'], w['lc_win_rate_high'], 1)} | "
                           f"{w['first_position_rate']:.2f} |")
-    atomic_write_json(args.out / "summary.json", summary)
-    atomic_write_text(args.out / "summary.md", "\n".join(md) + "\n")
-    print("\n".join(md))
-    return summary
+    return publish(args, "summary", summary, md)
 
 
 def sweep_overrides(chosen: dict) -> list[str]:
