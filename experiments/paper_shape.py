@@ -53,6 +53,7 @@ TEACHER_UNTIL = {"self-instruct": "dataset", "montessori": "responses"}
 HELDOUT = ROOT.parent / "shared" / "data" / "self_instruct_user_oriented.jsonl"
 REFERENCE = ROOT.parent / "shared" / "data" / "reference_alpaca_eval_gpt4_256.jsonl"
 log = logging.getLogger("paper_shape")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
 def arm_overrides(args, arm: str, seed: int) -> list[str]:
@@ -178,9 +179,16 @@ def loss_table(args) -> dict:
             boot = np.mean([arrays[s][a][0][idx].sum(1) / arrays[s][a][1][idx].sum(1)
                             - arrays[s][b][0][idx].sum(1) / arrays[s][b][1][idx].sum(1) for s in complete], axis=0)
             low, high = np.percentile(boot, [2.5, 97.5])
+            std = statistics.stdev(point) if len(point) > 1 else 0.0
+            half = T975.get(len(point) - 1, 1.96) * std / math.sqrt(len(point)) if len(point) > 1 else math.nan
+            # The bootstrap interval is the prompts' uncertainty of this seeds' mean; the t-interval the
+            # seeds' (3 seeds: wide). Both are reported.
             across[f"{a} - {b}"] = {"mean": statistics.fmean(point), "low": float(low), "high": float(high),
-                                    "per_seed": point, "seed_std": statistics.stdev(point) if len(point) > 1 else 0.0,
-                                    "seeds": complete}
+                                    "per_seed": point, "seed_std": std, "seeds": complete,
+                                    "seed_t_low": statistics.fmean(point) - half,
+                                    "seed_t_high": statistics.fmean(point) + half,
+                                    "example_mean_per_seed": [out["seeds"][s][f"{a} - {b}"]["example_mean_diff"]
+                                                              for s in complete]}
         out["across_seeds"] = across
     return out
 
@@ -317,9 +325,17 @@ def write_summary(args, losses: dict, wins: dict | None) -> dict:
             d = row.get(key)
             cells.append(fmt(d["token_mean_diff"], d["low"], d["high"]) if d else "–")
         md.append(f"| {seed} | " + " | ".join(cells) + " |")
+    md += ["", "The same differences as the mean of each prompt's own loss per token (every prompt weighs the same):",
+           "", "| seed | montessori - self-instruct | montessori - untrained | self-instruct - untrained |",
+           "|---|---|---|---|"]
+    for seed, row in losses["seeds"].items():
+        cells = [fmt(d["example_mean_diff"], d["example_low"], d["example_high"]) if (d := row.get(k)) else "–"
+                 for k in ("montessori - self-instruct", "montessori - untrained", "self-instruct - untrained")]
+        md.append(f"| {seed} | " + " | ".join(cells) + " |")
     md.append("")
     for key, a in losses.get("across_seeds", {}).items():
-        md.append(f"- across seeds {a['seeds']}: {key} = {fmt(a['mean'], a['low'], a['high'])} "
+        md.append(f"- across seeds {a['seeds']}: {key} = {fmt(a['mean'], a['low'], a['high'])} over prompts, "
+                  f"t-interval over seeds [{a['seed_t_low']:.4f}, {a['seed_t_high']:.4f}] "
                   f"(seed std {a['seed_std']:.4f}; per seed {', '.join(f'{v:.4f}' for v in a['per_seed'])})")
     mech = mechanism_rows(args)
     if mech:

@@ -77,6 +77,24 @@ def test_loss_drops_after_training_on_the_answers(tiny_model, pairs):
     assert same["token_mean_diff"] == 0 and same["low"] == same["high"] == 0
 
 
+def test_the_example_mean_difference_weighs_every_example_the_same():
+    """One long answer A predicts better, nine short ones it predicts worse: the token mean says A is
+    better, the example mean says B is; each equals its obvious definition."""
+    from montessori.evaluation.loss import ExampleLoss
+    a = [ExampleLoss("long", 1.0 * 1000, 1000)] + [ExampleLoss(f"s{i}", 3.0 * 10, 10) for i in range(9)]
+    b = [ExampleLoss("long", 2.0 * 1000, 1000)] + [ExampleLoss(f"s{i}", 2.5 * 10, 10) for i in range(9)]
+    a.append(ExampleLoss("empty", 0.0, 0))  # no response token in A: not part of the example mean
+    b.append(ExampleLoss("empty", 5.0, 2))
+    d = difference(a, b, samples=400)
+    slow_token = sum(e.loss_sum for e in a) / sum(e.tokens for e in a) - sum(e.loss_sum for e in b) / sum(
+        e.tokens for e in b)
+    slow_example = sum(x.loss_sum / x.tokens - y.loss_sum / y.tokens for x, y in zip(a, b) if x.tokens and y.tokens) / 10
+    assert d["token_mean_diff"] == pytest.approx(slow_token) and d["token_mean_diff"] < 0
+    assert d["example_mean_diff"] == pytest.approx(slow_example) and d["example_mean_diff"] > 0
+    assert d["example_low"] <= d["example_mean_diff"] <= d["example_high"]
+    assert d["a_better_examples"] == pytest.approx(0.1)
+
+
 def test_example_without_response_tokens_is_counted_not_averaged(tiny_model, pairs):
     model, tokenizer = tiny_model
     losses = example_losses(model, tokenizer, pairs[:3], max_length=40)  # prompts fill 40 tokens

@@ -10,6 +10,7 @@ examples: the unit that was sampled is the prompt, not the token.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,7 +103,11 @@ def summarize(losses: Sequence[ExampleLoss], *, samples: int = 1000, seed: int =
 
 def difference(a: Sequence[ExampleLoss], b: Sequence[ExampleLoss], *, samples: int = 1000, seed: int = 0) -> dict:
     """Token-mean loss of A minus B on the same examples (negative = A predicts the answers better),
-    with a paired bootstrap interval: both students are resampled on the same examples."""
+    with a paired bootstrap interval: both students are resampled on the same examples.
+
+    Also the example mean of the per-example differences (every example weighs the same), with its own
+    paired interval: the token mean is dominated by long answers, and the two can disagree in sign
+    (docs/experiments.md, issue 14's seeds 0 and 2)."""
     if [e.id for e in a] != [e.id for e in b]:
         raise ValueError("loss difference needs both students scored on the same examples in the same order")
     sa, na = _arrays(a)
@@ -111,8 +116,17 @@ def difference(a: Sequence[ExampleLoss], b: Sequence[ExampleLoss], *, samples: i
     with np.errstate(invalid="ignore", divide="ignore"):
         boot = sa[idx].sum(1) / na[idx].sum(1) - sb[idx].sum(1) / nb[idx].sum(1)
     low, high = _interval(boot)
+    scored = (na > 0) & (nb > 0)
+    per_example = np.where(scored, sa / np.maximum(na, 1) - sb / np.maximum(nb, 1), np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without a scored example: NaN, dropped
+        boot_example = np.nanmean(per_example[idx], axis=1)
+    ex_low, ex_high = _interval(boot_example)
     return {"token_mean_diff": token_mean(a) - token_mean(b), "low": low, "high": high,
-            "a_better_fraction": float(np.mean(boot < 0))}
+            "a_better_fraction": float(np.mean(boot < 0)),
+            "example_mean_diff": float(np.nanmean(per_example)) if scored.any() else float("nan"),
+            "example_low": ex_low, "example_high": ex_high,
+            "a_better_examples": float(np.mean(per_example[scored] < 0)) if scored.any() else float("nan")}
 
 
 def reference_answer_loss(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 8,
