@@ -225,7 +225,8 @@ def judge_step(args) -> dict:
 def diagnose(args) -> list[dict]:
     """Why the arms differ, from the runs' own files: what the influence rewards (its rank correlation
     with the lengths of the candidate's instruction and response), what DPO learned from it (the
-    training sets the two teachers then wrote), and the students' answers. Writes OUT/diagnostics.*."""
+    training sets the two teachers then wrote), and the students' answers. Round 1's stages (the
+    mechanism table too), whatever --rounds is. Writes OUT/diagnostics.*."""
     from montessori.influence.metrics import spearman
     from montessori.records import InfluenceResult, Pair, PreferencePair
     from montessori.store import read_jsonl
@@ -254,8 +255,8 @@ def diagnose(args) -> list[dict]:
             row[arm] = {"pairs": len(data), "instruction_chars": statistics.fmean(len(p.instruction) for p in data),
                         "response_chars": statistics.fmean(len(p.response) for p in data),
                         "duplicates_dropped_per_kept": counts.get("dropped_duplicate", 0) / counts["kept"],
-                        "answer_chars": statistics.fmean(len(json.loads(line)["answers"][0]) for line in
-                                                         answers.read_text().splitlines()) if answers.exists() else None}
+                        "answer_chars": statistics.fmean(len(r["answers"][0]) for r in read_jsonl(answers))
+                        if answers.exists() else None}
         rows.append(row)
     md = ["| seed | influence > 0 | rank corr. with response / instruction length | preference pairs whose chosen "
           "response is longer | training set (self-instruct vs montessori): response chars | instruction chars | "

@@ -3,9 +3,9 @@
 R=$HOME/runs
 tail -n 20 $R/go.log 2>/dev/null
 for f in $R/logs/*.log; do [ -f "$f" ] && { echo "== $(basename $f)"; tail -c 600 "$f" | tail -n 3; }; done
-for run in $R/sweep/run $R/paper/seed-*/*; do
-  [ -d "$run/round-1" ] || continue
-  echo "$run: $(cd $run/round-1 && for d in *; do [ -f $d/manifest.json ] && printf '%s ' $d || printf '(%s) ' $d; done)"
+for round in $R/sweep/run/round-* $R/paper/seed-*/*/round-*; do  # done stages, (running or stale) ones
+  [ -d "$round" ] || continue
+  echo "$round: $(cd $round && for d in *; do [ -f $d/manifest.json ] && printf '%s ' $d || printf '(%s) ' $d; done)"
 done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 # Two archives: if the data ever outgrew what comes back (16 MiB a file), the results would still come.
