@@ -405,6 +405,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="dry run: tiny preset, tiny random models, tiny sizes")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.rounds < 1:  # before any run directory is written
+        p.error(f"--rounds {args.rounds}: must be 1 or more")
     if args.sweep:
         args.set = sweep_overrides(json.loads(args.sweep.read_text())["chosen"]) + args.set
     if args.tiny:  # every step end to end in minutes on a CPU; the numbers mean nothing
