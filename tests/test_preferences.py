@@ -9,7 +9,7 @@ from montessori.errors import MontessoriError
 from montessori.preferences.rules import Scored, build_pairs
 from montessori.preferences.stage import run_preferences
 from montessori.pipeline import StageContext
-from montessori.records import Candidate, GenerationPrompt, InfluenceResult, PreferencePair
+from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, PreferencePair
 from montessori.store import RunStore, read_jsonl, write_jsonl
 
 
@@ -111,3 +111,52 @@ def test_stage_warns_when_few_prompts_give_a_pair(tmp_path, caplog):
         counts = run_preferences(stage_ctx(store, load_preset("tiny", ["preferences.rule=sign"])))
     assert counts["pairs"] == 1
     assert "only 1 of 4 prompts" in caplog.text and "preferences.rule=rank" in caplog.text
+
+
+def test_length_adjusted_is_the_least_squares_residual_in_log_length():
+    import numpy as np
+    from montessori.preferences.rules import length_adjusted
+    rng = np.random.default_rng(0)
+    chars = rng.integers(5, 2000, size=50)
+    influence = 1e-3 * np.log(chars) + rng.normal(0, 1e-3, size=50)
+    slope, intercept = np.polyfit(np.log(chars), influence, 1)  # the slow obvious fit
+    expected = influence - (intercept + slope * np.log(chars))
+    assert np.allclose(length_adjusted(list(influence), list(chars)), expected, rtol=0, atol=1e-12)
+    assert length_adjusted([0.1, 0.3], [10, 10]) == pytest.approx([-0.1, 0.1])  # one length: the mean only
+
+
+def write_responses(store: RunStore, chars: dict[str, list[int]]) -> None:
+    pairs = [Pair(id=f"r1-{p}-s{i}", instruction=f"Task {p}{i}", response="x" * n, candidate_id=f"r1-{p}-s{i}",
+                  prompt_id=p) for p, ns in chars.items() for i, n in enumerate(ns)]
+    write_jsonl(store.stage(1, "responses").file("pairs.jsonl"), pairs)
+
+
+def test_control_length_ranks_what_the_answer_length_does_not_explain(tmp_path):
+    import math
+    store = RunStore(tmp_path)
+    # Influence = length term + a content term that favours candidate 1 (the shorter answer) of every prompt.
+    chars = {f"p{k}": [400 + 50 * k, 40 + 5 * k] for k in range(6)}
+    values = {p: [0.01 * math.log(n) + (0.002 if i == 1 else 0.0) for i, n in enumerate(ns)] for p, ns in chars.items()}
+    write_round(store, values)
+    write_responses(store, chars)
+    plain = load_preset("tiny", ["preferences.rule=rank"])
+    run_preferences(stage_ctx(store, plain))
+    prefs = read_jsonl(store.stage(1, "preferences").path / "preferences.jsonl", PreferencePair)
+    assert {p.chosen_id.endswith("-s0") for p in prefs} == {True}  # raw influence: the long answer wins
+    counts = run_preferences(stage_ctx(store, load_preset("tiny", ["preferences.rule=rank",
+                                                                   "preferences.control_length=true"])))
+    prefs = read_jsonl(store.stage(1, "preferences").path / "preferences.jsonl", PreferencePair)
+    assert len(prefs) == 6 and {p.chosen_id.endswith("-s1") for p in prefs} == {True}
+    assert counts["control_length"] is True
+    first = next(p for p in prefs if p.prompt_id == "p0")  # the pairs keep the raw influence values
+    assert (first.chosen_influence, first.rejected_influence) == (values["p0"][1], values["p0"][0])
+
+
+def test_control_length_names_a_candidate_without_an_answer(tmp_path):
+    from montessori.errors import InputError
+    store = RunStore(tmp_path)
+    write_round(store, {"p0": [0.3, -0.2], "p1": [0.4, 0.2]})
+    write_responses(store, {"p0": [10, 20], "p1": [30]})
+    with pytest.raises(InputError, match=r"influence/influence\.jsonl.*r1-p1-s1.*responses/pairs\.jsonl"):
+        run_preferences(stage_ctx(store, load_preset("tiny", ["preferences.rule=rank", "preferences.control_length=true"])))
+    assert not (store.stage(1, "preferences").path / "preferences.jsonl").exists()

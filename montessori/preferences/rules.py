@@ -6,11 +6,13 @@ measured candidates had I > 0). `rank` compares candidates *within* a prompt ins
 above the prompt's median influence, rejected = those below it, whatever their sign.
 
 Options on top of either rule: `best_vs_worst` keeps one pair per prompt (highest vs lowest),
-`min_gap` drops pairs whose influence gap is smaller, `max_per_prompt` keeps the widest gaps.
+`min_gap` drops pairs whose influence gap is smaller, `max_per_prompt` keeps the widest gaps, and
+`control_length` ranks by `length_adjusted` influence (the rule, the gap and the cap all see it).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +25,16 @@ class Scored:
     id: str
     prompt_id: str
     influence: float
+
+
+def length_adjusted(influence: list[float], response_chars: list[int]) -> list[float]:
+    """I - (a + b·log(chars)), a and b the least-squares line over all the values: what the response's
+    length does not explain. Mean zero, so under the sign rule about half are positive."""
+    x = [math.log(max(n, 1)) for n in response_chars]
+    mx, my = statistics.fmean(x), statistics.fmean(influence)
+    var = sum((v - mx) ** 2 for v in x)
+    slope = sum((v - mx) * (y - my) for v, y in zip(x, influence)) / var if var > 0 else 0.0
+    return [y - my - slope * (v - mx) for v, y in zip(x, influence)]
 
 
 def split_prompt(cands: list[Scored], rule: str) -> tuple[list[Scored], list[Scored]]:

@@ -1,7 +1,8 @@
 """Stage `preferences`: turn influence-scored candidates into DPO preference pairs (METHOD.md step 6).
 
-Reads instructions/prompts.jsonl + candidates.jsonl and influence/influence.jsonl (status "ok" only);
-writes preferences/preferences.jsonl. A pair's prompt is the generation prompt the teacher sampled from
+Reads instructions/prompts.jsonl + candidates.jsonl and influence/influence.jsonl (status "ok" only),
+and with preferences.control_length responses/pairs.jsonl (the answers' lengths); writes
+preferences/preferences.jsonl. A pair's prompt is the generation prompt the teacher sampled from
 (messages + assistant prefill); chosen and rejected are the raw completions, reasoning included.
 
 Zero pairs is an error, not an empty DPO run: the message says why the rule starved and names the
@@ -11,13 +12,15 @@ alternative (preferences.rule=rank for the sign rule). Few pairs (under half the
 from __future__ import annotations
 
 from montessori.errors import InputError, MontessoriError
-from montessori.preferences.rules import Scored, build_pairs, starvation_hint
-from montessori.records import Candidate, GenerationPrompt, InfluenceResult, PreferencePair
+from montessori.preferences.rules import Scored, build_pairs, length_adjusted, starvation_hint
+from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, PreferencePair
 from montessori.store import read_jsonl, write_jsonl
 
 
 def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str, Candidate],
-                     influence: list[InfluenceResult], cfg) -> tuple[list[PreferencePair], dict]:
+                     influence: list[InfluenceResult], cfg,
+                     responses: dict[str, Pair] | None = None) -> tuple[list[PreferencePair], dict]:
+    """`responses` (candidate id -> its answered pair) is needed with cfg.control_length only."""
     scored = []
     for res in influence:
         if res.status != "ok" or res.influence is None:
@@ -27,6 +30,14 @@ def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str,
             raise InputError("no candidate with this id in instructions/candidates.jsonl",
                              file="influence/influence.jsonl", record=res.id, field="id")
         scored.append(Scored(cand.id, cand.prompt_id, float(res.influence)))
+    raw = {s.id: s.influence for s in scored}
+    if cfg.control_length and scored:
+        missing = next((s.id for s in scored if s.id not in (responses or {})), None)
+        if missing is not None:
+            raise InputError("scored candidate has no answer in responses/pairs.jsonl (preferences.control_length "
+                             "needs its length)", file="influence/influence.jsonl", record=missing, field="id")
+        adjusted = length_adjusted([s.influence for s in scored], [len(responses[s.id].response) for s in scored])
+        scored = [Scored(s.id, s.prompt_id, v) for s, v in zip(scored, adjusted)]
     pairs, counts = build_pairs(scored, cfg)
     prefs = []
     for chosen, rejected in pairs:
@@ -40,7 +51,7 @@ def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str,
                              file="instructions/candidates.jsonl", record=c.id, field="prompt_id")
         prefs.append(PreferencePair(id=f"{c.id}>{r.id}", prompt_id=c.prompt_id, prompt=messages, prefill=prefill,
                                     chosen=c.completion, rejected=r.completion, chosen_id=c.id, rejected_id=r.id,
-                                    chosen_influence=chosen.influence, rejected_influence=rejected.influence))
+                                    chosen_influence=raw[chosen.id], rejected_influence=raw[rejected.id]))
     counts["skipped_influence"] = len(influence) - len(scored)
     return prefs, counts
 
@@ -51,7 +62,11 @@ def run_preferences(ctx) -> dict:
     prompts = {p.id: p for p in read_jsonl(instructions.path / "prompts.jsonl", GenerationPrompt)}
     candidates = {c.id: c for c in read_jsonl(instructions.path / "candidates.jsonl", Candidate)}
     influence = read_jsonl(influence_dir.path / "influence.jsonl", InfluenceResult)
-    prefs, counts = make_preferences(prompts, candidates, influence, cfg)
+    responses = None
+    if cfg.control_length:
+        # Not a declared input: the influence stage's fingerprint, which this stage's includes, covers it.
+        responses = {p.id: p for p in read_jsonl(ctx.input("responses").path / "pairs.jsonl", Pair)}
+    prefs, counts = make_preferences(prompts, candidates, influence, cfg, responses)
     if not prefs:
         raise MontessoriError(f"preferences: rule '{cfg.rule}' built 0 preference pairs from {counts['prompts']} prompts, "
                               f"so DPO would train on nothing. {starvation_hint(counts, cfg)}")
@@ -60,4 +75,5 @@ def run_preferences(ctx) -> dict:
                         counts["prompts"], len(prefs), starvation_hint(counts, cfg))
     write_jsonl(ctx.stage.file("preferences.jsonl"), prefs)
     counts["rule"] = cfg.rule
+    counts["control_length"] = cfg.control_length
     return counts
