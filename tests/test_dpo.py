@@ -232,3 +232,28 @@ def test_reference_log_probs_computed_once_up_front_train_like_the_per_step_refe
     assert slow[-1]["rewards/margins"] != pytest.approx(slow[0]["rewards/margins"])  # the steps changed something
     for p, q in zip(fast_model.parameters(), slow_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_batched_completion_logps_equal_one_pair_at_a_time(tiny_model):
+    from montessori.training.dpo import completion_logps as batched
+    model, tokenizer = tiny_model
+    prefs = make_prefs(5, prompts=2)
+    fast = batched(model, tokenizer, prefs, max_length=1024, batch_size=3)  # padded batches, odd split
+    slow = completion_logps(model, tokenizer, prefs)
+    assert fast == [pytest.approx(pair, abs=1e-4) for pair in slow]
+
+
+def test_heldout_wins_match_the_trainers_eval_reward_accuracy(tiny_spec, tmp_path):
+    from montessori.training.dpo import completion_logps as batched
+    from montessori.training.dpo import heldout_wins
+    cfg = load_preset("tiny").dpo
+    prefs, held = make_prefs(8, prompts=4), make_prefs(12, prompts=6)[8:]  # 4 held-out pairs, 2 eval batches
+    model, tokenizer = load_model(tiny_spec, "cpu", "float32")
+    ref, _ = load_model(tiny_spec, "cpu", "float32")
+    before = batched(ref, tokenizer, held, cfg.max_length)
+    trained, history, _ = train_dpo(model, tokenizer, prefs, cfg, ref_model=ref, eval_prefs=held,
+                                    output_dir=tmp_path / "work")
+    wins = heldout_wins(batched(trained, tokenizer, held, cfg.max_length), before)
+    trl = [e["eval_rewards/accuracies"] for e in history if "eval_rewards/accuracies" in e][-1]
+    assert sum(wins) / len(wins) == pytest.approx(trl)
+    assert heldout_wins(before, before) == [False] * 4  # untrained: no pair is won (TRL's strict >)

@@ -66,3 +66,20 @@ def test_paper_shape_second_round_tiny(tmp_path):
     r1, r2 = (set((out / "seed-0" / "self-instruct" / f"round-{r}" / "dataset" / "pairs.jsonl").read_text()
                   .splitlines()) for r in (1, 2))
     assert r1 and r2 and not r1 & r2  # the second round's pairs are new
+
+
+@pytest.mark.slow
+def test_dpo_study_tiny_dry_run(tmp_path):
+    study = script("dpo_study")
+    out = tmp_path / "study"
+    assert study.main(["--out", str(out), "--tiny", "--quiet"]) == 0
+    result = json.loads((out / "study.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == set(study.VARIANTS)
+    # Every rule is judged on the same held-out prompts: the rank rule's held-out pairs for all of them.
+    assert len({r["heldout_prompts"] for r in rows.values()}) == 1
+    assert all("rank" in r["on"] and 0 <= r["on"]["rank"]["accuracy"] <= 1 for r in rows.values())
+    assert rows["best"]["train_pairs"] < rows["rank"]["train_pairs"]  # one pair a prompt
+    lines = (out / "study.jsonl").read_text()
+    assert study.main(["--out", str(out), "--tiny", "--quiet"]) == 0  # resumed: nothing measured twice
+    assert (out / "study.jsonl").read_text() == lines

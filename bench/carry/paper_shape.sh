@@ -7,6 +7,8 @@
 #      the models are small, so one process leaves the GPU mostly idle);
 #   2. once the student's GGUF is assembled: the untrained student's evaluation, the sweep (its data run,
 #      then the SFT and DPO rows at once), then every seed's runs and evaluation, one process per seed.
+# SWEEP=0 skips the sweep (the preset's learning rates); STUDY=1 also runs experiments/dpo_study.py on
+# the probing rounds carried as .gpu/study-S.txz, alongside the teacher stages.
 # Everything resumes from its records, so starting it again after a lost machine redoes only what is lost.
 set -u
 R=$HOME/runs L=$HOME/runs/logs C=$HOME/code
@@ -23,26 +25,44 @@ sw() { python3 $C/experiments/sweep.py --out $R/sweep --quiet ${SWEEP_ARGS:-} "$
 say() { echo "$(date +%T) $*"; }
 
 python3 -c "from montessori.models.load import resolve_model_dir as r; r('smollm2')"  # convert once, not 4x
+STUDY_PIDS=()
+if [ "${STUDY:-0}" = 1 ]; then  # experiments/dpo_study.py on earlier runs' probing rounds (.gpu/study-S.txz)
+  mkdir -p $HOME/study && for t in .gpu/study-*.txz; do tar xJf $t -C $HOME/study; done
+  say dpo study
+  for d in $HOME/study/paper/seed-*; do s=${d##*-}
+    python3 $C/experiments/dpo_study.py --out $R/dpo-study-$s --runs $d/montessori --quiet ${STUDY_ARGS:-} \
+      > $L/dpo-study-$s.log 2>&1 & STUDY_PIDS+=($!)
+  done
+fi
 say teacher stages
-sw --step teacher > $L/sweep-teacher.log 2>&1 & SWEEP_TEACHER=$!
+SWEEP_TEACHER=
+[ "${SWEEP:-1}" = 1 ] && { sw --step teacher > $L/sweep-teacher.log 2>&1 & SWEEP_TEACHER=$!; }
 TEACHER=()
 for s in $SEEDS; do paper --seeds $s $SIZE --step teacher --quiet > $L/teacher-$s.log 2>&1 & TEACHER+=($!); done
 while [ ! -f $G ]; do sleep 5; done
 say student here
 python3 -c "from montessori.models.load import resolve_model_dir as r; r('gemma3-270m')"
 paper --seeds ${SEEDS%% *} $SIZE $EVAL > $L/eval-untrained.log 2>&1 &  # no trained student yet: the untrained one
-wait $SWEEP_TEACHER; say sweep data
-sw --step data > $L/sweep-data.log 2>&1
-# 3e-6 was added after the first 3-seed run (docs/experiments.md), which chose 1e-5 from the rest.
-sw --step sft --sft-lrs 3e-6 1e-5 3e-5 1e-4 3e-4 > $L/sweep-sft.log 2>&1 & A=$!
-sw --step dpo --dpo-lrs 5e-6 2e-5 5e-5 --betas 0.1 > $L/sweep-dpo.log 2>&1 & B=$!
-wait $A $B
-sw --step table > $L/sweep-table.log 2>&1; say sweep done
+USE_SWEEP=()
+if [ "${SWEEP:-1}" = 1 ]; then
+  wait $SWEEP_TEACHER; say sweep data
+  sw --step data > $L/sweep-data.log 2>&1
+  # 3e-6 was added after the first 3-seed run (docs/experiments.md), which chose 1e-5 from the rest.
+  sw --step sft --sft-lrs 3e-6 1e-5 3e-5 1e-4 3e-4 > $L/sweep-sft.log 2>&1 & A=$!
+  sw --step dpo --dpo-lrs 5e-6 2e-5 5e-5 --betas 0.1 > $L/sweep-dpo.log 2>&1 & B=$!
+  wait $A $B
+  sw --step table > $L/sweep-table.log 2>&1; say sweep done
+  USE_SWEEP=(--sweep $R/sweep/sweep.json)
+fi  # SWEEP=0: the preset's learning rates as they stand
 wait "${TEACHER[@]}"; say teacher stages done
 for s in $SEEDS; do
-  (paper --seeds $s $SIZE --sweep $R/sweep/sweep.json --step runs --quiet > $L/runs-$s.log 2>&1 &&
-   paper --seeds $s $SIZE --sweep $R/sweep/sweep.json $EVAL > $L/eval-$s.log 2>&1; say seed $s: rc $?) &
+  (paper --seeds $s $SIZE "${USE_SWEEP[@]}" --step runs --quiet > $L/runs-$s.log 2>&1 &&
+   paper --seeds $s $SIZE "${USE_SWEEP[@]}" $EVAL > $L/eval-$s.log 2>&1; say seed $s: rc $?) &
 done
+if [ ${#STUDY_PIDS[@]} -gt 0 ]; then
+  wait "${STUDY_PIDS[@]}"; mkdir -p $R/dpo-study && cat $R/dpo-study-*/study.jsonl > $R/dpo-study/study.jsonl
+  python3 $C/experiments/dpo_study.py --out $R/dpo-study --step table > $L/dpo-study-table.log 2>&1; say dpo study done
+fi
 wait
-paper --seeds $SEEDS $SIZE --sweep $R/sweep/sweep.json --step summary --quiet > $L/summary.log 2>&1
+paper --seeds $SEEDS $SIZE "${USE_SWEEP[@]}" --step summary --quiet > $L/summary.log 2>&1
 say all done

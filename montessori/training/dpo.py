@@ -49,6 +49,40 @@ def preference_dataset(tokenizer, prefs: list[PreferencePair], max_length: int):
     return (Dataset.from_list(kept) if kept else None), len(rows) - len(kept)
 
 
+def completion_logps(model, tokenizer, prefs: list[PreferencePair], max_length: int,
+                     batch_size: int = 16) -> list[tuple[float, float]]:
+    """Summed log-probability of each pair's chosen and rejected completion given its prompt: the tokens
+    DPO trains on (preference_features), cut at max_length keeping the start as the trainer does. The
+    implicit DPO reward is beta·(policy − reference) of these, so a held-out pair is won when
+    policy − reference is larger for chosen than for rejected, whatever beta (`heldout_wins`)."""
+    import torch
+    seqs = []  # (token ids, number of prompt tokens), chosen then rejected of every pair
+    for pref in prefs:
+        f = preference_features(tokenizer, pref)
+        seqs += [((f["prompt_ids"] + f[key])[:max_length], len(f["prompt_ids"])) for key in ("chosen_ids", "rejected_ids")]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start:start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=device)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+            token_lp = logp.gather(2, ids[:, 1:, None])[..., 0]
+            for row, (seq, n_prompt) in enumerate(chunk):  # position t predicts token t+1: completions from n_prompt
+                sums.append(token_lp[row, n_prompt - 1:len(seq) - 1].sum().item())
+    return list(zip(sums[0::2], sums[1::2]))
+
+
+def heldout_wins(policy: list[tuple[float, float]], reference: list[tuple[float, float]]) -> list[bool]:
+    """Per pair: is the policy's implicit reward larger for chosen than for rejected (TRL's
+    rewards/accuracies, pair by pair)."""
+    return [(pc - rc) > (pr - rr) for (pc, pr), (rc, rr) in zip(policy, reference)]
+
+
 @cache
 def _trainer_class():
     from trl import DPOTrainer
