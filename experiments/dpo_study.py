@@ -14,6 +14,11 @@ and DPO lr, and measures every trained teacher on the held-out pairs of *every* 
                     montessori.training.dpo.heldout_wins), with a 95% bootstrap interval that
                     resamples prompts (a prompt's pairs share candidates, so they are not independent).
 
+`--step probe` asks the same question without training anything (CPU, seconds): how well a
+bag-of-words logistic regression on the raw completions DPO trains on predicts which side of a pair
+was chosen, cross-validated over prompt groups (scikit-learn; `pip install scikit-learn`), next to how
+often the chosen candidate simply had the longer answer. Writes OUT/probe.json and OUT/probe.md.
+
 Every result is appended to OUT/study.jsonl as soon as it is measured (a re-run measures only what is
 missing). Writes OUT/study.json and OUT/study.md (per run and pooled over runs), and prints the table.
 
@@ -37,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from montessori.config import load_preset
-from montessori.store import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl
+from experiments.common import publish
+from montessori.store import JsonlAppender, atomic_write_json, read_jsonl
 
 # Pairing rules (preferences.* overrides on top of the preset's rank rule).
 VARIANTS = {
@@ -170,6 +176,40 @@ def table(rows: list[dict], samples: int) -> tuple[list[str], list[dict]]:
     return md, pooled
 
 
+def probe(args, cfg) -> list[dict]:
+    """Per run and rule: 5-fold (by prompt) accuracy of a logistic regression on hashed word 1-2-grams
+    of chosen minus rejected completion, each pair seen in both orientations."""
+    try:
+        import numpy as np
+        from scipy.sparse import vstack
+        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import GroupKFold
+    except ImportError:
+        raise SystemExit("dpo_study --step probe needs scikit-learn: pip install scikit-learn") from None
+    vectorize = HashingVectorizer(ngram_range=(1, 2), n_features=2 ** 16, alternate_sign=False, norm="l2")
+    rows = []
+    for run in args.runs:
+        files = load_round(run)
+        for name, prefs in variant_pairs(files, cfg.preferences, args.variants).items():
+            x = vectorize.transform([p.chosen for p in prefs]) - vectorize.transform([p.rejected for p in prefs])
+            groups = [p.prompt_id for p in prefs]
+            right = []
+            for train, test in GroupKFold(n_splits=5).split(x, groups=groups):
+                both = np.r_[np.ones(len(train)), np.zeros(len(train))]  # a pair and its mirror image
+                model = LogisticRegression(C=1.0, max_iter=1000).fit(vstack([x[train], -x[train]]), both)
+                right += list(model.decision_function(x[test]) > 0)
+            longer = [len(files[3][p.chosen_id].response) > len(files[3][p.rejected_id].response) for p in prefs]
+            rows.append({"run": str(run), "variant": name, "pairs": len(prefs),
+                         "probe_accuracy": float(np.mean(right)), "chosen_response_longer": float(np.mean(longer))})
+            log.info("probe %s %s: %s", run, name, rows[-1])
+    md = ["| run | rule | pairs | chosen answer longer | bag-of-words probe on the completions (5-fold by prompt) |",
+          "|---|---|---|---|---|"]
+    md += [f"| {Path(r['run']).parent.name} | {r['variant']} | {r['pairs']} | {r['chosen_response_longer']:.3f} | "
+           f"{r['probe_accuracy']:.3f} |" for r in rows]
+    return publish(args.out, "probe", rows, md)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -182,7 +222,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--step", default="all", choices=("all", "table"))
+    p.add_argument("--step", default="all", choices=("all", "table", "probe"),
+                   help="all = train and measure, table = only the table, probe = the bag-of-words probe (no training)")
     p.add_argument("--tiny", action="store_true", help="dry run: a tiny run made here, tiny random models")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -207,6 +248,9 @@ def main(argv=None) -> int:
         args.set = [*args.set, "preferences.rule=rank"]
         args.runs = args.runs or [tiny_run(args.out)]
     cfg = load_preset(args.preset, args.set)
+    if args.step == "probe":
+        probe(args, cfg)
+        return 0
     with JsonlAppender(args.out / "study.jsonl") as out:
         if args.step == "all":
             for run in args.runs:
@@ -215,12 +259,9 @@ def main(argv=None) -> int:
     md, pooled = table(rows, args.bootstrap)
     md = [f"# DPO study: teacher {cfg.models.teacher}, beta {cfg.dpo.beta}, {args.epochs} epoch(s); held-out "
           f"reward accuracy, 95% bootstrap over prompts (pairs in brackets)", "", *md]
-    atomic_write_json(args.out / "study.json", {"rows": [{k: v for k, v in r.items() if k != "on"} |
-                                                         {"on": {j: {k: v for k, v in o.items() if k != "wins"}
-                                                                 for j, o in r["on"].items()}} for r in rows],
-                                                "pooled": pooled})
-    atomic_write_text(args.out / "study.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(args.out, "study", {"rows": [{k: v for k, v in r.items() if k != "on"} |
+                                         {"on": {j: {k: v for k, v in o.items() if k != "wins"} for j, o in r["on"].items()}}
+                                         for r in rows], "pooled": pooled}, md)
     return 0
 
 

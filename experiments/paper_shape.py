@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from montessori.config import load_preset
+from experiments import common
 from montessori.store import atomic_write_json, atomic_write_text
 
 ARMS = ("self-instruct", "montessori")
@@ -275,11 +276,7 @@ def diagnose(args) -> list[dict]:
 
 
 def publish(args, name: str, data, md: list[str]):
-    """OUT/NAME.json and OUT/NAME.md, and the table printed."""
-    atomic_write_json(args.out / f"{name}.json", data)
-    atomic_write_text(args.out / f"{name}.md", "\n".join(md) + "\n")
-    print("\n".join(md))
-    return data
+    return common.publish(args.out, name, data, md)
 
 
 def fmt(value, low=None, high=None, digits=4) -> str:

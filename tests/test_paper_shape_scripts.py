@@ -83,3 +83,44 @@ def test_dpo_study_tiny_dry_run(tmp_path):
     lines = (out / "study.jsonl").read_text()
     assert study.main(["--out", str(out), "--tiny", "--quiet"]) == 0  # resumed: nothing measured twice
     assert (out / "study.jsonl").read_text() == lines
+    pytest.importorskip("sklearn", reason="--step probe needs scikit-learn (an experiment's own dependency)")
+    run = out / "tiny-run" / "montessori"
+    assert study.main(["--out", str(out), "--tiny", "--quiet", "--step", "probe", "--runs", str(run)]) == 0
+    probe = json.loads((out / "probe.json").read_text())
+    assert {r["variant"] for r in probe} == set(study.VARIANTS)
+    assert all(0 <= r["probe_accuracy"] <= 1 and r["pairs"] > 0 for r in probe)
+
+
+@pytest.mark.slow
+def test_reliability_tiny_dry_run_and_the_halves_make_the_whole(tmp_path):
+    from montessori.config import load_config
+    from montessori.influence.engine import compute_influence
+    from montessori.influence.settings import InfluenceSettings
+    from montessori.influence.warmup import load_warmup
+    from montessori.readers import read_pairs
+    from montessori.records import Pair
+    from montessori.store import read_jsonl
+    rel = script("reliability")
+    out = tmp_path / "rel"
+    assert rel.main(["--out", str(out), "--tiny", "--quiet"]) == 0
+    result = json.loads((out / "reliability.json").read_text())
+    assert result["candidates"] == 24 and -1 <= result["answer_retest"]["pearson"] <= 1
+    retest = read_jsonl(out / "retest.jsonl", Pair)
+    run = out / "tiny-run"
+    first = {p.id: p for p in read_jsonl(run / "round-1" / "responses" / "pairs.jsonl", Pair)}
+    assert len(retest) == 24 and any(p.response != first[p.id].response for p in retest)  # a second answer
+    # The whole reference set's influence is the token-weighted mean of the two halves' (what the report uses).
+    cfg = load_config(run / "config.yaml")
+    reference = read_pairs(cfg.data.reference, limit=cfg.data.max_reference).records
+    model, tokenizer, state = load_warmup(run / "round-1" / "warmup", "cpu")
+    pairs = [first[p.id] for p in retest[:6]]
+    whole = compute_influence(model, state, pairs, reference, tokenizer=tokenizer,
+                              settings=InfluenceSettings.from_config(cfg))
+    scores = {r["id"]: r["influence"] for r in read_jsonl(out / "scores.jsonl")}
+    wa, wb = result["reference_tokens"]
+    for pair, res in zip(pairs, whole):
+        mixed = (wa * scores[f"y1_A:{pair.id}"] + wb * scores[f"y1_B:{pair.id}"]) / (wa + wb)
+        assert mixed == pytest.approx(res.influence, rel=1e-4, abs=1e-9)
+    lines = (out / "scores.jsonl").read_text()
+    assert rel.main(["--out", str(out), "--tiny", "--quiet"]) == 0  # resumed: nothing scored twice
+    assert (out / "scores.jsonl").read_text() == lines

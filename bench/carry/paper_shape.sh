@@ -8,7 +8,8 @@
 #   2. once the student's GGUF is assembled: the untrained student's evaluation, the sweep (its data run,
 #      then the SFT and DPO rows at once), then every seed's runs and evaluation, one process per seed.
 # SWEEP=0 skips the sweep (the preset's learning rates); STUDY=1 also runs experiments/dpo_study.py on
-# the probing rounds carried as .gpu/study-S.txz, alongside the teacher stages.
+# the probing rounds carried as .gpu/study-S.txz, alongside the teacher stages; RELIABILITY=1 runs
+# experiments/reliability.py on every seed's run once its evaluation is done.
 # Everything resumes from its records, so starting it again after a lost machine redoes only what is lost.
 set -u
 R=$HOME/runs L=$HOME/runs/logs C=$HOME/code
@@ -57,7 +58,11 @@ fi  # SWEEP=0: the preset's learning rates as they stand
 wait "${TEACHER[@]}"; say teacher stages done
 for s in $SEEDS; do
   (paper --seeds $s $SIZE "${USE_SWEEP[@]}" --step runs --quiet > $L/runs-$s.log 2>&1 &&
-   paper --seeds $s $SIZE "${USE_SWEEP[@]}" $EVAL > $L/eval-$s.log 2>&1; say seed $s: rc $?) &
+   paper --seeds $s $SIZE "${USE_SWEEP[@]}" $EVAL > $L/eval-$s.log 2>&1; say seed $s: rc $?
+   if [ "${RELIABILITY:-0}" = 1 ]; then  # the influence's test-retest on this seed's warm-up state
+     python3 $C/experiments/reliability.py --run $R/paper/seed-$s/montessori --out $R/reliability-$s --quiet \
+       > $L/reliability-$s.log 2>&1; say reliability $s: rc $?
+   fi) &
 done
 if [ ${#STUDY_PIDS[@]} -gt 0 ]; then
   wait "${STUDY_PIDS[@]}"; mkdir -p $R/dpo-study && cat $R/dpo-study-*/study.jsonl > $R/dpo-study/study.jsonl

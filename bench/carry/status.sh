@@ -9,7 +9,7 @@ for round in $R/sweep/run/round-* $R/paper/seed-*/*/round-*; do  # done stages, 
 done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 # Two archives: if the data ever outgrew what comes back (16 MiB a file), the results would still come.
-cd $R && find paper sweep dpo-study* logs go.log -size -1024k \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.yaml' \) \
+cd $R && find paper sweep dpo-study* reliability-* logs go.log -size -1024k \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.yaml' \) \
   -not -path '*/model/*' -not -path '*/.*' 2>/dev/null | tar czf $OUT/small.tgz -T -
 for d in sweep paper/seed-*; do  # one archive per run folder: each must stay under 16 MiB
   find $d -size +1023k -size -12288k -name '*.jsonl' -not -path '*/model/*' -not -path '*/.*' 2>/dev/null \
