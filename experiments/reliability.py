@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -144,6 +145,12 @@ def report(args, first, second, scores, weights) -> dict:
            "reference_halves": correlations(s["y1_A"], s["y1_B"], groups, args.bootstrap),
            "answer_length_retest": correlations(np.log(np.maximum(chars1, 1)), np.log(np.maximum(chars2, 1)),
                                                 groups, args.bootstrap)}
+    # If I = s(x) + e with e independent of the instruction, the retest correlation r is var(s)/var(I),
+    # and a teacher that knew s exactly would order a pair as I does with probability 0.5 + asin(√r)/π
+    # (Gaussian s, e): the most a held-out reward accuracy can reach on within-prompt pairs.
+    w = out["answer_retest_within_prompt"]
+    out["accuracy_ceiling"] = {k: 0.5 + math.asin(math.sqrt(max(w[f"pearson{k}"], 0.0))) / math.pi
+                               for k in ("", "_low", "_high")}
     rows = [("answer retest: I(x, y1) vs I(x, y2)", "answer_retest"),
             ("answer retest, within prompt (the rank rule's comparison)", "answer_retest_within_prompt"),
             ("answer retest, length-adjusted influence", "answer_retest_length_adjusted"),
@@ -156,6 +163,10 @@ def report(args, first, second, scores, weights) -> dict:
         c = out[key]
         md.append(f"| {label} | {c['pearson']:+.3f} [{c['pearson_low']:+.3f}, {c['pearson_high']:+.3f}] | "
                   f"{c['spearman']:+.3f} [{c['spearman_low']:+.3f}, {c['spearman_high']:+.3f}] |")
+    c = out["accuracy_ceiling"]
+    md += ["", f"Held-out accuracy a teacher that knew each instruction's expected influence could reach on "
+               f"within-prompt pairs (Gaussian model, from the within-prompt Pearson r: 0.5 + asin(√r)/π): "
+               f"{c['']:.3f} [{c['_low']:.3f}, {c['_high']:.3f}]."]
     return publish(args.out, "reliability", out, md)
 
 

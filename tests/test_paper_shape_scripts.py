@@ -119,8 +119,10 @@ def test_reliability_tiny_dry_run_and_the_halves_make_the_whole(tmp_path):
     scores = {r["id"]: r["influence"] for r in read_jsonl(out / "scores.jsonl")}
     wa, wb = result["reference_tokens"]
     for pair, res in zip(pairs, whole):
-        mixed = (wa * scores[f"y1_A:{pair.id}"] + wb * scores[f"y1_B:{pair.id}"]) / (wa + wb)
-        assert mixed == pytest.approx(res.influence, rel=1e-4, abs=1e-9)
+        a, b = scores[f"y1_A:{pair.id}"], scores[f"y1_B:{pair.id}"]
+        # fp32 dot products over all weights: agreement to ~1e-6; the plain mean of the halves is off by
+        # up to 2e-4 here (5 of 6 pairs beyond the tolerance, measured): the tolerance tells the two apart.
+        assert (wa * a + wb * b) / (wa + wb) == pytest.approx(res.influence, rel=1e-3, abs=2e-6)
     lines = (out / "scores.jsonl").read_text()
     assert rel.main(["--out", str(out), "--tiny", "--quiet"]) == 0  # resumed: nothing scored twice
     assert (out / "scores.jsonl").read_text() == lines
