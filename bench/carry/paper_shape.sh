@@ -8,7 +8,7 @@
 #   2. once the student's GGUF is assembled: the untrained student's evaluation, the sweep (its data run,
 #      then the SFT and DPO rows at once), then every seed's runs and evaluation, one process per seed.
 # SWEEP=0 skips the sweep (the preset's learning rates); STUDY=1 also runs experiments/dpo_study.py on
-# the probing rounds carried as .gpu/study-S.txz, alongside the teacher stages; RELIABILITY=1 runs
+# the probing rounds carried as .study/study-S.txz, alongside the teacher stages; RELIABILITY=1 runs
 # experiments/reliability.py on every seed's run once its evaluation is done.
 # Everything resumes from its records, so starting it again after a lost machine redoes only what is lost.
 set -u
@@ -27,8 +27,8 @@ say() { echo "$(date +%T) $*"; }
 
 python3 -c "from montessori.models.load import resolve_model_dir as r; r('smollm2')"  # convert once, not 4x
 STUDY_PIDS=()
-if [ "${STUDY:-0}" = 1 ]; then  # experiments/dpo_study.py on earlier runs' probing rounds (.gpu/study-S.txz)
-  mkdir -p $HOME/study && for t in .gpu/study-*.txz; do tar xJf $t -C $HOME/study; done
+if [ "${STUDY:-0}" = 1 ]; then  # earlier runs' probing rounds, .study/study-S.txz (carried in call 1)
+  mkdir -p $HOME/study && for t in .study/study-*.txz; do tar xJf $t -C $HOME/study; done
   say dpo study
   for d in $HOME/study/paper/seed-*; do s=${d##*-}
     python3 $C/experiments/dpo_study.py --out $R/dpo-study-$s --runs $d/montessori --quiet ${STUDY_ARGS:-} \
