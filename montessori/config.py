@@ -126,6 +126,10 @@ class GenerationConfig(Section):
     examples_per_prompt: PositiveInt = 8
     synthetic_per_prompt: NonNegativeInt = 2  # once >= 2 synthetic instructions exist: 6 seeds + 2 synthetic
     instructions: SamplingConfig = SamplingConfig(n=4, temperature=1.0)
+    # n > 1: that many sampled answers per instruction in the responses stage, each its own pair, and an
+    # instruction's influence is the mean of its answers' (stage preferences). One answer's influence
+    # correlated only +0.16 with another's (docs/experiments.md, test-retest), and DPO sees only the
+    # instruction. split.* still counts pairs. The dataset stage writes one answer per instruction.
     responses: SamplingConfig = SamplingConfig(n=1, temperature=0.6)
     min_chars: NonNegativeInt = 6
     max_chars: PositiveInt = 400

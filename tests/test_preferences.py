@@ -160,3 +160,29 @@ def test_control_length_names_a_candidate_without_an_answer(tmp_path):
     with pytest.raises(InputError, match=r"influence/influence\.jsonl.*r1-p1-s1.*responses/pairs\.jsonl"):
         run_preferences(stage_ctx(store, load_preset("tiny", ["preferences.rule=rank", "preferences.control_length=true"])))
     assert not (store.stage(1, "preferences").path / "preferences.jsonl").exists()
+
+
+def test_several_answers_per_instruction_score_it_by_their_mean(tmp_path):
+    import statistics
+    from montessori.pipeline import run_pipeline
+    cfg = load_preset("tiny", ["generation.responses.n=2", "preferences.rule=rank", "split.probing=16"])
+    run_pipeline(cfg, tmp_path, until="preferences", progress=False)
+    r1 = tmp_path / "round-1"
+    kept = read_jsonl(r1 / "instructions" / "candidates.jsonl", Candidate)
+    pairs = read_jsonl(r1 / "responses" / "pairs.jsonl", Pair)
+    # Two answers per kept instruction, each its own pair, the first under the candidate's own id.
+    assert [p.id for p in pairs] == [i for c in kept for i in (c.id, f"{c.id}-a1")]
+    assert all(p.candidate_id == p.id.removesuffix("-a1") for p in pairs)
+    assert any(a.response != b.response for a, b in zip(pairs[0::2], pairs[1::2]))
+    answered = {p.id: p.candidate_id for p in pairs}
+    by_candidate: dict[str, list[float]] = {}
+    for res in read_jsonl(r1 / "influence" / "influence.jsonl", InfluenceResult):
+        if res.status == "ok":
+            by_candidate.setdefault(answered[res.id], []).append(res.influence)
+    assert any(len(v) == 2 for v in by_candidate.values())
+    prefs = read_jsonl(r1 / "preferences" / "preferences.jsonl", PreferencePair)
+    assert prefs
+    for p in prefs:  # a pair is of instructions, ranked by the mean influence of their answers
+        assert p.chosen_influence == pytest.approx(statistics.fmean(by_candidate[p.chosen_id]))
+        assert p.rejected_influence == pytest.approx(statistics.fmean(by_candidate[p.rejected_id]))
+        assert p.chosen_influence > p.rejected_influence

@@ -167,12 +167,21 @@ def _judge(completion: str, cid: str, prompt: GenerationPrompt, gen_cfg, pool: R
                      prefill=prompt.prefill, dropped=reason)
 
 
+def answer_id(candidate_id: str, j: int) -> str:
+    """The pair id of a candidate's j-th answer: the candidate's own id for the first (as with one answer)."""
+    return candidate_id if j == 0 else f"{candidate_id}-a{j}"
+
+
 def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], path: Path, *, round: int,
-                       seed: int, progress: bool = False) -> dict:
-    """Answer each candidate's instruction as one user turn into `path` (pairs.jsonl; resumable)."""
+                       seed: int, progress: bool = False, answers: int = 1) -> dict:
+    """Answer each candidate's instruction as one user turn into `path` (pairs.jsonl; resumable).
+
+    `answers` > 1 (the responses stage with generation.responses.n > 1): that many sampled answers per
+    instruction, each its own pair (`answer_id`, `candidate_id` = the candidate), so the preferences
+    stage can score an instruction by the mean influence of its answers. Training data keeps one."""
     sampling = Sampling.from_config(gen_cfg.responses)
-    sampling.n = 1  # one response per instruction: a pair is (instruction, response)
-    per_batch = max(1, gen_cfg.batch_size)
+    sampling.n = answers
+    per_batch = max(1, gen_cfg.batch_size // answers)
     # A backend whose text does not depend on the batch (each request's own seed) and that refills
     # ended rows with waiting ones gets several batches per call: its slots stay busy to the end.
     if getattr(backend, "continuous", False):
@@ -182,7 +191,7 @@ def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], p
         bar = tqdm(total=len(candidates), unit="pair", desc="responses", disable=not progress)
         for start in range(0, len(candidates), per_batch):
             batch = candidates[start:start + per_batch]
-            if all(c.id in out for c in batch):
+            if all(answer_id(c.id, j) in out for c in batch for j in range(answers)):
                 bar.update(len(batch))
                 continue
             t0 = time.perf_counter()
@@ -191,16 +200,17 @@ def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], p
             # The batch's seed is its first request's: fixed batches make resumed sampling identical.
             completions = backend.generate(requests, sampling)
             seconds += time.perf_counter() - t0
-            for cand, (comp,) in zip(batch, completions):
-                tokens += comp.tokens
-                truncated += comp.finish_reason == "length"
-                if cand.id not in out:
-                    out.append(Pair(id=cand.id, instruction=cand.instruction, response=comp.text.strip(),
-                                    candidate_id=cand.id, prompt_id=cand.prompt_id))
+            for cand, comps in zip(batch, completions):
+                for j, comp in enumerate(comps):
+                    tokens += comp.tokens
+                    truncated += comp.finish_reason == "length"
+                    if answer_id(cand.id, j) not in out:
+                        out.append(Pair(id=answer_id(cand.id, j), instruction=cand.instruction,
+                                        response=comp.text.strip(), candidate_id=cand.id, prompt_id=cand.prompt_id))
             bar.update(len(batch))
             bar.set_postfix({"tok/s": f"{tokens / seconds:.0f}" if seconds else "-"})
         bar.close()
-        ids = {c.id for c in candidates}
+        ids = {answer_id(c.id, j) for c in candidates for j in range(answers)}
         pairs = [p for p in out.records if p.id in ids]
     return {"pairs": len(pairs), "empty_responses": sum(not p.response for p in pairs),
             "truncated": truncated, "tokens": tokens, "tokens_per_s": _rate(tokens, seconds)}
@@ -220,11 +230,14 @@ def sample_instructions(backend: Backend, cfg, *, round: int = 1, folder: Path |
 
 def answer_candidates(backend: Backend, cfg, candidates: list[Candidate], *, round: int = 1,
                       folder: Path | None = None) -> list[Pair]:
-    """Library form of stage `responses`: one Pair per candidate, as the stage answers it; `folder`
-    keeps the stage's pairs.jsonl (a re-call resumes), default a temporary folder."""
+    """Library form of stage `responses`: generation.responses.n Pairs per candidate (normally one), as
+    the stage answers it; `folder` keeps the stage's pairs.jsonl (a re-call resumes), default a
+    temporary folder."""
+    answers = cfg.generation.responses.n
     with _folder(folder) as out:
-        generate_responses(backend, cfg.generation, candidates, out / "pairs.jsonl", round=round, seed=cfg.seed)
-        ids = {c.id for c in candidates}
+        generate_responses(backend, cfg.generation, candidates, out / "pairs.jsonl", round=round, seed=cfg.seed,
+                           answers=answers)
+        ids = {answer_id(c.id, j) for c in candidates for j in range(answers)}
         return [p for p in read_jsonl(out / "pairs.jsonl", Pair) if p.id in ids]
 
 
@@ -286,7 +299,8 @@ def run_responses(ctx) -> dict:
     backend = _backend(ctx, spec)
     try:
         counts = generate_responses(backend, cfg.generation, candidates, ctx.stage.file("pairs.jsonl"),
-                                    round=ctx.round, seed=cfg.seed, progress=ctx.progress)
+                                    round=ctx.round, seed=cfg.seed, progress=ctx.progress,
+                                    answers=cfg.generation.responses.n)
     finally:
         backend.close()
     return counts | {"_extra": _extra(ctx, spec)}

@@ -1,7 +1,7 @@
 """Stage `preferences`: turn influence-scored candidates into DPO preference pairs (METHOD.md step 6).
 
-Reads instructions/prompts.jsonl + candidates.jsonl and influence/influence.jsonl (status "ok" only),
-and with preferences.control_length responses/pairs.jsonl (the answers' lengths); writes
+Reads instructions/prompts.jsonl + candidates.jsonl, influence/influence.jsonl (status "ok" only) and
+responses/pairs.jsonl (which candidate each scored pair answers, and its length); writes
 preferences/preferences.jsonl. A pair's prompt is the generation prompt the teacher sampled from
 (messages + assistant prefill); chosen and rejected are the raw completions, reasoning included.
 
@@ -10,6 +10,8 @@ alternative (preferences.rule=rank for the sign rule). Few pairs (under half the
 """
 
 from __future__ import annotations
+
+import statistics
 
 from montessori.errors import InputError, MontessoriError
 from montessori.preferences.rules import Scored, build_pairs, length_adjusted, starvation_hint
@@ -20,24 +22,32 @@ from montessori.store import read_jsonl, write_jsonl
 def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str, Candidate],
                      influence: list[InfluenceResult], cfg,
                      responses: dict[str, Pair] | None = None) -> tuple[list[PreferencePair], dict]:
-    """`responses` (candidate id -> its answered pair) is needed with cfg.control_length only."""
-    scored = []
+    """`responses` (pair id -> answered pair, from responses/pairs.jsonl) says which candidate a scored
+    pair answers; without it a pair's id is its candidate's (one answer each). With several answers per
+    instruction (generation.responses.n > 1) a candidate's influence is the mean over its measured
+    answers, and its length (preferences.control_length) the mean of theirs."""
+    per_candidate: dict[str, list[tuple[float, int]]] = {}
+    used = 0
     for res in influence:
         if res.status != "ok" or res.influence is None:
             continue
-        cand = candidates.get(res.id)
-        if cand is None:
+        pair = (responses or {}).get(res.id)
+        cid = pair.candidate_id or pair.id if pair is not None else res.id
+        if cid not in candidates:
             raise InputError("no candidate with this id in instructions/candidates.jsonl",
                              file="influence/influence.jsonl", record=res.id, field="id")
-        scored.append(Scored(cand.id, cand.prompt_id, float(res.influence)))
+        if cfg.control_length and pair is None:
+            raise InputError("scored candidate has no answer in responses/pairs.jsonl (preferences.control_length "
+                             "needs its length)", file="influence/influence.jsonl", record=res.id, field="id")
+        per_candidate.setdefault(cid, []).append((float(res.influence), len(pair.response) if pair else 0))
+        used += 1
+    scored = [Scored(cid, candidates[cid].prompt_id, statistics.fmean(v for v, _ in values))
+              for cid, values in per_candidate.items()]
     raw = {s.id: s.influence for s in scored}
     if cfg.control_length and scored:
-        missing = next((s.id for s in scored if s.id not in (responses or {})), None)
-        if missing is not None:
-            raise InputError("scored candidate has no answer in responses/pairs.jsonl (preferences.control_length "
-                             "needs its length)", file="influence/influence.jsonl", record=missing, field="id")
-        adjusted = length_adjusted([s.influence for s in scored], [len(responses[s.id].response) for s in scored])
-        scored = [Scored(s.id, s.prompt_id, v) for s, v in zip(scored, adjusted)]
+        chars = [statistics.fmean(n for _, n in per_candidate[s.id]) for s in scored]
+        scored = [Scored(s.id, s.prompt_id, v) for s, v in zip(scored, length_adjusted([s.influence for s in scored],
+                                                                                       chars))]
     pairs, counts = build_pairs(scored, cfg)
     prefs = []
     for chosen, rejected in pairs:
@@ -52,7 +62,8 @@ def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str,
         prefs.append(PreferencePair(id=f"{c.id}>{r.id}", prompt_id=c.prompt_id, prompt=messages, prefill=prefill,
                                     chosen=c.completion, rejected=r.completion, chosen_id=c.id, rejected_id=r.id,
                                     chosen_influence=raw[chosen.id], rejected_influence=raw[rejected.id]))
-    counts["skipped_influence"] = len(influence) - len(scored)
+    counts["skipped_influence"] = len(influence) - used
+    counts["answers_scored"] = used
     return prefs, counts
 
 
@@ -62,10 +73,10 @@ def run_preferences(ctx) -> dict:
     prompts = {p.id: p for p in read_jsonl(instructions.path / "prompts.jsonl", GenerationPrompt)}
     candidates = {c.id: c for c in read_jsonl(instructions.path / "candidates.jsonl", Candidate)}
     influence = read_jsonl(influence_dir.path / "influence.jsonl", InfluenceResult)
-    responses = None
-    if cfg.control_length:
-        # Not a declared input: the influence stage's fingerprint, which this stage's includes, covers it.
-        responses = {p.id: p for p in read_jsonl(ctx.input("responses").path / "pairs.jsonl", Pair)}
+    # Which candidate each scored pair answers, and its length. Not a declared input: the influence
+    # stage's fingerprint, which this stage's includes, covers it.
+    source = ctx.input("responses").path / "pairs.jsonl"
+    responses = {p.id: p for p in read_jsonl(source, Pair)} if source.exists() else None
     prefs, counts = make_preferences(prompts, candidates, influence, cfg, responses)
     if not prefs:
         raise MontessoriError(f"preferences: rule '{cfg.rule}' built 0 preference pairs from {counts['prompts']} prompts, "
