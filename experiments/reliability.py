@@ -45,7 +45,7 @@ log = logging.getLogger("reliability")
 SCORES = ("y1_A", "y1_B", "y2_A", "y2_B")  # answer (original / retest) x reference half
 
 
-def second_answers(cfg, run: Path, pairs, out_dir: Path, progress: bool):
+def second_answers(cfg, pairs, out_dir: Path, progress: bool):
     """The retest answers: the responses stage's own function, another seed, into OUT/retest.jsonl."""
     from montessori.generation.backends import make_backend
     from montessori.generation.stage import generate_responses
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     r1 = args.run / "round-1"
     probing = set(__import__("json").loads((r1 / "warmup" / "split.json").read_text())["probing"])
     first = [p for p in read_jsonl(r1 / "responses" / "pairs.jsonl", Pair) if p.id in probing][:args.candidates]
-    second = second_answers(cfg, args.run, first, args.out, not args.quiet)
+    second = second_answers(cfg, first, args.out, not args.quiet)
     scores, halves = score(cfg, args.run, first, second, args.out, not args.quiet)
     report(args, first, second, scores, half_weights(cfg, halves))
     return 0
