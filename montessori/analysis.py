@@ -24,159 +24,22 @@ has the same numbers in its "Which data works" section, with plots.
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
 from montessori.errors import InputError
-from montessori.generation.dedup import rouge_l_f1, rouge_tokens
-from montessori.records import Record
-from montessori.store import RunStore, atomic_write_json, read_jsonl, write_jsonl
+# The features live below the views (tests/test_layers.py: generation steers by them); task_type and
+# has_input stay importable from here, where `montessori analyze` documents them.
+from montessori.features import (FEATURES, INSTRUCTION_BUCKETS, RESPONSE_BUCKETS, TASK_TYPES,  # noqa: F401
+                                 CandidateFeatures, has_input, measured_candidates, task_type)
+from montessori.store import RunStore, atomic_write_json, write_jsonl
 
-TASK_TYPES = ("open question", "how-to", "writing", "rewriting", "classification", "extraction", "math", "code",
-              "other")
-FEATURES = ("task_type", "instruction_length", "response_length", "has_input", "seed", "round")
-INSTRUCTION_BUCKETS = ((8, "short (1-8 words)"), (20, "medium (9-20 words)"), (None, "long (21+ words)"))
-RESPONSE_BUCKETS = ((20, "short (0-20 words)"), (80, "medium (21-80 words)"), (None, "long (81+ words)"))
 BOOTSTRAP_SAMPLES = 1000
 EXAMPLES = 3  # top and bottom examples kept per feature value
 SEPARATORS = 8
-
-# First match wins, in this order: "Write a Python function" is code, not writing; "Rewrite" is
-# rewriting; numbers with a question are math, but not model names like "CP-200" or "E14"; "error
-# code" is not code.
-_NUMBER = r"(?<![\w.-])\d+(?:[.,]\d+)?(?![\w-])"
-_RULES = (
-    ("code", r"\b(python|javascript|typescript|java|c\+\+|rust|sql|bash|shell script|html|css|regex|regular "
-             r"expression|function|script|programming|write a program|algorithm|json|yaml|source code|code snippet|"
-             r"(write|fix|debug|review|refactor|explain) (the |this |some |a )?(piece of )?code)\b"),
-    ("math", r"\b(calculate|compute|solve|equation|formula|percent(age)?|average|probability|how (many|much))\b"
-             rf"|{_NUMBER}.*{_NUMBER}.*\?|{_NUMBER}\s*[-+*/x×^]\s*{_NUMBER}"),
-    ("rewriting", r"\b(rewrite|rephrase|paraphrase|reword|simplify|shorten|proofread|translate|summari[sz]e|"
-                  r"summary|edit|correct the|improve the|make (it|this|the) .*(more|less|simpler|clearer|formal)|"
-                  r"in plain (language|english)|convert .* into)\b"),
-    ("extraction", r"\b(extract|pull out|find (all|every)|list (all|every) .* (in|from)|identify (all|the) .* "
-                   r"(in|from)|which words)\b"),
-    ("classification", r"\b(classify|categori[sz]e|label|sentiment|is (this|it|the) .* (positive|negative|spam)|"
-                       r"which (category|class)|decide whether|spam)\b"),
-    ("writing", r"\b(write|compose|draft|create|generate|come up with|brainstorm|invent|design)\b"),
-    ("how-to", r"^\s*(how (do|can|should|would|to|does one)|what are the steps|steps to)\b|\b(guide|"
-               r"step[- ]by[- ]step|instructions for|how to)\b"),
-    ("open question", r"\?\s*$|^\s*(what|why|who|whom|when|where|which|how|is|are|does|do|can|could|should|"
-                      r"would|will|explain|describe|tell|give|list|name|compare|discuss)\b"),
-)
-_COMPILED = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _RULES)
-# A quoted passage (an opening quote after a space or colon, so not "don't ... pump's"), a colon and a
-# passage, or a second line.
-_INPUT = re.compile(r"(?:^|[\s:(])[\"“‘'][^\"”’]{12,}?[\"”’'](?![A-Za-z])|:\s*\S+(\s+\S+){3,}|\n\s*\S")
-_CANDIDATE_ID = re.compile(r"^r\d+(-data)?-p\d+-s\d+$")  # synthetic examples shown in a prompt
-
-
-def task_type(instruction: str) -> str:
-    """The task type of an instruction: the first rule of _RULES that matches, else 'other'."""
-    return next((name for name, rule in _COMPILED if rule.search(instruction)), "other")
-
-
-def has_input(instruction: str) -> bool:
-    return bool(_INPUT.search(instruction.strip()))
-
-
-def bucket(words: int, buckets) -> str:
-    return next(label for limit, label in buckets if limit is None or words <= limit)
-
-
-@dataclass
-class CandidateFeatures(Record):
-    """A measured probing candidate and its features (RUN/analysis/candidates.jsonl)."""
-    kind: ClassVar[str] = "features"
-    id: str
-    round: int
-    influence: float
-    instruction: str
-    response: str
-    task_type: str
-    instruction_length: str
-    response_length: str
-    has_input: str
-    seed: str
-    instruction_words: int
-    response_words: int
-    seed_text: str = ""  # the seed's instruction, where the run's seed set is readable
-
-
-def _seed_texts(run_dir: Path) -> dict[str, str]:
-    """Seed id -> text from the run's config (seeds shown in the prompts), {} when unreadable."""
-    from montessori.config import load_config
-    from montessori.readers import read_seeds
-    for name in ("config.resolved.yaml", "config.yaml"):
-        if (run_dir / name).exists():
-            try:
-                cfg = load_config(run_dir / name)
-                if cfg.data.seeds != "builtin" and not Path(cfg.data.seeds).expanduser().exists():
-                    return {}  # moved, or a Hub id: never download for a report
-                return {s.id: s.text for s in read_seeds(cfg.data.seeds, lenient=True).records}
-            except InputError:
-                return {}
-    return {}
-
-
-def nearest_seed(instruction: str, example_ids: list[str], seeds: dict[str, str]) -> str:
-    """The seed among a prompt's examples that the instruction resembles most (ties: the first shown)."""
-    shown = [e for e in example_ids if not _CANDIDATE_ID.match(e)]
-    if not shown:
-        return "none"
-    known = [e for e in shown if e in seeds]
-    if not known:
-        return shown[0]
-    tokens = rouge_tokens(instruction)
-    return max(known, key=lambda e: (rouge_l_f1(_seed_tokens(seeds[e]), tokens), -known.index(e)))
-
-
-@functools.lru_cache(maxsize=65536)
-def _seed_tokens(text: str) -> list[str]:  # each seed is compared with thousands of candidates
-    return rouge_tokens(text)
-
-
-def describe(candidate_id: str, round_: int, influence: float, instruction: str, response: str,
-             example_ids: list[str], seeds: dict[str, str]) -> CandidateFeatures:
-    iw, rw = len(instruction.split()), len(response.split())
-    seed = nearest_seed(instruction, example_ids, seeds)
-    return CandidateFeatures(id=candidate_id, round=round_, influence=influence, instruction=instruction,
-                             response=response, task_type=task_type(instruction),
-                             instruction_length=bucket(iw, INSTRUCTION_BUCKETS),
-                             response_length=bucket(rw, RESPONSE_BUCKETS),
-                             has_input="yes" if has_input(instruction) else "no",
-                             seed=seed, instruction_words=iw, response_words=rw, seed_text=seeds.get(seed, ""))
-
-
-def measured_candidates(run_dir: str | Path) -> tuple[list[CandidateFeatures], int]:
-    """(features of every candidate with a valid influence value, number of invalid values)."""
-    run_dir = Path(run_dir)
-    store = RunStore(run_dir)
-    seeds = _seed_texts(run_dir)
-    out, invalid = [], 0
-    for round_ in store.rounds():
-        results = read_jsonl(store.stage(round_, "influence").path / "influence.jsonl")
-        if not results:
-            continue
-        pairs = {p["id"]: p for p in read_jsonl(store.stage(round_, "responses").path / "pairs.jsonl")}
-        candidates = {c["id"]: c for c in read_jsonl(store.stage(round_, "instructions").path / "candidates.jsonl")}
-        for r in results:
-            # A measured candidate is a pair: without the responses stage's record there is nothing to describe.
-            pair = pairs.get(r["id"])
-            if r.get("status") != "ok" or r.get("influence") is None or pair is None:
-                invalid += 1
-                continue
-            cand = candidates.get(pair.get("candidate_id") or r["id"], {})
-            out.append(describe(r["id"], int(cand.get("round", round_)), float(r["influence"]), pair["instruction"],
-                                pair["response"], cand.get("example_ids", []), seeds))
-    return out, invalid
 
 
 def _rng(label: str, seed: int) -> np.random.Generator:

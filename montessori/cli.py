@@ -16,25 +16,11 @@ from pathlib import Path
 
 from montessori import __version__
 from montessori.errors import InputError, MontessoriError
+from montessori.logs import setup_logging
 
 log = logging.getLogger("montessori")
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-    root = logging.getLogger("montessori")
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.handlers.clear()
-    root.addHandler(RichHandler(show_path=False, show_time=False, markup=False, level=root.level))
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "montessori.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
-    for noisy in ("transformers", "datasets", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def cmd_init(args) -> int:

@@ -90,7 +90,7 @@ class SamplingConfig(Section):
 
 
 class SteerConfig(Section):
-    # Bias each generation prompt's seed examples toward the kinds that measured best (montessori.steer):
+    # Bias each generation prompt's seed examples toward the kinds that measured best (montessori.generation.steer):
     # a seed's weight is exp(strength * z), z = the standardized mean influence of its kind (task type
     # or the seed itself) in `source` (a finished run) or, when None, in this run's earlier rounds
     # (the `dataset` stage also sees its own round's). Off: the prompts are the unsteered ones, byte for byte.

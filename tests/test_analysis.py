@@ -21,7 +21,7 @@ from montessori.generation.stage import derived_seed
 from montessori.pipeline import StageContext
 from montessori.readers import read_seeds
 from montessori.report import write_report
-from montessori.steer import steer_weights
+from montessori.generation.steer import steer_weights
 from montessori.store import RunStore, read_jsonl
 from shopfloor import make_measured_run
 

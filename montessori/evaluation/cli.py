@@ -36,7 +36,7 @@ def _eval_config(args):
 def cmd_eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
-    from montessori.cli import setup_logging
+    from montessori.logs import setup_logging
     from montessori.evaluation.answers import read_questions
     from montessori.evaluation.evaluate import evaluate, make_configured_judge
     from montessori.readers import read_pairs

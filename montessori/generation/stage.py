@@ -29,10 +29,10 @@ from montessori.generation.backends import Backend, Request, Sampling, choose_ba
 from montessori.generation.dedup import RougeDeduper
 from montessori.generation.filters import filter_reason
 from montessori.generation.prompts import build_prompt, choose_examples, parse_completion, unparsed_reason
+from montessori.generation.steer import steer_weights
 from montessori.models.chat import user_turn
 from montessori.readers import read_seeds
 from montessori.records import Candidate, GenerationPrompt, Pair
-from montessori.steer import steer_weights
 from montessori.store import JsonlAppender, read_jsonl
 
 

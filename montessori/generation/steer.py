@@ -1,12 +1,15 @@
 """generation.steer: show the teacher more seed examples of the kinds that measured best.
 
 "Generate more of what works": after a small run has measured which kinds of candidates helped the
-student (montessori.analysis), the next generation draws each prompt's seed examples with a weight
+student (`montessori analyze`), the next generation draws each prompt's seed examples with a weight
 per seed, w = exp(strength * z), where z is the standardized mean influence of the seed's kind:
 its task type (the same rule as the analysis, applied to the seed's text) or, with `by: seed`, the
 candidates attributed to that seed. Kinds measured fewer than `min_count` times, and seeds of
 unmeasured kinds, keep w = 1. The weights and what they came from are recorded in the stage's
 manifest (`steer`). With `enabled: false` nothing here runs and the prompts are the unsteered ones.
+
+It reads the kinds from montessori.features, which the analysis shares, and not from the analysis
+itself: generation is a stage, and stages do not import the views of a run (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from montessori.analysis import measured_candidates, task_type
 from montessori.errors import InputError
+from montessori.features import measured_candidates, task_type
 from montessori.store import RunStore, file_hash
 
 
 def kind_weights(items, by: str, strength: float, min_count: int) -> dict[str, dict]:
-    """{kind: {n, mean, weight}} from measured candidates (montessori.analysis.CandidateFeatures)."""
+    """{kind: {n, mean, weight}} from measured candidates (montessori.features.CandidateFeatures)."""
     values = [c.influence for c in items]
     if len(values) < 2:
         return {}
