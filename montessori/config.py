@@ -6,8 +6,6 @@ wrong types are errors that name the key (pydantic ``extra="forbid"``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -360,12 +358,6 @@ class Config(Section):
                 old = {**new, **old}
             data["preferences"] = old
         return data
-
-    def section_hash(self, *sections: str) -> str:
-        """Hash of whole top-level sections, LATER_KEYS at their default left out. Stage fingerprints
-        use `keys_dump` of the keys each stage declares (montessori.pipeline)."""
-        payload = {s: _dump(getattr(self, s)) for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def value(self, key: str) -> Any:
         """The value of a dotted key (`sft.lr`, `generation.instructions`), as stored in a fingerprint."""

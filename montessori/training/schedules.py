@@ -1,9 +1,16 @@
-"""The warm-up / stable / decay (WSD) learning-rate schedule of METHOD.md steps 7 and 9.
+"""The warm-up / stable / decay (WSD) learning-rate schedule of teacher DPO and student SFT
+(docs/method.md, steps 7 and 9).
 
 Over T optimizer steps: linear warm-up to the peak lr over the first `warmup` share, constant for the
 `stable` share, then linear decay over the rest, reaching `min_lr` as the run ends. The factor of
 step k (0-based) is the lr used by optimizer step k+1: the first step already learns (lr/W, not 0),
 and no step of a short run is spent at lr 0 or at min_lr.
+
+Why not `transformers.get_wsd_schedule` (same signature from the 5.17 floor to 5.25): with
+`decay_type="linear"` and `min_lr_ratio=min_lr/lr` its stable and decay steps equal these, but its
+warm-up starts at min_lr (step k gets min_lr + (lr - min_lr) k/W), so the first optimizer step of
+every run with a warm-up learns at ~min_lr (with W = 1, its whole warm-up). tests/test_schedules.py
+holds both facts.
 """
 
 from __future__ import annotations
