@@ -47,33 +47,42 @@ from montessori.config import load_preset
 from experiments import common
 from montessori.store import atomic_write_json, atomic_write_text
 
-ARMS = ("self-instruct", "montessori")
+# Each arm's method and what it adds to the preset. `montessori-n4` probes the same number of pairs as
+# `montessori` (split.* counts pairs) from a quarter of the instructions, 4 answers each, and ranks
+# instructions by the mean influence of their answers (generation.responses.n; docs/experiments.md,
+# the test-retest of section 5).
+ARM_OVERRIDES = {"self-instruct": ["method=self-instruct"], "montessori": ["method=montessori"],
+                 "montessori-n4": ["method=montessori", "generation.responses.n=4"]}
+ARMS = ("self-instruct", "montessori")  # the default --arms
 # The last stage of each arm that needs only the teacher: `--step teacher` runs up to it, so a GPU
 # machine that has the teacher but not yet the student (models carried in pieces) is not idle.
-TEACHER_UNTIL = {"self-instruct": "dataset", "montessori": "responses"}
+TEACHER_UNTIL = {"self-instruct": "dataset", "montessori": "responses", "montessori-n4": "responses"}
 HELDOUT = ROOT.parent / "shared" / "data" / "self_instruct_user_oriented.jsonl"
 REFERENCE = ROOT.parent / "shared" / "data" / "reference_alpaca_eval_gpt4_256.jsonl"
+IFEVAL = ROOT.parent / "shared" / "data" / "ifeval_input_data.jsonl"
 log = logging.getLogger("paper_shape")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
 def arm_overrides(args, arm: str, seed: int) -> list[str]:
     """The arm's config: the preset, the sizes of the command line, the seed everywhere it is a key."""
+    answers = 4 if "generation.responses.n=4" in ARM_OVERRIDES[arm] else 1
+    # ~3.2 instructions kept per prompt (4 samples, the dropped ones); n answers each make n pairs.
+    prompts = args.num_prompts or math.ceil((args.warmup + args.probing) / answers / 3.2)
     sizes = [f"split.warmup={args.warmup}", f"split.probing={args.probing}", f"sft.num_pairs={args.pairs}",
-             f"generation.num_prompts={args.num_prompts or math.ceil((args.warmup + args.probing) / 3.2)}",
-             f"mechanism.num_prompts={args.mechanism_prompts}"]
+             f"generation.num_prompts={prompts}", f"mechanism.num_prompts={args.mechanism_prompts}"]
     if args.reference:
         sizes.append(f"data.reference={args.reference}")
     seeds = [f"seed={seed}", f"warmup.seed={seed}", f"dpo.seed={seed}", f"sft.seed={seed}"]
     # Every round writes sft.num_pairs new pairs and trains on from the last round's student, in both arms:
     # the budget stays equal.
-    return [f"method={arm}", f"name={arm}-s{seed}", f"rounds={args.rounds}", *sizes, *seeds, *args.set]
+    return [*ARM_OVERRIDES[arm], f"name={arm}-s{seed}", f"rounds={args.rounds}", *sizes, *seeds, *args.set]
 
 
 def run_arms(args, teacher_only: bool = False) -> None:
     from montessori.pipeline import run_pipeline
     for seed in args.seeds:
-        for arm in ARMS:
+        for arm in args.arms:
             run = args.out / f"seed-{seed}" / arm
             cfg = load_preset(args.preset, arm_overrides(args, arm, seed))
             run.mkdir(parents=True, exist_ok=True)
@@ -90,10 +99,36 @@ def run_arms(args, teacher_only: bool = False) -> None:
             log.info("seed %d %s: done in %.0fs", seed, arm, time.time() - started)
 
 
+def style_check(args) -> list[dict]:
+    """Which prompt style does the teacher follow? The instructions stage alone, once per style, on the same
+    seeds and prompts count; its manifest's format compliance (samples that parsed) and kept share are
+    the measure. Writes OUT/style.*; the runs keep the preset's style unless --set changes it."""
+    from montessori.generation.prompts import STYLES
+    from montessori.pipeline import run_pipeline
+    rows = []
+    for style in STYLES:
+        run = args.out / "style" / style
+        cfg = load_preset(args.preset, [f"generation.prompt_style={style}", f"generation.num_prompts={args.style_prompts}",
+                                        "name=style-" + style, *args.set])
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.yaml", cfg.to_yaml())
+        run_pipeline(cfg, run, until="instructions", progress=not args.quiet)
+        counts = json.loads((run / "round-1" / "instructions" / "manifest.json").read_text())["counts"]
+        rows.append({"style": style, "teacher": cfg.models.teacher, "prompts": counts["prompts"],
+                     "samples": counts["samples"], "well_formed": counts["format_compliance"],
+                     "kept": counts["kept"], "kept_share": counts["kept"] / max(counts["samples"], 1),
+                     "dropped": {k[len("dropped_"):]: v for k, v in counts.items() if k.startswith("dropped_")}})
+    md = [f"# Prompt style check ({args.preset}: teacher {rows[0]['teacher']})", "",
+          "| style | prompts | samples | well-formed | kept | dropped by reason |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['style']} | {r['prompts']} | {r['samples']} | {r['well_formed']:.3f} | {r['kept_share']:.3f} | "
+           f"{', '.join(f'{k} {v}' for k, v in r['dropped'].items()) or '–'} |" for r in rows]
+    return publish(args, "style", rows, md)
+
+
 def students(args, seed: int) -> dict[str, str]:
     base = load_preset(args.preset, args.set).models.student
     out = {"untrained": base}
-    for arm in ARMS:
+    for arm in args.arms:
         model = args.out / f"seed-{seed}" / arm / f"round-{args.rounds}" / "sft" / "model"
         if (model / "config.json").exists():
             out[arm] = str(model)
@@ -118,19 +153,35 @@ def decode_settings(args):
     return DecodeSettings(temperature=0.0, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0)
 
 
+def ifeval_answers_file(args, seed: int | None, name: str) -> Path:
+    return args.out / "ifeval" / (f"{name}.jsonl" if seed is None else f"seed-{seed}-{name}.jsonl")
+
+
+def ifeval_conversations(args):
+    from montessori.evaluation.answers import Conversation
+    records = [json.loads(line) for line in args.ifeval.read_text().splitlines() if line.strip()]
+    records = records[:args.ifeval_prompts] if args.ifeval_prompts else records
+    return records, [Conversation(str(r["key"]), [r["prompt"]]) for r in records]
+
+
 def evaluate_students(args) -> None:
-    """Per-example losses (and answers for the judge) of every student, each model loaded once."""
-    from montessori.evaluation.answers import conversations_from_pairs, generate_answers
+    """Per-example losses, answers for the judge and IFEval answers of every student, each model loaded once."""
+    from montessori.evaluation.answers import DecodeSettings, conversations_from_pairs, generate_answers
     from montessori.evaluation.loss import example_losses
     from montessori.models import load_model
     pairs = heldout_pairs(args)
     convs = conversations_from_pairs(pairs)[:args.judge_prompts]
+    ifeval_convs = ifeval_conversations(args)[1] if args.ifeval else []  # a bad file fails before any model loads
+    # Greedy, as IFEval is scored; a larger batch than the loss pass (the answers are the slow part).
+    ifeval_decode = DecodeSettings(temperature=0.0, max_new_tokens=args.ifeval_max_new_tokens,
+                                   batch_size=args.batch_size * 4, seed=0)
     jobs = [(None, "untrained", students(args, args.seeds[0])["untrained"])]
     jobs += [(s, arm, spec) for s in args.seeds for arm, spec in students(args, s).items() if arm != "untrained"]
     for seed, name, spec in jobs:
-        lf, af = losses_file(args, seed, name), answers_file(args, seed, name)
+        lf, af, jf = losses_file(args, seed, name), answers_file(args, seed, name), ifeval_answers_file(args, seed, name)
         answered = af.exists() and len(af.read_text().splitlines()) >= len(convs)
-        if lf.exists() and (answered or not args.judge_prompts):
+        followed = not ifeval_convs or (jf.exists() and len(jf.read_text().splitlines()) >= len(ifeval_convs))
+        if lf.exists() and (answered or not args.judge_prompts) and followed:
             continue
         log.info("eval %s (seed %s): %s", name, seed, spec)
         model, tokenizer = load_model(spec, device=args.device, dtype=args.dtype)
@@ -141,12 +192,24 @@ def evaluate_students(args) -> None:
         if args.judge_prompts:
             af.parent.mkdir(parents=True, exist_ok=True)
             generate_answers(model, tokenizer, convs, decode_settings(args), af, progress=not args.quiet)
+        if ifeval_convs:
+            jf.parent.mkdir(parents=True, exist_ok=True)
+            generate_answers(model, tokenizer, ifeval_convs, ifeval_decode, jf, progress=not args.quiet)
         del model
 
 
 def load_losses(path: Path):
     from montessori.evaluation.loss import ExampleLoss
     return [ExampleLoss(i, s, n) for i, s, n in json.loads(path.read_text())["losses"]]
+
+
+def comparisons(arms) -> list[tuple[str, str]]:
+    """The paired differences reported: each Montessori arm against Self-Instruct (the paper's question),
+    n = 4 against n = 1, and every arm against the untrained student."""
+    out = [(a, "self-instruct") for a in arms if a.startswith("montessori") and "self-instruct" in arms]
+    if {"montessori", "montessori-n4"} <= set(arms):
+        out.append(("montessori-n4", "montessori"))
+    return out + [(a, "untrained") for a in arms]
 
 
 def loss_table(args) -> dict:
@@ -157,41 +220,44 @@ def loss_table(args) -> dict:
     out: dict = {"untrained": summarize(untrained, samples=args.bootstrap) if untrained else None, "seeds": {}}
     per_seed = {}
     for seed in args.seeds:
-        found = {arm: load_losses(losses_file(args, seed, arm)) for arm in ARMS
+        found = {arm: load_losses(losses_file(args, seed, arm)) for arm in args.arms
                  if losses_file(args, seed, arm).exists()}
         if untrained:
             found["untrained"] = untrained
         row = {arm: summarize(v, samples=args.bootstrap, seed=seed) for arm, v in found.items() if arm != "untrained"}
-        for a, b in (("montessori", "self-instruct"), ("montessori", "untrained"), ("self-instruct", "untrained")):
+        for a, b in comparisons(args.arms):
             if a in found and b in found:
                 row[f"{a} - {b}"] = difference(found[a], found[b], samples=args.bootstrap, seed=seed)
         out["seeds"][seed] = row
         per_seed[seed] = found
     # Across seeds: the mean over seeds of each difference, prompts resampled jointly for all of them.
-    complete = [s for s in args.seeds if all(k in per_seed[s] for k in (*ARMS, "untrained"))]
+    complete = [s for s in args.seeds if all(k in per_seed[s] for k in (*args.arms, "untrained"))]
     if complete:
         arrays = {s: {k: (np.array([e.loss_sum for e in v]), np.array([e.tokens for e in v], dtype=float))
                       for k, v in per_seed[s].items()} for s in complete}
         n = len(untrained)
         idx = bootstrap_indices(n, args.bootstrap, 1234)
         across = {}
-        for a, b in (("montessori", "self-instruct"), ("montessori", "untrained"), ("self-instruct", "untrained")):
+        for a, b in comparisons(args.arms):
             point = [token_mean(per_seed[s][a]) - token_mean(per_seed[s][b]) for s in complete]
             boot = np.mean([arrays[s][a][0][idx].sum(1) / arrays[s][a][1][idx].sum(1)
                             - arrays[s][b][0][idx].sum(1) / arrays[s][b][1][idx].sum(1) for s in complete], axis=0)
             low, high = np.percentile(boot, [2.5, 97.5])
-            std = statistics.stdev(point) if len(point) > 1 else 0.0
-            half = T975.get(len(point) - 1, 1.96) * std / math.sqrt(len(point)) if len(point) > 1 else math.nan
-            # The bootstrap interval is the prompts' uncertainty of this seeds' mean; the t-interval the
-            # seeds' (3 seeds: wide). Both are reported.
             across[f"{a} - {b}"] = {"mean": statistics.fmean(point), "low": float(low), "high": float(high),
-                                    "per_seed": point, "seed_std": std, "seeds": complete,
-                                    "seed_t_low": statistics.fmean(point) - half,
-                                    "seed_t_high": statistics.fmean(point) + half,
+                                    **seed_spread(point), "seeds": complete,
                                     "example_mean_per_seed": [out["seeds"][s][f"{a} - {b}"]["example_mean_diff"]
                                                               for s in complete]}
         out["across_seeds"] = across
     return out
+
+
+def seed_spread(point: list[float]) -> dict:
+    """The seeds' own interval of a mean difference (t over seeds; 3 seeds make it wide). The bootstrap
+    interval beside it is the prompts' uncertainty of these seeds' mean: both are reported."""
+    std = statistics.stdev(point) if len(point) > 1 else 0.0
+    half = T975.get(len(point) - 1, 1.96) * std / math.sqrt(len(point)) if len(point) > 1 else math.nan
+    mean = statistics.fmean(point)
+    return {"per_seed": point, "seed_std": std, "seed_t_low": mean - half, "seed_t_high": mean + half}
 
 
 def judge_step(args) -> dict:
@@ -248,7 +314,7 @@ def diagnose(args) -> list[dict]:
         prefs = read_jsonl(r1 / "preferences" / "preferences.jsonl", PreferencePair)
         row["chosen_response_longer"] = statistics.fmean(
             len(pairs[q.chosen_id].response) > len(pairs[q.rejected_id].response) for q in prefs) if prefs else None
-        for arm in ARMS:
+        for arm in args.arms:
             data = read_jsonl(args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "pairs.jsonl", Pair)
             counts = json.loads((args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "manifest.json")
                                 .read_text())["counts"]
@@ -304,31 +370,32 @@ def mechanism_rows(args) -> list[str]:
     return rows
 
 
-def write_summary(args, losses: dict, wins: dict | None) -> dict:
-    summary = {"setup": {"preset": args.preset, "seeds": args.seeds, "warmup": args.warmup, "probing": args.probing,
-                         "pairs": args.pairs, "heldout": str(args.heldout), "overrides": args.set},
-               "loss": losses, "win_rate": wins or {}}
-    md = [f"# paper-shape: Self-Instruct vs Montessori ({args.preset})", "",
+def write_summary(args, losses: dict, wins: dict | None, ifeval: dict | None = None) -> dict:
+    summary = {"setup": {"preset": args.preset, "seeds": args.seeds, "arms": list(args.arms), "warmup": args.warmup,
+                         "probing": args.probing, "pairs": args.pairs, "heldout": str(args.heldout),
+                         "ifeval": str(args.ifeval) if args.ifeval else None, "overrides": args.set},
+               "loss": losses, "ifeval": ifeval or {}, "win_rate": wins or {}}
+    diffs = [f"{a} - {b}" for a, b in comparisons(args.arms)]
+    md = [f"# paper-shape: {' vs '.join(args.arms)} ({args.preset})", "",
           (f"Held-out reference-answer loss (token mean, nats) on {args.heldout.name}; 95% bootstrap "
            "intervals over prompts; differences are paired (negative = the first predicts the answers better)."), "",
-          "| seed | untrained | self-instruct | montessori | montessori - self-instruct | montessori - untrained |",
-          "|---|---|---|---|---|---|"]
+          "| seed | untrained | " + " | ".join(args.arms) + " | " + " | ".join(diffs) + " |",
+          "|---|" + "---|" * (1 + len(args.arms) + len(diffs))]
     u = losses.get("untrained")
     for seed, row in losses["seeds"].items():
         cells = [fmt(u["token_mean"], u["token_mean_low"], u["token_mean_high"]) if u else "–"]
-        for arm in ARMS:
+        for arm in args.arms:
             r = row.get(arm)
             cells.append(fmt(r["token_mean"], r["token_mean_low"], r["token_mean_high"]) if r else "–")
-        for key in ("montessori - self-instruct", "montessori - untrained"):
+        for key in diffs:
             d = row.get(key)
             cells.append(fmt(d["token_mean_diff"], d["low"], d["high"]) if d else "–")
         md.append(f"| {seed} | " + " | ".join(cells) + " |")
     md += ["", "The same differences as the mean of each prompt's own loss per token (every prompt weighs the same):",
-           "", "| seed | montessori - self-instruct | montessori - untrained | self-instruct - untrained |",
-           "|---|---|---|---|"]
+           "", "| seed | " + " | ".join(diffs) + " |", "|---|" + "---|" * len(diffs)]
     for seed, row in losses["seeds"].items():
         cells = [fmt(d["example_mean_diff"], d["example_low"], d["example_high"]) if (d := row.get(k)) else "–"
-                 for k in ("montessori - self-instruct", "montessori - untrained", "self-instruct - untrained")]
+                 for k in diffs]
         md.append(f"| {seed} | " + " | ".join(cells) + " |")
     md.append("")
     for key, a in losses.get("across_seeds", {}).items():
@@ -369,9 +436,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--step", default="all",
-                   choices=("all", "teacher", "runs", "eval", "judge", "summary", "diagnose"),
+                   choices=("all", "style", "teacher", "runs", "eval", "judge", "summary", "diagnose"),
                    help="all = runs, eval, summary (the judge step only with --step judge); teacher = each arm's "
-                        "stages that need only the teacher")
+                        "stages that need only the teacher; style = the teacher's share of well-formed "
+                        "instructions under each prompt style")
     p.add_argument("--preset", default="paper-shape")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--warmup", type=int, default=256, help="warm-up pairs (split.warmup)")
@@ -392,6 +460,14 @@ def parse_args(argv=None):
     p.add_argument("--judge", default="qwen2.5-coder-1.5b")
     p.add_argument("--judge-device", default="auto")
     p.add_argument("--judge-all", action="store_true", help="also judge each trained student vs the untrained one")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=tuple(ARM_OVERRIDES),
+                   help="the arms, each at the same training budget (default: self-instruct montessori)")
+    p.add_argument("--ifeval", type=Path, default=IFEVAL if IFEVAL.exists() else None,
+                   help="IFEval-format prompts (verifiable instructions) every student answers greedily in the eval "
+                        "step; evaluation only (default: ../shared/data/ifeval_input_data.jsonl when present)")
+    p.add_argument("--ifeval-prompts", type=int, help="at most this many IFEval prompts (default all)")
+    p.add_argument("--ifeval-max-new-tokens", type=int, default=512)
+    p.add_argument("--style-prompts", type=int, default=32, help="--step style: generation prompts per style")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=1024)
@@ -407,8 +483,12 @@ def parse_args(argv=None):
     if args.sweep:
         args.set = sweep_overrides(json.loads(args.sweep.read_text())["chosen"]) + args.set
     if args.tiny:  # every step end to end in minutes on a CPU; the numbers mean nothing
-        args.preset, args.warmup, args.probing, args.pairs, args.mechanism_prompts = "tiny", 4, 8, 8, 2
+        from montessori.presets import tiny_overrides
+        # The preset on tiny random models of its architectures (qwen-gemma: Qwen2 teaching Gemma-3).
+        args.set = tiny_overrides(args.preset) + args.set
+        args.warmup, args.probing, args.pairs, args.mechanism_prompts = 4, 8, 8, 2
         args.eval_prompts, args.judge_prompts, args.max_new_tokens, args.bootstrap = 8, 4, 16, 200
+        args.ifeval_prompts, args.ifeval_max_new_tokens, args.style_prompts = 6, 16, 2
         args.reference = None
         if args.judge == "qwen2.5-coder-1.5b":
             args.judge = "tiny-random:2"
@@ -421,6 +501,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step == "teacher":
         run_arms(args, teacher_only=True)
+        return 0
+    if args.step == "style":
+        style_check(args)
         return 0
     if args.step == "diagnose":
         diagnose(args)
@@ -436,7 +519,7 @@ def main(argv=None) -> int:
     elif (args.out / "win_rate.json").exists():
         wins = json.loads((args.out / "win_rate.json").read_text())
     if args.step != "runs":
-        write_summary(args, loss_table(args), wins)
+        write_summary(args, loss_table(args), wins, None)
     return 0
 
 

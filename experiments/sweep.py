@@ -113,7 +113,9 @@ def dpo_sweep(args, cfg, run: Path) -> list[dict]:
                     continue
                 started = time.time()
                 model, tokenizer = load_model(cfg.models.teacher, cfg.models.device, cfg.models.dtype)
-                ref = load_model(cfg.models.teacher, cfg.models.device, cfg.models.dtype)[0].eval()
+                # With dpo.lora the reference is the teacher with its adapters off: no second copy.
+                ref = None if cfg.dpo.lora else load_model(cfg.models.teacher, cfg.models.device,
+                                                           cfg.models.dtype)[0].eval()
                 dpo = cfg.dpo.model_copy(update={"lr": lr, "min_lr": lr / 1000, "beta": beta,
                                                  "epochs": args.dpo_epochs})
                 work = args.out / ".trainer-dpo"
@@ -195,8 +197,11 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="dry run: tiny preset and models, a handful of steps")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    from montessori.presets import tiny_overrides
+    # --tiny: the preset on tiny random models of its architectures, at tiny sizes
+    args.tiny_set = tiny_overrides(args.preset) if args.tiny else []
     if args.tiny:
-        args.preset, args.warmup, args.probing, args.reference = "tiny", 4, 12, None
+        args.warmup, args.probing, args.reference = 4, 12, None
         args.sft_lrs, args.dpo_lrs, args.betas = [1e-4, 1e-3], [1e-4, 1e-3], [0.1]
         args.val_fraction = 0.34
     return args
@@ -205,7 +210,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    overrides = [f"split.warmup={args.warmup}", f"split.probing={args.probing}",
+    overrides = [*args.tiny_set, f"split.warmup={args.warmup}", f"split.probing={args.probing}",
                  f"generation.num_prompts={math.ceil((args.warmup + args.probing) / 3.2)}", "mechanism.enabled=false",
                  *([f"data.reference={args.reference}"] if args.reference else []), *args.set]
     cfg = load_preset(args.preset, overrides)

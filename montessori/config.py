@@ -17,7 +17,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegative
 
 from montessori.errors import InputError
 
-PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape")
+PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape", "qwen-gemma")
 
 # Every size, rate and probability is bounded here, so a bad value is refused (exit 2, naming the key)
 # before any stage runs or any old output is touched.

