@@ -1,6 +1,6 @@
 """How much of a candidate's influence belongs to its instruction? A test-retest of the preference label.
 
-DPO trains the teacher on instructions only (METHOD.md step 6), but the influence is measured on the
+DPO trains the teacher on instructions only (docs/method.md, step 6), but the influence is measured on the
 (instruction, answer) pair, and the answer is sampled (temperature 0.6). If two answers to the same
 instruction get unrelated influence, the instruction-level preference DPO is asked to learn is mostly
 the answer's luck, and no DPO setting can reach a high held-out reward accuracy (issue 14: 0.52-0.57).

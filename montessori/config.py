@@ -1,7 +1,7 @@
 """The run configuration: one YAML file, one typed schema, torchtune-style overrides.
 
-Every number of METHOD.md is a key here, with the paper's value as the default. Unknown keys and
-wrong types are errors that name the key (pydantic ``extra="forbid"``).
+Every number of the method is a key here, with the paper's value as the default unless docs/method.md
+says why not. Unknown keys and wrong types are errors that name the key (pydantic ``extra="forbid"``).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class SplitConfig(Section):
 
 
 class WarmupConfig(Section):
-    # One pass over the W warm-up pairs (METHOD.md step 3); there is no `epochs` key.
+    # One pass over the W warm-up pairs (docs/method.md, step 4); there is no `epochs` key.
     lr: PositiveFloat = 5e-6
     batch_size: PositiveInt = 1
     grad_accum: PositiveInt = 1
@@ -171,7 +171,7 @@ class WarmupConfig(Section):
     eps: PositiveFloat = 1e-8
     max_length: PositiveInt = 1024
     seed: int = 0  # the warm-up's data order (not the top-level seed, which seeds what samples)
-    # Arithmetic over fp32 master weights: auto = bfloat16 autocast on CUDA (METHOD.md), float32 on CPU.
+    # Arithmetic over fp32 master weights: auto = bfloat16 autocast on CUDA (docs/method.md, step 4), float32 on CPU.
     precision: AutoPrecision = "auto"
     gradient_checkpointing: bool = False
 
@@ -236,7 +236,7 @@ class InfluenceConfig(Section):
 
 class PreferencesConfig(Section):
     LATER_KEYS = frozenset({"control_length"})
-    # sign: chosen I>0 x rejected I<0 (METHOD.md); rank: above vs below the prompt's median.
+    # sign: chosen I>0 x rejected I<0 (the paper's, docs/method.md step 6); rank: above vs below the prompt's median.
     rule: Literal["sign", "rank"] = "sign"
     # Rank by the influence less its least-squares line in log response length (over the round's scored
     # candidates) instead of the raw influence. The influence rewards long answers (Spearman +0.33..+0.47
@@ -249,7 +249,7 @@ class PreferencesConfig(Section):
 
 
 class Schedule(Section):
-    """The schedule teacher DPO and student SFT share (METHOD.md steps 7 and 9: 1 epoch, WSD 10/50/40
+    """The schedule teacher DPO and student SFT share (docs/method.md, steps 7 and 9: 1 epoch, WSD 10/50/40
     down to min_lr). The keys stay flat in each section (dpo.lr, sft.lr): one definition, two uses."""
     lr: PositiveFloat
     min_lr: NonNegativeFloat

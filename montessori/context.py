@@ -80,5 +80,5 @@ class StageContext:
         return self.config.models.student
 
     def base_student_spec(self) -> str:
-        # METHOD.md step 9: SFT starts from the *base* student of the round (= the student entering it).
+        # docs/method.md, step 9: SFT starts from the *base* student of the round (= the student entering it).
         return self.student_spec()

@@ -118,7 +118,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
 
 
 def test_data_stage_writes_exactly_num_pairs(tmp_path, tiny_config):
-    """Stage `data` (METHOD.md step 8): prompt batches until sft.num_pairs instructions are kept, then answers."""
+    """Stage `data` (docs/method.md, step 8): prompt batches until sft.num_pairs instructions are kept, then answers."""
     config = tiny_config.model_copy(deep=True)
     config.method = "self-instruct"  # stages data, sft, eval: the data stage needs no DPO output here
     config.generation.instructions.max_new_tokens = config.generation.responses.max_new_tokens = 8

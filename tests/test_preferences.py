@@ -1,4 +1,4 @@
-"""Preference pairs: the sign rule of METHOD.md, the rank rule, options, and the stage's plain errors."""
+"""Preference pairs: the sign rule (docs/method.md, step 6), the rank rule, options, and the stage's plain errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Teacher data generation: instructions (METHOD.md step 1), responses (step 2), training data (step 8).
+"""Teacher data generation: instructions, responses and training data (docs/method.md, steps 1, 2 and 8).
 
     prompts.py   the two prompt styles (`tagged`, `list`) and their parsers
     filters.py   length / banned-word / first-character filters

@@ -1,4 +1,4 @@
-"""Instruction filters of METHOD.md step 1 (before the near-duplicate check).
+"""Instruction filters of docs/method.md, step 1 (before the near-duplicate check).
 
 Each returns the reason a candidate is dropped, or None; reasons are what `dropped.jsonl` and the
 stage counts show.

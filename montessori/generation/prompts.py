@@ -1,4 +1,4 @@
-"""Generation prompts (METHOD.md step 1) in two styles, each with its parser.
+"""Generation prompts (docs/method.md, step 1) in two styles, each with its parser.
 
 `tagged` (the paper's): one user turn shows 8 example instructions in <instruction> tags and asks for a
 brief reason, an optional input and exactly one new instruction in <instruction>...</instruction>; the
@@ -73,7 +73,7 @@ def _one_line(text: str) -> str:
 def choose_examples(rng: random.Random, seeds: list[tuple[str, str]], synthetic: list[tuple[str, str]],
                     k: int = 8, num_synthetic: int = 2, weights: list[float] | None = None) -> list[tuple[str, str]]:
     """k (id, text) examples: k - num_synthetic seeds + num_synthetic synthetic once that many exist,
-    else k seeds (METHOD.md: 6 + 2). Synthetic ones go last, as the newest items of the list.
+    else k seeds (docs/method.md, step 1: 6 + 2). Synthetic ones go last, as the newest items of the list.
 
     `weights` (one per seed, generation.steer) draws the seeds in proportion to them, without
     replacement; None draws them uniformly, exactly as before steering existed."""

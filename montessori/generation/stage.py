@@ -1,4 +1,4 @@
-"""Stages `instructions`, `responses` and `dataset` (METHOD.md steps 1, 2 and 8).
+"""Stages `instructions`, `responses` and `dataset` (docs/method.md, steps 1, 2 and 8).
 
 The processing order is fixed (by prompt, then sample index) and so is the batching: prompts are cut
 into batches of `generation.batch_size // n` from the first one, and each batch is sampled with a seed
@@ -307,7 +307,7 @@ def run_responses(ctx) -> dict:
 
 
 def run_dataset(ctx) -> dict:
-    """METHOD.md step 8: the DPO-updated teacher writes `sft.num_pairs` training pairs."""
+    """docs/method.md, step 8: the DPO-updated teacher writes `sft.num_pairs` training pairs."""
     cfg, gen = ctx.config, ctx.config.generation
     wanted = cfg.sft.num_pairs
     spec = ctx.teacher_spec(after_dpo=True)

@@ -1,4 +1,4 @@
-"""Local data influence of a candidate pair on a student (METHOD.md steps 3-5).
+"""Local data influence of a candidate pair on a student (docs/method.md, steps 3-5).
 
 Library API (usable from a notebook):
     from montessori.influence import compute_influence, load_warmup

@@ -1,4 +1,4 @@
-"""Local data influence, the definition (METHOD.md step 5), written to be read rather than to be fast.
+"""Local data influence, the definition (docs/method.md, step 5), written to be read rather than to be fast.
 
     I(z) = L(D_ref; θ_warm) − L(D_ref; θ_z),    θ_z = θ_warm + Δ_z
     Δ_z  = one AdamW step on z alone from the warm-up state (its moments m, v and step count t)

@@ -34,7 +34,7 @@ from montessori.store import atomic_write_json, read_jsonl, write_jsonl
 
 
 def split_pairs(pairs: list[Pair], warmup: int, probing: int) -> tuple[list[Pair], list[Pair]]:
-    """METHOD.md step 3: the first W pairs warm the student up, the next P are probed."""
+    """docs/method.md, step 3: the first W pairs warm the student up, the next P are probed."""
     if len(pairs) <= warmup:
         raise InputError(f"{len(pairs)} generated pairs but split.warmup={warmup}: no pair left to probe "
                          f"(lower split.warmup or generate more)")
@@ -44,7 +44,7 @@ def split_pairs(pairs: list[Pair], warmup: int, probing: int) -> tuple[list[Pair
 def warmup_precision(cfg: WarmupConfig, device: torch.device) -> str:
     if cfg.precision != "auto":
         return cfg.precision
-    return "bfloat16" if device.type == "cuda" else "float32"  # METHOD.md: bf16 (on GPU); CPU bf16 is slow
+    return "bfloat16" if device.type == "cuda" else "float32"  # docs/method.md, step 4; CPU bf16 is slow
 
 
 def train_warmup(model, examples: list[Example], cfg: WarmupConfig, *, pad_id: int, precision: str = "float32",

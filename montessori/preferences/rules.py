@@ -1,6 +1,6 @@
 """Pairing rules: from influence-scored candidates, grouped by generation prompt, to (chosen, rejected).
 
-`sign` (METHOD.md step 6): chosen = every candidate with I > 0, rejected = every candidate with I < 0.
+`sign` (docs/method.md, step 6): chosen = every candidate with I > 0, rejected = every candidate with I < 0.
 It starves when nearly all candidates share a sign (SmolLM2-135M after a short warm-up: 12 of 12
 measured candidates had I > 0). `rank` compares candidates *within* a prompt instead: chosen = those
 above the prompt's median influence, rejected = those below it, whatever their sign.

@@ -1,4 +1,4 @@
-"""Stage `preferences`: turn influence-scored candidates into DPO preference pairs (METHOD.md step 6).
+"""Stage `preferences`: turn influence-scored candidates into DPO preference pairs (docs/method.md, step 6).
 
 Reads instructions/prompts.jsonl + candidates.jsonl, influence/influence.jsonl (status "ok" only) and
 responses/pairs.jsonl (which candidate each scored pair answers, and its length); writes

@@ -1,4 +1,4 @@
-"""Stage `dpo`: teach the teacher to write the instructions that helped the student (METHOD.md step 7).
+"""Stage `dpo`: teach the teacher to write the instructions that helped the student (docs/method.md, step 7).
 
 TRL's DPOTrainer, sigmoid loss, beta 0.1, lr 1e-6, 1 epoch, batch 2, WSD 10/50/40 down to min_lr,
 max length 1024; the frozen reference is the teacher entering this round.

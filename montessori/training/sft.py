@@ -1,4 +1,4 @@
-"""Stage `sft`: train the student on the updated teacher's dataset (METHOD.md step 9).
+"""Stage `sft`: train the student on the updated teacher's dataset (docs/method.md, step 9).
 
 From the student entering this round (the base student in round 1, not the warmed-up copy), TRL's
 SFTTrainer, response-only loss, 1 epoch, AdamW lr 5e-6, WSD 10/50/40 down to min_lr, global batch 32

@@ -13,7 +13,7 @@ class Sampling:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 0.9
-    presence_penalty: float = 1.0  # as SamplingConfig (METHOD.md: 1.0); OpenAI's own default is 0
+    presence_penalty: float = 1.0  # as SamplingConfig (docs/method.md, steps 1-2: 1.0); OpenAI's own default is 0
     repetition_penalty: float = 1.0
     max_new_tokens: int = 1024
 
