@@ -4,7 +4,7 @@
 #   .whl/      py3.12 wheels the GPU image lacks (call 1)
 #   .gpudata/  the public data (call 1)
 #   .gpu/      env.sh, sourced first in every call, and models.txt: the carried GGUFs in stream order
-#   .carry/m.00..m.NN  the GGUFs as one stream: m.00 is 40 MiB (call 1 also carries the wheels and the
+#   .carry/m.00..m.NN  the GGUFs as one stream: m.00 is 32 MiB (call 1 also carries the wheels and the
 #              data), the rest 59 MiB + 64 KiB each, one per call
 # env.sh cuts each model out of the pieces once its bytes are all there and checks its sha256; the file
 # appears under its name only then, whole. MODELS names the models, teacher first, so the teacher's
@@ -28,8 +28,8 @@ for m in $MODELS; do  # file name, size, sha256: what env.sh cuts out of the str
   echo "$(basename $f) $(stat -c %s $f) $(sha256sum $f | cut -d' ' -f1)" >> .gpu/models.txt
   cat "$f" >> .carry/stream
 done
-head -c $((40 * 1048576)) .carry/stream > .carry/m.00
-tail -c +$((40 * 1048576 + 1)) .carry/stream | split -b $((59 * 1048576 + 65536)) -d -a 2 --numeric-suffixes=1 - .carry/m.
+head -c $((32 * 1048576)) .carry/stream > .carry/m.00
+tail -c +$((32 * 1048576 + 1)) .carry/stream | split -b $((59 * 1048576 + 65536)) -d -a 2 --numeric-suffixes=1 - .carry/m.
 rm .carry/stream
 cat .gpu/models.txt
 du -b .whl .gpu .gpudata .carry/m.* | cat
