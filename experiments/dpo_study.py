@@ -21,6 +21,7 @@ often the chosen candidate simply had the longer answer. Writes OUT/probe.json a
 
 Every result is appended to OUT/study.jsonl as soon as it is measured (a re-run measures only what is
 missing). Writes OUT/study.json and OUT/study.md (per run and pooled over runs), and prints the table.
+No data file of its own: everything comes from the run directories given as --runs.
 
     python experiments/dpo_study.py --out runs/dpo-study --runs runs/paper/seed-{0,1,2}/montessori
     python experiments/dpo_study.py --out runs/dpo-study-tiny --tiny     # dry run: tiny random models

@@ -25,6 +25,16 @@ Every step skips what is done: stages by their manifests, losses and answers by 
     python experiments/paper_shape.py --out runs/tiny --tiny                # dry run, tiny random models
 
 Writes OUT/summary.json and OUT/summary.md.
+
+Data files are arguments. Their defaults are in the public data folder ../shared/data beside the
+checkout (not in the repository); where it is absent, pass the files:
+
+  --heldout FILE    held-out prompts with trusted answers that no stage reads (default
+                    ../shared/data/self_instruct_user_oriented.jsonl; read by the eval and judge steps)
+  --reference FILE  every run's data.reference (default ../shared/data/reference_alpaca_eval_gpt4_256.jsonl
+                    when present, else the preset's builtin set; --tiny always uses the builtin set)
+  --ifeval FILE     IFEval-format prompts the eval step also answers (default
+                    ../shared/data/ifeval_input_data.jsonl when present, else none)
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ raw, within prompt (each prompt's mean removed: what the rank rule compares), an
 (preferences.control_length). Writes OUT/retest.jsonl (the second answers, resumable),
 OUT/scores.jsonl (resumable), OUT/reliability.json and OUT/reliability.md.
 
+No data file of its own: everything comes from --run (its records, warm-up state and config); the
+reference set is the one the run's config names (data.reference).
+
     python experiments/reliability.py --run runs/paper/seed-0/montessori --out runs/reliability-0
     python experiments/reliability.py --out runs/reliability-tiny --tiny   # dry run: tiny random models
 """

@@ -9,7 +9,17 @@ would type them; jobs run --workers at a time, each with OMP_NUM_THREADS=--threa
 script skips what is done (every run and eval is resumable), then prints the summary table and
 writes ROOT/summary.json and ROOT/summary.md.
 
-    python experiments/small_scale.py --root runs/experiment --seeds 0 1 2
+Data files are arguments. The public data folder ../shared/data (beside a checkout of the project,
+not in it) holds the default; a clone without it passes its own file:
+
+  --heldout FILE   held-out prompts with trusted answers, read by the eval step only (default
+                   ../shared/data/self_instruct_user_oriented.jsonl, relative to the working directory)
+
+The runs' seed and reference sets are the preset's (`builtin`); others go in as overrides, e.g.
+`data.reference=FILE`.
+
+    python experiments/small_scale.py --root runs/experiment --seeds 0 1 2 \
+        --heldout ../shared/data/self_instruct_user_oriented.jsonl
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ measures what is missing. Writes OUT/sweep.json and OUT/sweep.md, and prints the
     python experiments/sweep.py --out runs/sweep --probing 512 --sft-lrs 1e-5 3e-5 1e-4 3e-4 \\
         --dpo-lrs 1e-6 5e-6 2e-5 --betas 0.1 0.3
     python experiments/sweep.py --out runs/sweep-tiny --tiny        # dry run: tiny random models
+
+The one data file is an argument: --reference FILE, the data run's data.reference and the SFT rows'
+reference loss (default ../shared/data/reference_alpaca_eval_gpt4_256.jsonl, the public data folder
+beside the checkout, when present; else the preset's builtin set; --tiny always uses the builtin set).
 """
 
 from __future__ import annotations
