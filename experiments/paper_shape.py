@@ -118,8 +118,8 @@ def style_check(args) -> list[dict]:
     rows = []
     for style in STYLES:
         run = args.out / "style" / style
-        cfg = load_preset(args.preset, [f"generation.prompt_style={style}", f"generation.num_prompts={args.style_prompts}",
-                                        "name=style-" + style, *args.set])
+        cfg = load_preset(args.preset, [*args.set, f"generation.prompt_style={style}",  # last: the one measured
+                                        f"generation.num_prompts={args.style_prompts}", "name=style-" + style])
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", cfg.to_yaml())
         run_pipeline(cfg, run, until="instructions", progress=not args.quiet)
