@@ -309,6 +309,14 @@ class EvalConfig(Section):
     questions: str | None = None  # MT-Bench-style question file for 1-10 grading
     tasks: list[str] = []  # lm-evaluation-harness tasks (extra [eval]), e.g. [mmlu, arc_challenge]
     task_path: str | None = None  # folder of extra harness task YAMLs (local data)
+    # Verifiable instruction following: IFEval JSONL (key, prompt, instruction_id_list, kwargs), greedy
+    # answers checked by program (montessori.evaluation.ifeval, extra [ifeval]). None = not measured.
+    # Its answers get their own budget: lm-evaluation-harness's ifeval task allows 1280 new tokens, and
+    # "at least 300 words" does not fit in eval.max_new_tokens' 512.
+    LATER_KEYS = frozenset({"ifeval", "ifeval_max_prompts", "ifeval_max_new_tokens"})
+    ifeval: str | None = None
+    ifeval_max_prompts: PositiveInt | None = None  # the file's first N prompts
+    ifeval_max_new_tokens: PositiveInt = 1280
 
 
 class DistributedConfig(Section):

@@ -60,7 +60,8 @@ WARMUP = tuple(f"warmup.{k}" for k in ("lr", "batch_size", "grad_accum", "weight
                                        "max_length", "seed", "precision", "gradient_checkpointing"))
 EVAL = tuple(f"eval.{k}" for k in ("prompts", "max_examples", "batch_size", "max_length", "bootstrap_samples",
                                    "temperature", "max_new_tokens", "judge", "judge_url", "judge_model",
-                                   "questions", "tasks", "task_path"))
+                                   "questions", "tasks", "task_path", "ifeval", "ifeval_max_prompts",
+                                   "ifeval_max_new_tokens"))
 # Keys no stage's output depends on: labels, the number of rounds (the runner's loop), how an endpoint
 # is reached, and where stages run (executors give the same records on one process or many).
 NOT_FINGERPRINTED = ("name", "rounds", "generation.api_key_env", "generation.http_concurrency",
@@ -96,7 +97,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", "montessori.training.sft:run_sft", STUDENT + SFT, ("dataset",), round_inputs=("sft",)),
     Stage("eval", "montessori.evaluation.stage:run_eval",
           STUDENT + EVAL + ("data.lenient", "method", "seed"), ("sft",),
-          files=("eval.prompts", "eval.questions", "eval.task_path")),
+          files=("eval.prompts", "eval.questions", "eval.task_path", "eval.ifeval")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # Self-Instruct baseline: the same teacher writes the training set; no influence, no DPO.
@@ -271,6 +272,9 @@ def preflight(config: Config, stages: set[str] | None = None) -> None:
             except UnicodeDecodeError as err:
                 raise InputError(f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
                                  file=config.eval.questions) from None
+        if config.eval.ifeval:
+            from montessori.evaluation.ifeval import read_prompts
+            read_prompts(config.eval.ifeval, limit=config.eval.ifeval_max_prompts)
     teacher_stages = {"instructions", "responses", "dpo", "dataset"}
     if active & teacher_stages:
         check_model_spec(config.models.teacher, "models.teacher")

@@ -20,7 +20,8 @@ def _eval_config(args):
     base = load_config(args.config).eval if args.config else EvalConfig()
     values = base.model_dump()
     for key in ("prompts", "max_examples", "batch_size", "max_length", "bootstrap_samples", "temperature",
-                "max_new_tokens", "judge", "judge_url", "judge_model", "judge_api_key_env", "questions", "task_path"):
+                "max_new_tokens", "judge", "judge_url", "judge_model", "judge_api_key_env", "questions", "task_path",
+                "ifeval", "ifeval_max_prompts", "ifeval_max_new_tokens"):
         given = getattr(args, key)
         if given is not None:
             values[key] = given
@@ -48,6 +49,9 @@ def cmd_eval(args) -> int:
     read_pairs(cfg.prompts, lenient=args.lenient, limit=cfg.max_examples)
     if cfg.questions:
         read_questions(cfg.questions)
+    if cfg.ifeval:
+        from montessori.evaluation.ifeval import read_prompts
+        read_prompts(cfg.ifeval, limit=cfg.ifeval_max_prompts)
     if cfg.questions and not (cfg.judge or cfg.judge_url):
         raise InputError("--questions needs a judge (--judge SPEC or --judge-url URL --judge-model NAME)")
     judge = make_configured_judge(cfg, args.device, args.dtype)
@@ -56,6 +60,7 @@ def cmd_eval(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "eval.json", results)
     names = [s["name"] for s in results["students"]]
+    names += list(dict.fromkeys(e["student"] for e in results["metrics"] if e["student"] not in names))  # the floor
     table = Table(title=f"montessori eval: {results['prompts']['examples']} prompts from {cfg.prompts}")
     table.add_column("metric")
     for n in names:
@@ -94,7 +99,8 @@ def cmd_compare(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate students: reference-answer loss, judged win rate, grading, benchmarks",
+    p = sub.add_parser("eval", help="evaluate students: reference-answer loss, judged win rate, grading, benchmarks, "
+                                    "IFEval",
                        description="STUDENT is an HF model dir, a model spec (smollm2, tiny-random:N, *.gguf) or a run "
                                    "dir (its latest round's trained student). Win rates are against the first student.")
     p.add_argument("students", nargs="+", metavar="STUDENT")
@@ -108,6 +114,12 @@ def register(sub) -> None:
     p.add_argument("--questions", help="MT-Bench-style question file (turns) for 1-10 grading by the judge")
     p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (mmlu,arc-c,gsm8k,hellaswag,gpqa)")
     p.add_argument("--task-path", dest="task_path", help="folder of extra lm-evaluation-harness task YAMLs")
+    p.add_argument("--ifeval", metavar="FILE", help="IFEval prompts (JSONL: key, prompt, instruction_id_list, kwargs): "
+                                                   "verifiable instruction following of greedy answers")
+    p.add_argument("--ifeval-max-prompts", type=int, dest="ifeval_max_prompts", metavar="N",
+                   help="the file's first N prompts")
+    p.add_argument("--ifeval-max-new-tokens", type=int, dest="ifeval_max_new_tokens", metavar="N",
+                   help="answer budget for IFEval prompts (default 1280)")
     p.add_argument("--temperature", type=float, help="answer sampling temperature (0 = greedy, the default)")
     p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
     p.add_argument("--batch-size", type=int, dest="batch_size")

@@ -5,7 +5,9 @@
 Every metric is computed for every student; win rates are against the first student (the
 baseline, e.g. the Self-Instruct student, which then scores 50 by construction, as in the paper).
 `results["metrics"]` is a flat list {metric, student, value, low, high[, baseline]}: what `compare`
-tabulates (loss_diff, win_rate and lc_win_rate name the baseline they are relative to).
+tabulates (loss_diff, win_rate and lc_win_rate name the baseline they are relative to). With
+`cfg.ifeval`, IFEval accuracies (ifeval/*) too, and the floor of answering with the prompt itself as
+the student `prompt-as-answer` (montessori.evaluation.ifeval).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from montessori.config import EvalConfig
+from montessori.evaluation import ifeval
 from montessori.evaluation import loss as loss_metric
 from montessori.evaluation.answers import (Conversation, DecodeSettings, conversations_from_pairs, prompt_set_hash,
                                            read_questions, student_answers)
@@ -46,6 +49,7 @@ def evaluate(students: Sequence[str | Student], cfg: EvalConfig, out_dir: str | 
     read = read_pairs(cfg.prompts, lenient=lenient, limit=cfg.max_examples)
     pairs = read.records
     questions = read_questions(cfg.questions) if cfg.questions else None  # bad file: fail before any model loads
+    ifeval_prompts = ifeval.read_prompts(cfg.ifeval, limit=cfg.ifeval_max_prompts) if cfg.ifeval else None
     samples = cfg.bootstrap_samples
     results: dict = {
         "students": [{"name": s.name, "spec": s.spec, "fingerprint": model_fingerprint(s.spec)} for s in students],
@@ -115,7 +119,57 @@ def evaluate(students: Sequence[str | Student], cfg: EvalConfig, out_dir: str | 
                 results["grades"][s.name] = summary
                 metrics.append(metric("mt_score", s.name, summary["score"], summary.get("score_low"),
                                       summary.get("score_high")))
+
+    # 3. Verifiable instruction following: greedy answers, checked by program (no judge).
+    if ifeval_prompts is not None:
+        settings = DecodeSettings(0.0, cfg.ifeval_max_new_tokens, cfg.batch_size, seed)
+        convs = [Conversation(p.key, [p.prompt]) for p in ifeval_prompts]
+        per_prompt, answer_files = {}, {}
+        for s in students:
+            answers, answer_files[s.name] = student_answers(
+                s.spec, convs, settings, answers_cache_dir(s, answers_dir or out_dir / "answers"), device=device,
+                dtype=dtype, progress=progress)
+            per_prompt[s.name] = ifeval.score(ifeval_prompts, {k: a[0] for k, a in answers.items()})
+        results["ifeval"] = ifeval_section(ifeval_prompts, per_prompt, cfg, samples, seed, answer_files)
+        metrics.extend(ifeval_metrics(results["ifeval"], [s.name for s in students]))
     return results
+
+
+def ifeval_section(prompts, per_prompt: dict, cfg: EvalConfig, samples: int, seed: int, answer_files: dict) -> dict:
+    """eval.json's `ifeval`: each student's accuracies, the floor's, and paired differences (every
+    student against the first, and against the floor)."""
+    names = list(per_prompt)
+    floor_results = ifeval.floor(prompts)
+    section = {
+        "source": cfg.ifeval, "prompts": len(prompts), "instructions": sum(len(p.instruction_id_list) for p in prompts),
+        "hash": prompt_set_hash([Conversation(p.key, [p.prompt]) for p in prompts]),
+        "max_new_tokens": cfg.ifeval_max_new_tokens, "checkers": ifeval.library_version(),
+        "students": {n: ifeval.summarize(r, samples=samples, seed=seed) for n, r in per_prompt.items()},
+        "floor": ifeval.summarize(floor_results, samples=samples, seed=seed),
+        "difference": {f"{n} - {names[0]}": ifeval.difference(per_prompt[n], per_prompt[names[0]], samples=samples,
+                                                              seed=seed) for n in names[1:]},
+        "vs_floor": {f"{n} - {ifeval.FLOOR}": ifeval.difference(per_prompt[n], floor_results, samples=samples,
+                                                                seed=seed) for n in names},
+        "answers": {n: str(path) for n, path in answer_files.items()},
+    }
+    for n, summary in section["students"].items():
+        log.info("%s: IFEval prompt-level loose %.3f, instruction-level loose %.3f on %d prompts", n,
+                 summary["prompt_loose"], summary["inst_loose"], len(prompts))
+    return section
+
+
+def ifeval_metrics(section: dict, names: list[str]) -> list[dict]:
+    """The flat entries of `metrics`: ifeval/<level> per student and for the floor (student
+    `prompt-as-answer`), ifeval/<level>_diff of every other student against the first."""
+    out = []
+    for name, summary in [*((n, section["students"][n]) for n in names), (ifeval.FLOOR, section["floor"])]:
+        out += [metric(f"ifeval/{lv}", name, summary[lv], summary[f"{lv}_low"], summary[f"{lv}_high"])
+                for lv in ifeval.LEVELS]
+    for name in names[1:]:
+        diff = section["difference"][f"{name} - {names[0]}"]
+        out += [metric(f"ifeval/{lv}_diff", name, diff[lv], diff[f"{lv}_low"], diff[f"{lv}_high"], names[0])
+                for lv in ifeval.LEVELS]
+    return out
 
 
 def _answers(student: Student, convs: list[Conversation], settings: DecodeSettings, fallback: Path, device: str,
