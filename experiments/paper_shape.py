@@ -169,9 +169,68 @@ def ifeval_answers_file(args, seed: int | None, name: str) -> Path:
 
 def ifeval_conversations(args):
     from montessori.evaluation.answers import Conversation
-    records = [json.loads(line) for line in args.ifeval.read_text().splitlines() if line.strip()]
-    records = records[:args.ifeval_prompts] if args.ifeval_prompts else records
-    return records, [Conversation(str(r["key"]), [r["prompt"]]) for r in records]
+    from montessori.evaluation.ifeval import read_prompts
+    prompts = read_prompts(args.ifeval, limit=args.ifeval_prompts)
+    return prompts, [Conversation(p.key, [p.prompt]) for p in prompts]
+
+
+def ifeval_table(args) -> dict:
+    """IFEval accuracy (prompt and instruction level, strict and loose) of every student whose answers
+    exist, per seed, with the paired differences of `comparisons` and the prompt-as-answer floor. Scored
+    here from the saved answers, so the GPU run only has to write them."""
+    from montessori.evaluation import ifeval
+    prompts, _ = ifeval_conversations(args)
+
+    def scored(seed, name):
+        path = ifeval_answers_file(args, seed, name)
+        if not path.exists():
+            return None
+        answers = {k: v[0] for k, v in _cached_answers(path).items()}
+        if not all(p.key in answers for p in prompts):
+            return None  # still being answered
+        return ifeval.score(prompts, answers)
+
+    floor = ifeval.floor(prompts)
+    out: dict = {"prompts": len(prompts), "max_new_tokens": args.ifeval_max_new_tokens,
+                 "library": ifeval.library_version(),
+                 "floor": ifeval.summarize(floor, samples=args.bootstrap), "seeds": {}}
+    untrained = scored(None, "untrained")
+    out["untrained"] = ifeval.summarize(untrained, samples=args.bootstrap) if untrained else None
+    for seed in args.seeds:
+        found = {arm: r for arm in args.arms if (r := scored(seed, arm))}
+        if untrained:
+            found["untrained"] = untrained
+        row = {arm: ifeval.summarize(r, samples=args.bootstrap, seed=seed) for arm, r in found.items()
+               if arm != "untrained"}
+        for a, b in comparisons(args.arms):
+            if a in found and b in found:
+                row[f"{a} - {b}"] = ifeval.difference(found[a], found[b], samples=args.bootstrap, seed=seed)
+        out["seeds"][seed] = row
+    return out
+
+
+def _cached_answers(path: Path) -> dict[str, list[str]]:
+    from montessori.store import read_jsonl
+    return {r["id"]: r["answers"] for r in read_jsonl(path)}
+
+
+def ifeval_markdown(args, table: dict) -> list[str]:
+    from montessori.evaluation.ifeval import LEVELS
+
+    def cell(r, level):
+        return fmt(r[level], r[f"{level}_low"], r[f"{level}_high"], 3) if r else "–"
+    md = ["", (f"IFEval ({table['prompts']} prompts of {args.ifeval.name}, greedy answers of at most "
+               f"{table['max_new_tokens']} tokens, {table['library']}): accuracy [95% bootstrap over prompts]; "
+               "differences are paired (positive = the first follows more instructions)."), "",
+          "| seed | student | prompt strict | prompt loose | instruction strict | instruction loose |",
+          "|---|---|---|---|---|---|",
+          "| – | prompt-as-answer (floor) | " + " | ".join(cell(table["floor"], lv) for lv in LEVELS) + " |"]
+    if table["untrained"]:
+        md.append("| – | untrained | " + " | ".join(cell(table["untrained"], lv) for lv in LEVELS) + " |")
+    for seed, row in table["seeds"].items():
+        for key, r in row.items():
+            md.append(f"| {seed} | {key} | " + " | ".join(cell(r, lv) for lv in LEVELS) + " |")
+    return md
 
 
 def evaluate_students(args) -> None:
@@ -385,6 +444,7 @@ def write_summary(args, losses: dict, wins: dict | None, ifeval: dict | None = N
                          "probing": args.probing, "pairs": args.pairs, "heldout": str(args.heldout),
                          "ifeval": str(args.ifeval) if args.ifeval else None, "overrides": args.set},
                "loss": losses, "ifeval": ifeval or {}, "win_rate": wins or {}}
+
     diffs = [f"{a} - {b}" for a, b in comparisons(args.arms)]
     md = [f"# paper-shape: {' vs '.join(args.arms)} ({args.preset})", "",
           (f"Held-out reference-answer loss (token mean, nats) on {args.heldout.name}; 95% bootstrap "
@@ -412,6 +472,8 @@ def write_summary(args, losses: dict, wins: dict | None, ifeval: dict | None = N
         md.append(f"- across seeds {a['seeds']}: {key} = {fmt(a['mean'], a['low'], a['high'])} over prompts, "
                   f"t-interval over seeds [{a['seed_t_low']:.4f}, {a['seed_t_high']:.4f}] "
                   f"(seed std {a['seed_std']:.4f}; per seed {', '.join(f'{v:.4f}' for v in a['per_seed'])})")
+    if ifeval:
+        md += ifeval_markdown(args, ifeval)
     mech = mechanism_rows(args)
     if mech:
         md += ["", ("Mechanism check (fresh candidates, same prompts, same warm-up state): mean influence / "
@@ -529,7 +591,7 @@ def main(argv=None) -> int:
     elif (args.out / "win_rate.json").exists():
         wins = json.loads((args.out / "win_rate.json").read_text())
     if args.step != "runs":
-        write_summary(args, loss_table(args), wins, None)
+        write_summary(args, loss_table(args), wins, ifeval_table(args) if args.ifeval else None)
     return 0
 
 
