@@ -126,3 +126,36 @@ def test_each_adamw_pass_is_core_adamw_delta():
                                (1 - b2 ** t) ** 0.5, hp["eps"])) for ri, gi, mi, vi in zip(r, g, m, v))
     fused *= -hp["lr"] / (1 - b1 ** t)
     assert dots == pytest.approx(adam_part, rel=1e-5) and fused == pytest.approx(adam_part, rel=1e-5)
+
+
+# The presets' other architectures (qwen-gemma: a Qwen2 teacher, a Gemma-3 student), as TRL tests its
+# trainers: the definition against the obvious method and the engine's paths against the definition.
+# (Llama is the warm_dir above.) Gemma-3 brings sliding-window layers, scaled embeddings and soft caps.
+@pytest.fixture(scope="module", params=["tiny-random-qwen2:0", "tiny-random-gemma3:1"])
+def arch_warm_dir(request, tmp_path_factory):
+    from test_influence import WARM
+    from montessori.config import WarmupConfig
+    from montessori.influence import save_warmup, train_warmup
+    from montessori.models import load_model
+    model, tokenizer = load_model(request.param, device="cpu", dtype="float32")
+    optimizer, _ = train_warmup(model, encode_pairs(tokenizer, WARM, 128), WarmupConfig(lr=1e-3),
+                                pad_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("warmup")
+    save_warmup(folder, model, tokenizer, optimizer)
+    return folder
+
+
+def test_core_and_engine_on_each_preset_architecture(arch_warm_dir):
+    model, tokenizer, state = load_warmup(arch_warm_dir, "cpu")
+    reference, pairs = encode_pairs(tokenizer, REFERENCE, 128), encode_pairs(tokenizer, PAIRS, 128)
+    exact = [core.exact_influence(model, state, z, reference) for z in pairs]
+    linear = [core.linear_influence(model, state, z, reference) for z in pairs]
+    assert exact == pytest.approx([obvious_influence(model, tokenizer, state, p) for p in PAIRS], abs=TOL)
+    assert linear == pytest.approx([obvious_linear(model, tokenizer, state, p) for p in PAIRS], abs=TOL, rel=1e-5)
+    assert len({round(x, 4) for x in exact}) == 3
+    for path in ("exact-shadow-device", "linear-flat"):
+        settings = PATHS[path]
+        results = compute_influence(model, state, PAIRS, REFERENCE, tokenizer=tokenizer, max_length=128,
+                                    reference_max_length=128, **settings)
+        expected = exact if settings["estimator"] == "exact" else linear
+        assert [r.influence for r in results] == pytest.approx(expected, abs=TOL), path
