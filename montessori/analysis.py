@@ -17,15 +17,20 @@ whose indicator correlates most with influence (point-biserial r, with a bootstr
 the two lengths (Spearman r). Influence values of different rounds come from different warm-up
 states; they are pooled as they are (the `round` feature shows the difference).
 
+Above the tables, the verdict (montessori.verdict): did the student get better at the held-out tasks,
+how much of the teacher's data helped, which kinds helped most and least, and the next step. The
+summary also counts the run's own seed tasks by task type (`tasks`), beside the teacher's candidates.
+
 `analyze` writes RUN/analysis/candidates.jsonl (the features of every measured candidate) and
 RUN/analysis/summary.json (what it printed; `--json` prints it instead of the table). The report
-has the same numbers in its "Which data works" section, with plots.
+has the same numbers in its "Which data works" section, with plots, and the verdict at its top.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +39,12 @@ from montessori.errors import InputError
 # The features live below the views (tests/test_layers.py: generation steers by them); task_type and
 # has_input stay importable from here, where `montessori analyze` documents them.
 from montessori.features import (FEATURES, INSTRUCTION_BUCKETS, RESPONSE_BUCKETS, TASK_TYPES,  # noqa: F401
-                                 CandidateFeatures, has_input, measured_candidates, task_type)
-from montessori.store import RunStore, atomic_write_json, write_jsonl
+                                 CandidateFeatures, has_input, measured_candidates, seed_texts, task_type)
+from montessori.config import GenerationConfig
+from montessori.generation.dedup import near_duplicates
+from montessori.generation.prompts import detect_language
+from montessori.store import RunStore, atomic_write_json, read_jsonl, write_jsonl
+from montessori.verdict import run_verdict
 
 BOOTSTRAP_SAMPLES = 1000
 EXAMPLES = 3  # top and bottom examples kept per feature value
@@ -123,7 +132,7 @@ def separators(items: list[CandidateFeatures], seed: int = 0, top: int = SEPARAT
         if len(values) == 2:  # two complementary indicators: keep the one that goes with high influence
             found = [max(found, key=lambda r: r["r"])] if found else []
         rows += found
-    for feature in ("instruction_words", "response_words"):
+    for feature in ("instruction_chars", "response_chars"):
         x = np.array([getattr(c, feature) for c in items], dtype=np.float64)
         if x.std() == 0:
             continue
@@ -135,18 +144,60 @@ def separators(items: list[CandidateFeatures], seed: int = 0, top: int = SEPARAT
     return rows[:top]
 
 
+def own_tasks(run_dir: Path) -> dict:
+    """The run's seed tasks (with `init --tasks`, the user's own) by task type, and the language the teacher
+    was asked to write in (the instructions stage's record, else detected from the seeds); {} when the
+    seed file is not readable."""
+    texts = list(seed_texts(run_dir).values())
+    if not texts:
+        return {}
+    language = detect_language(texts)
+    store = RunStore(run_dir)
+    for round_ in store.rounds():
+        try:
+            language = (store.stage(round_, "instructions").manifest() or {}).get("language", language)
+        except InputError:  # a damaged manifest: status reports it; the seeds still say the language
+            pass
+        break
+    kinds = Counter(task_type(t) for t in texts)
+    return {"count": len(texts), "language": language,
+            "task_types": {k: kinds[k] for k in TASK_TYPES if kinds[k]}, "held_out_repeats": held_out_repeats(run_dir)}
+
+
+def held_out_repeats(run_dir: Path) -> list[dict]:
+    """Held-out tasks of `init --tasks` that nearly repeat a reference task (dedup's ROUGE-L rule, over
+    characters for Japanese or Chinese): the teacher was shown the one and influence measured against
+    it, so the held-out result partly measures what the run saw."""
+    folder = run_dir / "tasks"
+    if not (folder / "eval.jsonl").exists() or not (folder / "reference.jsonl").exists():
+        return []
+    def text(t: dict) -> str:
+        return f"{t.get('instruction', '')} {t.get('input') or ''}".strip()
+    held_out, reference = read_jsonl(folder / "eval.jsonl"), read_jsonl(folder / "reference.jsonl")
+    threshold = GenerationConfig.model_fields["rouge_threshold"].default
+    return [{"held_out": held_out[i]["id"], "held_out_instruction": text(held_out[i]),
+             "reference": reference[j]["id"], "reference_instruction": text(reference[j]), "rouge_l": f}
+            for i, j, f in near_duplicates([text(t) for t in held_out], [text(t) for t in reference], threshold)]
+
+
 def analyze(run_dir: str | Path, seed: int = 0) -> tuple[dict, list[CandidateFeatures]]:
-    """The summary (JSON-ready) and the per-candidate features of a run."""
+    """The summary (JSON-ready, with the verdict) and the per-candidate features of a run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not RunStore(run_dir).rounds():
         raise InputError(f"{run_dir}: not a run directory (no round-N folders)")
     items, invalid = measured_candidates(run_dir)
     summary = {"run": str(run_dir), "measured": len(items), "invalid": invalid, "task_types": list(TASK_TYPES),
                "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "level": 0.95, "seed": seed}, "features": {},
-               "separators": []}
-    if not items:
-        return summary, items
+               "separators": [], "tasks": own_tasks(run_dir)}
+    if items:
+        _measured_summary(summary, items, seed)
+    summary["verdict"] = run_verdict(run_dir, summary).as_dict()
+    return summary, items
+
+
+def _measured_summary(summary: dict, items: list[CandidateFeatures], seed: int) -> None:
     summary["overall"] = {k: v for k, v in group_stats(items, "all", seed).items() if k not in ("top", "bottom")}
+    summary["overall"]["share_negative"] = float(np.mean([c.influence < 0 for c in items]))
     for feature in FEATURES:
         groups: dict = {}
         for c in items:
@@ -156,7 +207,6 @@ def analyze(run_dir: str | Path, seed: int = 0) -> tuple[dict, list[CandidateFea
     for g in summary["features"]["seed"]:
         g["text"] = next(c.seed_text for c in items if c.seed == g["value"])
     summary["separators"] = separators(items, seed)
-    return summary, items
 
 
 def write_analysis(run_dir: str | Path, seed: int = 0) -> dict:
@@ -195,10 +245,20 @@ def _separator_rows(summary: dict) -> list[list[str]]:
              f(s["share_low"], ".0%")] for s in summary["separators"]]
 
 
+def print_verdict(console, verdict: dict) -> None:
+    from rich.markup import escape
+    console.print("[bold]Verdict[/]")
+    for line in verdict["lines"]:
+        console.print(f"  {escape(line)}")
+    console.print(f"  [bold]Next step:[/] {escape(verdict['next_step'])}\n")
+
+
 def print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
     console = Console()
+    if "verdict" in summary:
+        print_verdict(console, summary["verdict"])
     if not summary["measured"]:
         console.print(f"{summary['run']}: no measured influence yet (run the influence stage)")
         return
@@ -222,12 +282,14 @@ def print_summary(summary: dict) -> None:
     console.print(table)
 
 
-def report_sections(run_dir: Path) -> list:
-    """The report's "Which data works" sections (none before influence is measured)."""
+def report_sections(run_dir: Path, summary: dict | None = None) -> list:
+    """The report's "Which data works" sections (none before influence is measured); `summary`: the run's
+    `analyze` summary, when the caller has it."""
     from montessori.sections import Section
     from montessori.sections import figure as _figure
     from montessori.sections import png as _png
-    summary, _ = analyze(run_dir)
+    if summary is None:
+        summary, _ = analyze(run_dir)
     if not summary["measured"]:
         return []
     o = summary["overall"]

@@ -100,7 +100,7 @@ class SteerConfig(Section):
 
 
 class GenerationConfig(Section):
-    LATER_KEYS = frozenset({"steer", "engine", "compile"})
+    LATER_KEYS = frozenset({"steer", "engine", "compile", "language"})
     backend: Literal["auto", "transformers", "vllm", "http"] = "auto"
     # transformers backend: fast = own continuous-batching decode loop (backends/slots.py), generate =
     # `model.generate`; auto = fast on CUDA, generate on CPU (docs/benchmarks.md). compile: the fast
@@ -120,6 +120,10 @@ class GenerationConfig(Section):
     # 16 from bench/generate.py on CPU (docs/benchmarks.md); GPU presets use more.
     batch_size: PositiveInt = 16
     prompt_style: Literal["tagged", "list"] = "tagged"
+    # The language the teacher is asked to write instructions and answers in: `auto` detects it from the
+    # seed tasks (generation/prompts.detect_language; English, the prompts' own language, asks nothing
+    # more), else a name ("Japanese") or a code ("ja") the prompts spell out.
+    language: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\W\d_][\w ()'-]*$")] = "auto"
     num_prompts: PositiveInt = 64  # generation prompts per probing round (each sampled `instructions.n` times)
     examples_per_prompt: PositiveInt = 8
     synthetic_per_prompt: NonNegativeInt = 2  # once >= 2 synthetic instructions exist: 6 seeds + 2 synthetic

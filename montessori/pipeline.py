@@ -47,7 +47,7 @@ SEEDS = ("data.seeds", "data.max_seeds", "data.lenient", "data.max_seed_chars")
 # What the teacher is asked and which of its instructions are kept (instructions and dataset stages).
 PROMPTS = ("generation.prompt_style", "generation.examples_per_prompt", "generation.synthetic_per_prompt",
            "generation.instructions", "generation.min_chars", "generation.max_chars", "generation.banned_words",
-           "generation.rouge_threshold", "generation.steer", "seed")
+           "generation.rouge_threshold", "generation.steer", "generation.language", "seed")
 REFERENCE = ("data.reference", "data.max_reference", "data.reference_max_length", "data.lenient")
 INFLUENCE = tuple(f"influence.{k}" for k in (
     "utility", "judge", "judge_url", "judge_model", "estimator", "precision", "grad_precision", "lr",
@@ -74,7 +74,7 @@ STAGES: tuple[Stage, ...] = (
           TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.num_prompts",),
           round_inputs=("dpo",), files=("data.seeds",)),
     Stage("responses", "montessori.generation.stage:run_responses",
-          TEACHER + BACKEND + ("generation.responses", "seed"),
+          TEACHER + BACKEND + ("generation.responses", "generation.language", "seed"),
           ("instructions",), round_inputs=("dpo",)),
     Stage("warmup", "montessori.influence.warmup:run_warmup", STUDENT + ("split.warmup", "split.probing") + WARMUP,
           ("responses",), round_inputs=("sft",)),

@@ -1,7 +1,9 @@
 """`montessori report RUN_DIR`: one page per run, read from the run store alone.
 
 Writes RUN_DIR/report.html (self-contained: CSS inline, plots embedded as PNG) and RUN_DIR/report.md
-(the same tables, no plots). Per round: candidates generated / filtered / duplicate / kept, the
+(the same tables, no plots). At the top, the verdict in plain words (montessori.verdict: did the student
+improve, how much of the teacher's data helped, which kinds, the next step). Per round: candidates
+generated / filtered / duplicate / kept, the
 influence distribution, preference pairs, DPO reward margin and accuracy per step, the SFT loss
 curve, evaluation results when present, and the most and least influential instructions.
 A stage that has not run yet is simply left out, so the report works on a partial run too.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -221,7 +224,8 @@ def stage_table(store: RunStore) -> Section:
     return section
 
 
-def build_sections(run_dir: Path) -> tuple[list[Section], list[tuple[int, list[Section]]]]:
+def build_sections(run_dir: Path) -> tuple[dict, list[Section], list[tuple[int, list[Section]]]]:
+    """(the verdict, the sections above the rounds, each round's sections)."""
     store = RunStore(run_dir)
     overview: list[list] = []
     rounds = []
@@ -240,8 +244,9 @@ def build_sections(run_dir: Path) -> tuple[list[Section], list[tuple[int, list[S
     summary = Section("Rounds at a glance")
     summary.tables.append((["round", "influence measured", "share positive", "pairs", "DPO final margin",
                             "SFT final loss", "evaluation"], overview))
-    from montessori.analysis import report_sections  # which kinds of candidates helped, across rounds
-    return [summary, stage_table(store)] + report_sections(run_dir), rounds
+    from montessori.analysis import analyze, report_sections  # which kinds of candidates helped, across rounds
+    analysis, _ = analyze(run_dir)
+    return analysis["verdict"], [summary, stage_table(store)] + report_sections(run_dir, analysis), rounds
 
 
 def _config_line(run_dir: Path) -> str:
@@ -257,8 +262,12 @@ def _config_line(run_dir: Path) -> str:
             f"teacher {models.get('teacher', '')}, student {models.get('student', '')}")
 
 
-def render_html(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]]) -> str:
+def render_html(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]],
+                verdict: dict | None = None) -> str:
     e = html.escape
+
+    def code(text: str) -> str:  # `commands` in the verdict read as code
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", e(text))
 
     def section_html(s: Section, level: int) -> str:
         parts = [f"<h{level}>{e(s.title)}</h{level}>"]
@@ -273,6 +282,9 @@ def render_html(run_dir: Path, head: list[Section], rounds: list[tuple[int, list
         return "\n".join(parts)
 
     body = [f"<h1>Montessori-Instruct run report</h1><p>{e(str(run_dir))}<br>{e(_config_line(run_dir))}</p>"]
+    if verdict:
+        body.append("<div class=verdict><h2>Verdict</h2>" + "".join(f"<p>{code(line)}</p>" for line in verdict["lines"])
+                    + f"<p><strong>Next step:</strong> {code(verdict['next_step'])}</p></div>")
     body += [section_html(s, 2) for s in head]
     for round_, sections in rounds:
         body.append(f"<h2>Round {round_}</h2>")
@@ -280,12 +292,15 @@ def render_html(run_dir: Path, head: list[Section], rounds: list[tuple[int, list
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;"
              "text-align:left;vertical-align:top;max-width:700px}th{background:#f3f3f3}h2{border-bottom:2px solid #444;"
-             "margin-top:2em}figure{margin:.5em 0}figcaption{font-size:.9em;color:#555}.note{color:#555}")
+             "margin-top:2em}figure{margin:.5em 0}figcaption{font-size:.9em;color:#555}.note{color:#555}"
+             ".verdict{border-left:5px solid #4c72b0;background:#f4f7fb;padding:.2em 1.2em 1em;margin:1em 0}"
+             ".verdict h2{border:0;margin-top:.5em}")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>montessori report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def render_markdown(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]]) -> str:
+def render_markdown(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]],
+                    verdict: dict | None = None) -> str:
     def cell(v) -> str:
         return _fmt(v).replace("|", "\\|").replace("\n", " ")
 
@@ -300,6 +315,9 @@ def render_markdown(run_dir: Path, head: list[Section], rounds: list[tuple[int, 
         return out + [""]
 
     lines = ["# Montessori-Instruct run report", "", f"{run_dir}  ", _config_line(run_dir), ""]
+    if verdict:
+        lines += ["## Verdict", ""] + [x for line in verdict["lines"] for x in (line, "")]
+        lines += [f"**Next step:** {verdict['next_step']}", ""]
     for s in head:
         lines += section_md(s, 2)
     for round_, sections in rounds:
@@ -315,9 +333,9 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not RunStore(run_dir).rounds():
         raise InputError(f"{run_dir}: not a run directory (no round-N folders)")
-    head, rounds = build_sections(run_dir)
-    atomic_write_text(run_dir / "report.md", render_markdown(run_dir, head, rounds))
-    atomic_write_text(run_dir / "report.html", render_html(run_dir, head, rounds))
+    verdict, head, rounds = build_sections(run_dir)
+    atomic_write_text(run_dir / "report.md", render_markdown(run_dir, head, rounds, verdict))
+    atomic_write_text(run_dir / "report.html", render_html(run_dir, head, rounds, verdict))
     return run_dir / "report.html"
 
 

@@ -39,7 +39,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("stages", frozenset({"montessori.generation", "montessori.influence", "montessori.preferences",
                           "montessori.training", "montessori.evaluation", "montessori.features"})),
     ("runner", frozenset({"montessori.pipeline", "montessori.executors"})),
-    ("views", frozenset({"montessori.analysis", "montessori.report", "montessori.export", "montessori.tasks",
+    ("views", frozenset({"montessori.analysis", "montessori.verdict", "montessori.report", "montessori.export",
+                         "montessori.tasks",
                          "montessori.evaluation.cli"})),
     ("cli", frozenset({"montessori.cli"})),
 )

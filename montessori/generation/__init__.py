@@ -8,8 +8,9 @@
     serve.py     `montessori serve MODEL`: an OpenAI-compatible server over the transformers backend
 """
 
-from montessori.generation.dedup import RougeDeduper, dedup, rouge_l_f1, rouge_tokens
-from montessori.generation.prompts import build_prompt, choose_examples, parse_completion
+from montessori.generation.dedup import RougeDeduper, dedup, dedup_tokens, rouge_l_f1, rouge_tokens
+from montessori.generation.prompts import (answer_messages, build_prompt, choose_examples, detect_language,
+                                           parse_completion)
 
-__all__ = ["RougeDeduper", "build_prompt", "choose_examples", "dedup", "parse_completion", "rouge_l_f1",
-           "rouge_tokens"]
+__all__ = ["RougeDeduper", "answer_messages", "build_prompt", "choose_examples", "dedup", "dedup_tokens",
+           "detect_language", "parse_completion", "rouge_l_f1", "rouge_tokens"]

@@ -13,6 +13,14 @@ if it can reach the threshold:
 The few survivors get an exact LCS length by the bit-parallel algorithm of Allison and Dix (one
 big-integer add/or per token, i.e. the DP table's rows 64 cells per machine word), and the F1 is then
 computed with rouge-score's own float formula so borderline decisions are identical.
+
+rouge-score's tokenizer keeps only [a-z0-9]: Japanese or Chinese text becomes no tokens at all, so two
+near-identical Japanese instructions score 0 and both are kept (Russian or Greek text too). A text
+whose letters are mostly not ASCII is therefore tokenized by `dedup_tokens` instead: every character
+of a script written without spaces (kana, hanzi, hangul, Thai, ...) is a token (ROUGE-L over
+characters, as is usual for Chinese and Japanese), and any other run of letters or digits is a word.
+Text whose letters are mostly ASCII (English) keeps rouge-score's tokens, so its decisions are
+rouge-score's, exactly as before.
 """
 
 from __future__ import annotations
@@ -23,11 +31,27 @@ from collections import Counter
 import numpy as np
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
+# Scripts written without spaces between words: hiragana, katakana (and its half-width forms), CJK
+# ideographs (with extensions and compatibility forms), hangul syllables, Thai, Lao, Khmer, Myanmar.
+# (Korean puts spaces between phrases, not words: its phrases inflect, so characters match better.)
+_UNSPACED = ("\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+             "\uac00-\ud7af\u0e00-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f")
+_UNICODE_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+")
 
 
 def rouge_tokens(text: str) -> list[str]:
     """`rouge_score.tokenize.tokenize(text, None)` without the dependency."""
     return [t for t in _NON_ALNUM.sub(" ", text.lower()).split() if t]
+
+
+def dedup_tokens(text: str) -> list[str]:
+    """The tokens dedup compares: rouge-score's for text whose letters are mostly ASCII (English stays
+    exactly rouge-score), else one token per character of a script without spaces and one per run of
+    other letters or digits (Japanese, Chinese, Korean, Thai, Cyrillic, Greek, ...)."""
+    letters = [ch for ch in text if ch.isalpha()]
+    if sum(ch.isascii() for ch in letters) * 2 >= len(letters):
+        return rouge_tokens(text)
+    return _UNICODE_TOKEN.findall(text.lower())
 
 
 def lcs_length(masks: dict[str, int], n: int, other: list[str]) -> int:
@@ -93,7 +117,7 @@ class RougeDeduper:
         return len(self.tokens)
 
     def add(self, text: str) -> None:
-        tokens = rouge_tokens(text)
+        tokens = dedup_tokens(text)
         idx = len(self.tokens)
         self.tokens.append(tokens)
         self.masks.append(_masks(tokens))
@@ -104,12 +128,12 @@ class RougeDeduper:
     def max_score(self, text: str, at_least: float = 0.0) -> float:
         """Highest ROUGE-L F1 of `text` against the pool; exact whenever it is >= `at_least` (pairs
         that cannot reach `at_least` are not scored), 0.0 for an empty pool."""
-        return self._best(rouge_tokens(text), at_least, stop_above=None)
+        return self._best(dedup_tokens(text), at_least, stop_above=None)
 
     def is_duplicate(self, text: str, extra: list[str] = ()) -> bool:
         """ROUGE-L F1 > threshold against any pooled instruction or any of `extra` (the prompt's examples)."""
-        tokens = rouge_tokens(text)
-        if any(rouge_l_f1(tokens, rouge_tokens(e)) > self.threshold for e in extra):
+        tokens = dedup_tokens(text)
+        if any(rouge_l_f1(tokens, dedup_tokens(e)) > self.threshold for e in extra):
             return True
         return self._best(tokens, self.threshold, stop_above=self.threshold) > self.threshold
 
@@ -139,6 +163,17 @@ class RougeDeduper:
             if stop_above is not None and best > stop_above:
                 break
         return best
+
+
+def near_duplicates(texts: list[str], others: list[str], threshold: float = 0.7) -> list[tuple[int, int, float]]:
+    """(i, j, ROUGE-L F1) for every text i whose F1 with other j exceeds `threshold` (dedup's rule), e.g.
+    held-out tasks that nearly repeat a reference task; all pairs are scored (for tens of texts)."""
+    pool = [dedup_tokens(o) for o in others]
+    found = []
+    for i, text in enumerate(texts):
+        tokens = dedup_tokens(text)
+        found += [(i, j, f) for j, other in enumerate(pool) if (f := rouge_l_f1(tokens, other)) > threshold]
+    return found
 
 
 def dedup(texts: list[str], threshold: float = 0.7) -> list[bool]:

@@ -28,9 +28,9 @@ from montessori.errors import InputError
 from montessori.generation.backends import Backend, Request, Sampling, choose_backend, make_backend
 from montessori.generation.dedup import RougeDeduper
 from montessori.generation.filters import filter_reason
-from montessori.generation.prompts import build_prompt, choose_examples, parse_completion, unparsed_reason
+from montessori.generation.prompts import (ENGLISH, answer_messages, build_prompt, choose_examples, parse_completion,
+                                           resolve_language, unparsed_reason)
 from montessori.generation.steer import steer_weights
-from montessori.models.chat import user_turn
 from montessori.readers import read_seeds
 from montessori.records import Candidate, GenerationPrompt, Pair
 from montessori.store import JsonlAppender, read_jsonl
@@ -84,11 +84,12 @@ class GenerationCounts:
 def generate_instructions(backend: Backend, gen_cfg, seeds: list[tuple[str, str]], folder: Path, *,
                           round: int, prefix: str, seed: int, num_prompts: int | None = None,
                           target_kept: int | None = None, max_prompts: int | None = None,
-                          progress: bool = False, seed_weights: list[float] | None = None) -> GenerationCounts:
+                          progress: bool = False, seed_weights: list[float] | None = None,
+                          language: str = ENGLISH) -> GenerationCounts:
     """Sample instructions into folder/{prompts,candidates,dropped}.jsonl (resumable).
 
     Either `num_prompts` prompts, or batches of prompts until `target_kept` candidates are kept
-    (at most `max_prompts`)."""
+    (at most `max_prompts`). The prompts ask for instructions in `language` (`run_language`)."""
     sampling = Sampling.from_config(gen_cfg.instructions)
     per_batch = max(1, gen_cfg.batch_size // sampling.n)
     limit = num_prompts if num_prompts is not None else max_prompts
@@ -117,7 +118,7 @@ def generate_instructions(backend: Backend, gen_cfg, seeds: list[tuple[str, str]
                     rng = random.Random(derived_seed(seed, round, prefix, i))
                     examples = choose_examples(rng, seeds, synthetic, gen_cfg.examples_per_prompt,
                                                gen_cfg.synthetic_per_prompt, seed_weights)
-                    messages, prefill = build_prompt(gen_cfg.prompt_style, [t for _, t in examples])
+                    messages, prefill = build_prompt(gen_cfg.prompt_style, [t for _, t in examples], language)
                     prompts[pid] = GenerationPrompt(pid, messages, [e for e, _ in examples],
                                                     gen_cfg.prompt_style, prefill, round)
                     prompts_out.append(prompts[pid])
@@ -173,12 +174,13 @@ def answer_id(candidate_id: str, j: int) -> str:
 
 
 def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], path: Path, *, round: int,
-                       seed: int, progress: bool = False, answers: int = 1) -> dict:
+                       seed: int, progress: bool = False, answers: int = 1, language: str = ENGLISH) -> dict:
     """Answer each candidate's instruction as one user turn into `path` (pairs.jsonl; resumable).
 
     `answers` > 1 (the responses stage with generation.responses.n > 1): that many sampled answers per
     instruction, each its own pair (`answer_id`, `candidate_id` = the candidate), so the preferences
-    stage can score an instruction by the mean influence of its answers. Training data keeps one."""
+    stage can score an instruction by the mean influence of its answers. Training data keeps one.
+    The teacher is asked to answer in `language` (`prompts.answer_messages`: English asks nothing more)."""
     sampling = Sampling.from_config(gen_cfg.responses)
     sampling.n = answers
     per_batch = max(1, gen_cfg.batch_size // answers)
@@ -195,7 +197,8 @@ def generate_responses(backend: Backend, gen_cfg, candidates: list[Candidate], p
                 bar.update(len(batch))
                 continue
             t0 = time.perf_counter()
-            requests = [Request(user_turn(c.instruction), "", derived_seed(seed, round, "response", c.id))
+            requests = [Request(answer_messages(c.instruction, language), "",
+                                derived_seed(seed, round, "response", c.id))
                         for c in batch]
             # The batch's seed is its first request's: fixed batches make resumed sampling identical.
             completions = backend.generate(requests, sampling)
@@ -222,9 +225,10 @@ def sample_instructions(backend: Backend, cfg, *, round: int = 1, folder: Path |
     sampled as the stage samples them (the same records for the same config and round). `folder`
     keeps the stage's files (prompts, kept and dropped candidates; a re-call resumes); default: a
     temporary folder. `seeds`: (id, text) pairs instead of `data.seeds`."""
+    seeds = seeds if seeds is not None else _seeds(cfg)
     with _folder(folder) as out:
-        generate_instructions(backend, cfg.generation, seeds if seeds is not None else _seeds(cfg), out,
-                              round=round, prefix=f"r{round}", seed=cfg.seed, num_prompts=cfg.generation.num_prompts)
+        generate_instructions(backend, cfg.generation, seeds, out, round=round, prefix=f"r{round}", seed=cfg.seed,
+                              num_prompts=cfg.generation.num_prompts, language=run_language(cfg, seeds))
         return read_jsonl(out / "candidates.jsonl", Candidate)
 
 
@@ -236,7 +240,7 @@ def answer_candidates(backend: Backend, cfg, candidates: list[Candidate], *, rou
     answers = cfg.generation.responses.n
     with _folder(folder) as out:
         generate_responses(backend, cfg.generation, candidates, out / "pairs.jsonl", round=round, seed=cfg.seed,
-                           answers=answers)
+                           answers=answers, language=run_language(cfg))
         ids = {answer_id(c.id, j) for c in candidates for j in range(answers)}
         return [p for p in read_jsonl(out / "pairs.jsonl", Pair) if p.id in ids]
 
@@ -258,6 +262,15 @@ def _seeds(cfg) -> list[tuple[str, str]]:
     return [(s.id, s.text) for s in result.records]
 
 
+def run_language(cfg, seeds: list[tuple[str, str]] | None = None) -> str:
+    """The language the teacher writes in: generation.language, or with `auto` the seed tasks' language.
+    (The responses stage reads the seeds for it too: they are already in its fingerprint, through the
+    instructions stage's.)"""
+    if cfg.generation.language != "auto":
+        return resolve_language(cfg.generation.language, [])
+    return resolve_language("auto", [t for _, t in (seeds if seeds is not None else _seeds(cfg))])
+
+
 def _backend(ctx, spec: str) -> Backend:
     if ctx.make_backend is not None:  # the executor's (Ray: one engine per GPU behind the same interface)
         return ctx.make_backend(spec)
@@ -266,27 +279,28 @@ def _backend(ctx, spec: str) -> Backend:
     return make_backend(spec, gen, ctx.config.models)
 
 
-def _extra(ctx, spec: str) -> dict:
+def _extra(ctx, spec: str, language: str) -> dict:
     gen = ctx.config.generation
-    return {"teacher": spec, "backend": choose_backend(gen), "prompt_style": gen.prompt_style}
+    return {"teacher": spec, "backend": choose_backend(gen), "prompt_style": gen.prompt_style, "language": language}
 
 
 def run_instructions(ctx) -> dict:
     cfg = ctx.config
     spec = ctx.teacher_spec()
     seeds = _seeds(cfg)
+    language = run_language(cfg, seeds)
     weights, steer = steer_weights(ctx, seeds, this_round=False)
     backend = _backend(ctx, spec)
     try:
         counts = generate_instructions(backend, cfg.generation, seeds, ctx.stage.path, round=ctx.round,
                                        prefix=f"r{ctx.round}", seed=cfg.seed,
                                        num_prompts=cfg.generation.num_prompts, progress=ctx.progress,
-                                       seed_weights=weights)
+                                       seed_weights=weights, language=language)
     finally:
         backend.close()
     ctx.log.info("format compliance %.0f%% (%s style), %d of %d samples kept", 100 * counts.parsed /
                  max(counts.samples, 1), cfg.generation.prompt_style, counts.kept, counts.samples)
-    return counts.manifest() | {"_extra": _extra(ctx, spec) | steer}
+    return counts.manifest() | {"_extra": _extra(ctx, spec, language) | steer}
 
 
 def run_responses(ctx) -> dict:
@@ -296,14 +310,15 @@ def run_responses(ctx) -> dict:
         raise InputError(f"{source}: missing (run the instructions stage first)")
     candidates = read_jsonl(source, Candidate)
     spec = ctx.teacher_spec()
+    language = run_language(cfg)
     backend = _backend(ctx, spec)
     try:
         counts = generate_responses(backend, cfg.generation, candidates, ctx.stage.file("pairs.jsonl"),
                                     round=ctx.round, seed=cfg.seed, progress=ctx.progress,
-                                    answers=cfg.generation.responses.n)
+                                    answers=cfg.generation.responses.n, language=language)
     finally:
         backend.close()
-    return counts | {"_extra": _extra(ctx, spec)}
+    return counts | {"_extra": _extra(ctx, spec, language)}
 
 
 def run_dataset(ctx) -> dict:
@@ -312,6 +327,7 @@ def run_dataset(ctx) -> dict:
     wanted = cfg.sft.num_pairs
     spec = ctx.teacher_spec(after_dpo=True)
     seeds = _seeds(cfg)
+    language = run_language(cfg, seeds)
     weights, steer = steer_weights(ctx, seeds, this_round=True)  # "generate more of what works"
     backend = _backend(ctx, spec)
     max_prompts = max(1, math.ceil(gen.dataset_max_prompts_per_pair * wanted))
@@ -319,17 +335,17 @@ def run_dataset(ctx) -> dict:
         counts = generate_instructions(backend, gen, seeds, ctx.stage.path, round=ctx.round,
                                        prefix=f"r{ctx.round}-data", seed=cfg.seed,  # ids as in 0.1
                                        target_kept=wanted, max_prompts=max_prompts, progress=ctx.progress,
-                                       seed_weights=weights)
+                                       seed_weights=weights, language=language)
         kept = read_jsonl(ctx.stage.path / "candidates.jsonl", Candidate)[:wanted]
         if len(kept) < wanted:
             ctx.log.warning("dataset: only %d of %d instructions kept after %d prompts "
                             "(generation.dataset_max_prompts_per_pair); training on %d pairs",
                             len(kept), wanted, counts.prompts, len(kept))
         answered = generate_responses(backend, gen, kept, ctx.stage.file("pairs.jsonl"), round=ctx.round,
-                                      seed=cfg.seed, progress=ctx.progress)
+                                      seed=cfg.seed, progress=ctx.progress, language=language)
     finally:
         backend.close()
     result = counts.manifest()
     result |= {"pairs": answered["pairs"], "short": wanted - answered["pairs"],
                "response_tokens": answered["tokens"], "response_tokens_per_s": answered["tokens_per_s"]}
-    return result | {"_extra": _extra(ctx, spec) | steer}
+    return result | {"_extra": _extra(ctx, spec, language) | steer}

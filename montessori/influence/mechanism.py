@@ -25,12 +25,11 @@ import numpy as np
 
 from montessori.generation.backends import Request, Sampling
 from montessori.generation.filters import filter_reason
-from montessori.generation.prompts import build_prompt, choose_examples, parse_completion
-from montessori.generation.stage import _backend, _seeds, derived_seed
+from montessori.generation.prompts import ENGLISH, answer_messages, build_prompt, choose_examples, parse_completion
+from montessori.generation.stage import _backend, _seeds, derived_seed, run_language
 from montessori.influence.engine import compute_influence
 from montessori.influence.settings import InfluenceSettings
 from montessori.influence.warmup import load_warmup
-from montessori.models.chat import user_turn
 from montessori.readers import read_pairs
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, Record
 from montessori.store import JsonlAppender, atomic_write_json, read_jsonl
@@ -53,20 +52,21 @@ def mechanism_prompts(ctx) -> list[GenerationPrompt]:
     """The same fresh generation prompts for both teachers."""
     cfg, gen = ctx.config, ctx.config.generation
     seeds = _seeds(cfg)
+    language = run_language(cfg, seeds)  # as the instructions stage asks
     probing = [(c.id, c.instruction) for c in read_jsonl(ctx.input("instructions").path / "candidates.jsonl",
                                                           Candidate)]
     prompts = []
     for i in range(cfg.mechanism.num_prompts):
         rng = random.Random(derived_seed(cfg.seed, ctx.round, "mechanism", i))
         examples = choose_examples(rng, seeds, probing, gen.examples_per_prompt, gen.synthetic_per_prompt)
-        messages, prefill = build_prompt(gen.prompt_style, [t for _, t in examples])
+        messages, prefill = build_prompt(gen.prompt_style, [t for _, t in examples], language)
         prompts.append(GenerationPrompt(f"r{ctx.round}-mech-p{i:05d}", messages, [e for e, _ in examples],
                                         gen.prompt_style, prefill, ctx.round))
     return prompts
 
 
 def write_candidates(backend, gen, prompts: list[GenerationPrompt], teacher: str, seed: int,
-                     out: JsonlAppender) -> None:
+                     out: JsonlAppender, language: str = ENGLISH) -> None:
     """n instructions per prompt, then one answer per kept instruction, appended batch by batch; a
     batch whose candidates are all written is skipped (the batches are fixed, so resuming is exact)."""
     sampling = Sampling.from_config(gen.instructions)
@@ -89,8 +89,8 @@ def write_candidates(backend, gen, prompts: list[GenerationPrompt], teacher: str
                                                   dropped=reason))
         kept = [c for c in written if c.dropped is None]
         if kept:
-            requests = [Request(user_turn(c.instruction), "", derived_seed(seed, c.prompt_id, "response"))
-                        for c in kept]
+            requests = [Request(answer_messages(c.instruction, language), "",
+                                derived_seed(seed, c.prompt_id, "response")) for c in kept]
             for cand, (comp,) in zip(kept, backend.generate(requests, answer)):
                 cand.response = comp.text.strip()
         for cand in written:
@@ -170,7 +170,7 @@ def run_mechanism(ctx) -> dict:
         for teacher in TEACHERS:
             backend = _backend(ctx, specs[teacher])
             try:
-                write_candidates(backend, cfg.generation, prompts, teacher, seed, out)
+                write_candidates(backend, cfg.generation, prompts, teacher, seed, out, run_language(cfg))
             finally:
                 backend.close()
         candidates = [c for c in out.records if c.dropped is None]
