@@ -1,6 +1,6 @@
 """The run store: a run directory with one folder per round and stage, each with a manifest.
 
-Layout (a public contract; README documents it):
+Layout (a public contract; docs/run-directory.md documents it):
 
     RUN/config.resolved.yaml        the resolved config of the latest `montessori run`
     RUN/montessori.log              the run's log

@@ -1,6 +1,6 @@
 """Stage `warmup`: split the generated pairs, fine-tune the student on the warm-up set, save its state.
 
-Saved state (a framework-neutral layout; README documents it), RUN/round-R/warmup/:
+Saved state (a framework-neutral layout; docs/run-directory.md documents it), RUN/round-R/warmup/:
 
     model/          HF model directory (fp32 weights + tokenizer): the warm-up weights θ_warm
     optimizer.pt    torch.optim.AdamW(model.parameters()).state_dict(): one param group, parameters in
