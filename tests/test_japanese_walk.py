@@ -23,10 +23,12 @@ def test_japanese_tasks_from_init_to_export(tmp_path, capsys):
     run = tmp_path / "shop"
     assert main(["init", str(run), "--tasks", str(TASKS), "--preset", "tiny"]) == 0
     assert "read 19 tasks" in capsys.readouterr().out
-    # 4 examples a prompt, not 8: SmolLM2's tokenizer spends about 1.5 tokens on a Japanese character, and
-    # 8 Japanese examples (up to ~640 tokens) overflow the tiny preset's dpo.max_length=512 (DPO refuses
-    # the run, naming the key); 4 fit, and the DPO stage, most of this test's time, runs on half the tokens.
-    assert main(["run", str(run / "config.yaml"), "generation.examples_per_prompt=4"]) == 0
+    # Kept under a minute on 2 cores, where DPO is most of the run: 4 examples a prompt, not 8 (SmolLM2's
+    # tokenizer spends 1.6 tokens on a Japanese character: 8 of these tasks make a 641-token prompt, past
+    # the tiny preset's dpo.max_length=512, which DPO refuses naming the key; 4 make 326), and one
+    # preference pair per prompt (one DPO step, not four: 13 s instead of 44 s, measured under load).
+    assert main(["run", str(run / "config.yaml"), "generation.examples_per_prompt=4",
+                 "preferences.max_per_prompt=1"]) == 0
 
     # The teacher was asked for Japanese: in every generation prompt, and each writing stage says so.
     round1 = run / "round-1"
