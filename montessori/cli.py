@@ -28,6 +28,9 @@ def cmd_init(args) -> int:
     if args.tasks is not None:  # seeds, reference and evaluation split from the user's own tasks
         from montessori.tasks import cmd_init_tasks
         return cmd_init_tasks(args)
+    if args.teacher_url or args.teacher_model:
+        raise InputError("--teacher-url and --teacher-model choose the teacher of a run made from your tasks: "
+                         "use them with --tasks FILE (or set generation.base_url and models.teacher)")
     args.preset = args.preset or "smollm2-demo"
     text = preset_text(args.preset)
     load_preset(args.preset)  # a preset that does not validate is a bug: fail before writing

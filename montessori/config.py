@@ -17,7 +17,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegative
 
 from montessori.errors import InputError
 
-PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape", "qwen-gemma")
+PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape", "qwen-gemma", "own-tasks")
 
 # Every size, rate and probability is bounded here, so a bad value is refused (exit 2, naming the key)
 # before any stage runs or any old output is touched.
@@ -100,8 +100,13 @@ class SteerConfig(Section):
 
 
 class GenerationConfig(Section):
-    LATER_KEYS = frozenset({"steer", "engine", "compile", "language"})
-    backend: Literal["auto", "transformers", "vllm", "http"] = "auto"
+    LATER_KEYS = frozenset({"steer", "engine", "compile", "language", "threads"})
+    # auto: http with a base_url, else vLLM on a GPU, else llama.cpp for a GGUF teacher on the CPU when
+    # llama-cpp-python is installed (`montessori[cpu]`), else transformers. llamacpp runs GGUF teachers
+    # only; a teacher in HF form (the DPO-updated one) runs on transformers.
+    backend: Literal["auto", "transformers", "vllm", "http", "llamacpp"] = "auto"
+    # llamacpp: CPU threads; None = every core this process may use. Not fingerprinted (how it runs).
+    threads: PositiveInt | None = None
     # transformers backend: fast = own continuous-batching decode loop (backends/slots.py), generate =
     # `model.generate`; auto = fast on CUDA, generate on CPU (docs/benchmarks.md). compile: the fast
     # engine's decode step through torch.compile + CUDA graphs (on), as captured CUDA graphs of the

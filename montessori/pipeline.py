@@ -65,7 +65,8 @@ EVAL = tuple(f"eval.{k}" for k in ("prompts", "max_examples", "batch_size", "max
 # Keys no stage's output depends on: labels, the number of rounds (the runner's loop), how an endpoint
 # is reached, and where stages run (executors give the same records on one process or many).
 NOT_FINGERPRINTED = ("name", "rounds", "generation.api_key_env", "generation.http_concurrency",
-                     "generation.http_timeout", "generation.http_max_retries", "influence.judge_api_key_env",
+                     "generation.http_timeout", "generation.http_max_retries", "generation.threads",
+                     "influence.judge_api_key_env",
                      "eval.judge_api_key_env",
                      "distributed")
 
@@ -285,6 +286,7 @@ def preflight(config: Config, stages: set[str] | None = None) -> None:
         if gen.backend == "http" and not gen.base_url:
             raise InputError("generation.backend=http needs generation.base_url (the server's /v1 address)")
         needs.append(("generation.backend=vllm", gen.backend == "vllm", "vllm", "vllm"))
+        needs.append(("generation.backend=llamacpp", gen.backend == "llamacpp", "llama_cpp", "cpu"))
     needs.append(("distributed.ray=true", config.distributed.ray, "ray", "ray"))
     for key, wanted, module, extra in needs:
         if wanted and importlib.util.find_spec(module) is None:

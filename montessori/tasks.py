@@ -38,11 +38,12 @@ SIZES = {"tinyllama-1b": GPU_SIZES, "llama3-8b": GPU_SIZES}
 
 
 def machine_preset() -> tuple[str, str]:
-    """(preset, why): the embedded model on CPU, the TinyLlama student on a CUDA machine."""
+    """(preset, why): own-tasks (sized for a local teacher on a 2-core CPU) without CUDA, the TinyLlama
+    student on a CUDA machine."""
     import torch
     if torch.cuda.is_available():
         return "tinyllama-1b", f"CUDA device {torch.cuda.get_device_name(0)}"
-    return "smollm2-demo", "no CUDA device"
+    return "own-tasks", "no CUDA device"
 
 
 def split_tasks(tasks: list[SeedTask], seed: int, eval_fraction: float) -> tuple[list[SeedTask], list[SeedTask]]:
@@ -62,8 +63,10 @@ def _merge(raw: dict, changes: dict) -> None:
 
 
 def init_from_tasks(dir: str | Path, tasks_file: str, *, preset: str | None = None, seed: int = 0,
-                    eval_fraction: float = EVAL_FRACTION, force: bool = False) -> str:
-    """Validate the task file, split it, write DIR/tasks/* and DIR/config.yaml; returns a summary line."""
+                    eval_fraction: float = EVAL_FRACTION, force: bool = False, teacher_url: str | None = None,
+                    teacher_model: str | None = None) -> str:
+    """Validate the task file, split it, write DIR/tasks/* and DIR/config.yaml; returns a summary line, the
+    teacher's line (montessori.teacher) and, when the teacher will not teach much or is slow, a warning."""
     if not 0 < eval_fraction < 1:
         raise InputError(f"--eval-fraction {eval_fraction}: must be between 0 and 1")
     tasks = read_tasks(tasks_file).records
@@ -74,7 +77,7 @@ def init_from_tasks(dir: str | Path, tasks_file: str, *, preset: str | None = No
     if len(reference) < MIN_EVAL:
         raise InputError(f"--eval-fraction {eval_fraction} leaves {len(reference)} of {len(tasks)} tasks "
                          f"for the seeds and reference set: lower it")
-    why = "--preset"
+    why, machine_pick = "--preset", preset is None
     if preset is None:
         preset, why = machine_preset()
     if preset not in PRESETS:
@@ -87,6 +90,11 @@ def init_from_tasks(dir: str | Path, tasks_file: str, *, preset: str | None = No
     # Absolute paths: the run reads them from whatever directory `montessori run` starts in.
     raw = yaml.safe_load(preset_text(preset))
     _merge(raw, SIZES.get(preset, {}))
+    from montessori.teacher import choose_teacher
+    teacher = choose_teacher(preset=preset, preset_teacher=raw["models"]["teacher"], url=teacher_url,
+                             model=teacher_model, machine_pick=machine_pick, cuda=why.startswith("CUDA"),
+                             api_key_env=(raw.get("generation") or {}).get("api_key_env", "OPENAI_API_KEY"))
+    _merge(raw, teacher.changes)
     _merge(raw, {"name": root.name,
                  "data": {"seeds": str(folder / "reference.jsonl"), "reference": str(folder / "reference.jsonl"),
                           "max_seeds": None, "max_reference": None},
@@ -104,11 +112,12 @@ def init_from_tasks(dir: str | Path, tasks_file: str, *, preset: str | None = No
         "reference": [t.id for t in reference], "eval": [t.id for t in evaluation]})
     header = (f"# From preset {preset} ({why}) by `montessori init --tasks {tasks_file}`: data.seeds and\n"
               f"# data.reference are the {len(reference)} reference tasks, eval.prompts the {len(evaluation)} "
-              f"held out (tasks/split.json).\n")
+              f"held out (tasks/split.json).\n# {teacher.line}\n")
     atomic_write_text(target, header + config.to_yaml())
     return (f"read {len(tasks)} tasks from {tasks_file}: {len(reference)} seeds and reference answers, "
             f"{len(evaluation)} held out for evaluation (split seed {seed}); preset {preset} ({why}); "
-            f"wrote {target}; run it with: montessori run {target}")
+            f"wrote {target}; run it with: montessori run {target}\n{teacher.line}"
+            + (f"\nwarning: {teacher.warning}" if teacher.warning else ""))
 
 
 def _sha256(path: Path) -> str:
@@ -119,7 +128,8 @@ def _sha256(path: Path) -> str:
 
 def cmd_init_tasks(args) -> int:
     print(init_from_tasks(args.dir, args.tasks, preset=args.preset, seed=args.split_seed,
-                          eval_fraction=args.eval_fraction, force=args.force))
+                          eval_fraction=args.eval_fraction, force=args.force, teacher_url=args.teacher_url,
+                          teacher_model=args.teacher_model))
     return 0
 
 
@@ -130,4 +140,7 @@ def add_arguments(p) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out evaluation split (--tasks)")
     p.add_argument("--eval-fraction", type=float, default=EVAL_FRACTION,
                    help=f"share of the tasks held out for evaluation (--tasks; at least {MIN_EVAL})")
+    p.add_argument("--teacher-url", metavar="URL", help="the teacher at an OpenAI-compatible endpoint (/v1 "
+                   "address; --tasks): Ollama, llama.cpp server, vLLM, an API; key from $generation.api_key_env")
+    p.add_argument("--teacher-model", metavar="NAME", help="the model the --teacher-url endpoint serves")
 

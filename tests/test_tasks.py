@@ -51,7 +51,7 @@ def test_init_splits_tasks_into_seeds_reference_and_held_out_eval(tmp_path, caps
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
 def test_preset_is_chosen_from_the_machine(tmp_path, capsys):
     assert main(["init", str(tmp_path / "run"), "--tasks", str(write_csv(tmp_path / "t.csv"))]) == 0
-    assert "preset smollm2-demo (no CUDA device)" in capsys.readouterr().out
+    assert "preset own-tasks (no CUDA device)" in capsys.readouterr().out
     assert _config(tmp_path / "run").models.student == "smollm2"
 
 

@@ -275,13 +275,14 @@ def _backend(ctx, spec: str) -> Backend:
     if ctx.make_backend is not None:  # the executor's (Ray: one engine per GPU behind the same interface)
         return ctx.make_backend(spec)
     gen = ctx.config.generation
-    ctx.log.info("teacher %s on backend %s", spec, choose_backend(gen))
+    ctx.log.info("teacher %s on backend %s", spec, choose_backend(gen, spec, ctx.config.models))
     return make_backend(spec, gen, ctx.config.models)
 
 
 def _extra(ctx, spec: str, language: str) -> dict:
     gen = ctx.config.generation
-    return {"teacher": spec, "backend": choose_backend(gen), "prompt_style": gen.prompt_style, "language": language}
+    return {"teacher": spec, "backend": choose_backend(gen, spec, ctx.config.models),
+            "prompt_style": gen.prompt_style, "language": language}
 
 
 def run_instructions(ctx) -> dict:

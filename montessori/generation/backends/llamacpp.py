@@ -1,0 +1,360 @@
+"""llama.cpp backend (`generation.backend: llamacpp`, extra `[cpu]`): a GGUF teacher run as it is, quantized,
+in process on the CPU through llama-cpp-python's C API.
+
+Why: the transformers backend dequantizes a GGUF to fp32 torch, and Qwen2.5-Coder-1.5B then writes 8-14
+tokens/s on 2 cores; llama.cpp runs the Q4_K weights directly, several times faster (docs/benchmarks.md,
+"llama.cpp on the 2-core CPU"). In process rather than llama.cpp's server behind the http backend: no
+port, no process to start and stop, and the prompt and the sampling stay ours, as below.
+
+What it shares with the other backends, so the same config means the same thing on each:
+
+- the prompt: the model's chat template (a named model's own, as `load_tokenizer` would set it) rendered by
+  transformers' own jinja renderer with the tokenizer's special tokens, then tokenized with special tokens
+  parsed and no BOS added: the text the transformers backend conditions on (tested against it).
+- sampling: llama.cpp computes the logits; numpy applies what hf.py applies, in its order: repetition
+  penalty over prompt and generated tokens (transformers' meaning), presence penalty over the generated
+  ones (OpenAI/vLLM's), temperature, top-p, then one draw from a generator seeded by the request's seed
+  and the sample's index. A sample's draws thus depend on its own request only; its logits come from
+  llama.cpp's kernels, which may round differently when other rows share the step (the stages hand over
+  the same batches on a re-run, so a resumed stage samples the same text).
+- continuous batching: up to `parallel` sequences decode in one llama_decode per step, each in its own
+  KV stream; an ended sequence's slot takes the next waiting request at once. A request's prompt is
+  decoded once and its KV copied to its n samples.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from montessori.errors import InputError
+from montessori.generation.backends.base import Backend, Completion, Request, Sampling
+
+log = logging.getLogger(__name__)
+
+# llama.cpp's CPU threads meet at an OpenMP barrier after every op. Spinning there (OpenMP's default) while
+# another process holds a core made 2 threads 7x slower than 1 on the shared 2-core machine; sleeping cost
+# them little (docs/benchmarks.md). libgomp reads this when it loads: before anything imports llama_cpp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_source(spec: str) -> tuple[Path, str | None] | None:
+    """(GGUF file, chat template replacing the file's or None) when `spec` names a GGUF model, else None.
+    Assembles a named model's parts once (as the transformers path does); resolves nothing else."""
+    from montessori.models.load import NAMED_MODELS, assemble_gguf
+    if spec in NAMED_MODELS:
+        named = NAMED_MODELS[spec]
+        return assemble_gguf(named), named.chat_template
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise InputError(f"model '{spec}': GGUF file not found")
+        named = next((m for m in NAMED_MODELS.values() if m.gguf == path.name), None)
+        return path, named.chat_template if named else None
+    return None
+
+
+def is_gguf_spec(spec: str) -> bool:
+    """Does `spec` name a GGUF model (a named model or a .gguf path)? Nothing is read or assembled."""
+    from montessori.models.load import NAMED_MODELS
+    return spec in NAMED_MODELS or spec.endswith(".gguf")
+
+
+def default_threads() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class _Row:
+    """One sample being decoded in a slot (KV stream)."""
+    index: int  # prompt-major: prompt i's sample j is row i * n + j
+    seq: int
+    pos: int  # position of the next token fed (the first sampled one goes right after the prompt)
+    rng: np.random.Generator
+    seen: np.ndarray  # bool over the vocabulary: prompt + generated (repetition penalty)
+    generated: np.ndarray  # bool over the vocabulary: generated only (presence penalty)
+    ids: list[int] = field(default_factory=list)
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    # Refills ended rows within a call: the responses stage hands it several batches at once.
+    continuous = True
+
+    def __init__(self, gguf: str | Path, *, chat_template: str | None = None, threads: int | None = None,
+                 parallel: int = 16):
+        """`parallel`: sequences decoded at once (`generation.batch_size`); `threads`: CPU threads
+        (`generation.threads`; None = every core this process may use)."""
+        import llama_cpp
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+        self.lib, self.path = llama_cpp, Path(gguf)
+        self.threads = threads or default_threads()
+        self.parallel = max(1, parallel)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise InputError(f"{self.path}: llama.cpp could not load this GGUF file")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.chat_template = chat_template or self.meta("tokenizer.chat_template") or _plain_template()
+        self.special_tokens = {name: self.token_text(tok) for name, tok in (
+            ("bos_token", llama_cpp.llama_vocab_bos(self.vocab)), ("eos_token", llama_cpp.llama_vocab_eos(self.vocab)),
+            ("pad_token", llama_cpp.llama_vocab_pad(self.vocab))) if tok >= 0}
+        self.ctx = None
+        self.slots = self.per_seq = 0
+
+    @classmethod
+    def load(cls, spec: str, **options) -> "LlamaCppBackend":
+        source = gguf_source(spec)
+        if source is None:
+            raise InputError(f"model '{spec}': the llamacpp backend runs GGUF models (a named model such as "
+                             f"qwen2.5-coder-1.5b or a .gguf file)")
+        gguf, template = source
+        return cls(gguf, chat_template=template, **options)
+
+    # -- text in, text out --------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # a long chat template: ask again with room for it
+            buf = ctypes.create_string_buffer(n + 1)
+            self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+    def prompt_text(self, messages: list[dict], prefill: str = "") -> str:
+        """What the model is conditioned on: as montessori.models.chat.prompt_text renders it."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+        rendered, _ = render_jinja_template([list(messages)], chat_template=self.chat_template,
+                                            add_generation_prompt=True, **self.special_tokens)
+        return rendered[0] + prefill
+
+    def tokenize(self, text: str) -> list[int]:
+        # No BOS added, special tokens parsed: the template writes them, as the stages encode it.
+        data = text.encode("utf-8")
+        buf = (self.lib.llama_token * (len(data) + 8))()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)
+        if n < 0:
+            buf = (self.lib.llama_token * -n)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)
+        return list(buf[:n])
+
+    def detokenize(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        tokens = (self.lib.llama_token * len(ids))(*ids)
+        size = 8 * len(ids) + 16
+        buf = ctypes.create_string_buffer(size)
+        # Special tokens dropped, as transformers' decode(skip_special_tokens=True).
+        n = self.lib.llama_detokenize(self.vocab, tokens, len(ids), buf, size, True, False)
+        if n < 0:
+            size = -n + 1
+            buf = ctypes.create_string_buffer(size)
+            n = self.lib.llama_detokenize(self.vocab, tokens, len(ids), buf, size, True, False)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
+        if not requests:
+            return []
+        prompts = [self.tokenize(self.prompt_text(r.messages, r.prefill)) for r in requests]
+        rows = self.generate_tokens(prompts, [r.seed for r in requests], sampling)
+        done = [self._completion(ids) for ids in rows]
+        return [done[i * sampling.n:(i + 1) * sampling.n] for i in range(len(requests))]
+
+    def _completion(self, ids: list[int]) -> Completion:
+        if ids and self.ends(ids[-1]):
+            return Completion(self.detokenize(ids[:-1]), len(ids), "stop")
+        return Completion(self.detokenize(ids), len(ids), "length")
+
+    # -- decoding -----------------------------------------------------------------------------------
+
+    def _context(self, slots: int, per_seq: int) -> None:
+        """A context of `slots` KV streams of at least `per_seq` cells each (grown, never shrunk)."""
+        per_seq = min(max(per_seq, 256), self.n_ctx_train or per_seq)
+        if self.ctx is not None and slots <= self.slots and per_seq <= self.per_seq:
+            return
+        self._free_context()
+        self.slots, self.per_seq = max(slots, self.slots), max(per_seq, self.per_seq)
+        params = self.lib.llama_context_default_params()
+        params.n_ctx = self.slots * self.per_seq
+        params.n_seq_max = self.slots
+        # One decode call holds a whole prompt and a token of every other slot.
+        params.n_batch = self.per_seq + self.slots
+        params.n_ubatch = min(512, params.n_batch)
+        params.n_threads = params.n_threads_batch = self.threads
+        # A stream per sequence: attention reads only its own cells (a unified cache makes every row
+        # attend over the cells of all of them, masked; measured slower at 8+ rows, docs/benchmarks.md).
+        params.kv_unified = False
+        params.no_perf = True
+        self.ctx = self.lib.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise InputError(f"{self.path}: llama.cpp could not create a context of {self.slots} x "
+                             f"{self.per_seq} tokens (lower generation.batch_size)")
+        self.memory = self.lib.llama_get_memory(self.ctx)
+        self.batch = self.lib.llama_batch_init(params.n_batch, 0, 1)
+
+    def _free_context(self) -> None:
+        if self.ctx is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def close(self) -> None:
+        self._free_context()
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+    def generate_tokens(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[list[int]]:
+        """Generated ids (EOS included when it came) per prompt x sample, prompt-major."""
+        n = sampling.n
+        longest = max(len(p) for p in prompts) + sampling.max_new_tokens + 1
+        if longest > (self.n_ctx_train or longest):
+            raise InputError(f"{self.path.name}: a prompt of {max(len(p) for p in prompts)} tokens plus "
+                             f"max_new_tokens {sampling.max_new_tokens} exceeds the model's context of "
+                             f"{self.n_ctx_train} tokens")
+        self._context(max(self.parallel, n), longest)
+        self.lib.llama_memory_clear(self.memory, True)
+        free = list(range(self.slots))
+        waiting = deque(range(len(prompts)))
+        active: list[_Row] = []
+        out: list[list[int] | None] = [None] * (len(prompts) * n)
+        while waiting or active:
+            fed: list[tuple[list[_Row], int]] = []  # rows sampling from the logits at batch index k
+            count = 0
+            for row in active:  # one token per running row
+                count = self._add(count, row.ids[-1], row.pos, row.seq, True)
+                row.pos += 1
+                fed.append(([row], count - 1))
+            admitted = []
+            while waiting and len(free) >= n and count + len(prompts[waiting[0]]) <= self.per_seq + self.slots:
+                i = waiting.popleft()
+                seqs, free = free[:n], free[n:]
+                for pos, tok in enumerate(prompts[i]):
+                    count = self._add(count, tok, pos, seqs[0], pos == len(prompts[i]) - 1)
+                seen = np.zeros(self.n_vocab, dtype=bool)
+                seen[prompts[i]] = True
+                rows = [_Row(i * n + j, s, len(prompts[i]), _rng(seeds[i], j), seen.copy(),
+                             np.zeros(self.n_vocab, dtype=bool)) for j, s in enumerate(seqs)]
+                admitted.append(rows)
+                fed.append((rows, count - 1))
+            self.batch.n_tokens = count
+            code = self.lib.llama_decode(self.ctx, self.batch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode failed ({code}) with {count} tokens, {len(active)} rows")
+            for rows in admitted:  # the samples of a prompt start from its one decoded copy
+                for row in rows[1:]:
+                    self.lib.llama_memory_seq_cp(self.memory, rows[0].seq, row.seq, -1, -1)
+                active += rows
+            ended = []
+            for rows, k in fed:
+                logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
+                for row in rows:
+                    token = sample_token(logits, row, sampling)
+                    row.ids.append(token)
+                    row.seen[token] = row.generated[token] = True
+                    if self.ends(token) or len(row.ids) >= sampling.max_new_tokens:
+                        ended.append(row)
+            for row in ended:
+                out[row.index] = row.ids
+                active.remove(row)
+                self.lib.llama_memory_seq_rm(self.memory, row.seq, -1, -1)
+                free.append(row.seq)
+            free.sort()
+        return out
+
+    def ends(self, token: int) -> bool:
+        """Does `token` end a turn (EOS, end of turn: llama.cpp's end-of-generation set)?"""
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def _add(self, k: int, token: int, pos: int, seq: int, logits: bool) -> int:
+        b = self.batch
+        b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, logits
+        b.seq_id[k][0] = seq
+        return k + 1
+
+
+def _rng(seed: int, sample: int) -> np.random.Generator:
+    """The generator of one sample: its request's seed and its index, nothing else."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed % 2 ** 64, sample])))
+
+
+def sample_token(logits: np.ndarray, row: _Row, sampling: Sampling) -> int:
+    """One token as hf.py samples it: repetition penalty (prompt + generated), presence penalty
+    (generated), then temperature and top-p, and a draw from the row's generator (temperature 0: greedy)."""
+    scores = logits.astype(np.float32, copy=True)
+    if sampling.repetition_penalty != 1.0:
+        seen = scores[row.seen]
+        scores[row.seen] = np.where(seen < 0, seen * sampling.repetition_penalty, seen / sampling.repetition_penalty)
+    if sampling.presence_penalty:
+        scores[row.generated] -= sampling.presence_penalty
+    if sampling.temperature <= 0:
+        return int(scores.argmax())
+    scores /= sampling.temperature
+    keep = top_p_tokens(scores, sampling.top_p)
+    kept = scores[keep] - scores[keep].max()
+    probs = np.exp(kept)
+    probs /= probs.sum()
+    return int(keep[min(np.searchsorted(np.cumsum(probs), row.rng.random(), side="right"), len(keep) - 1)])
+
+
+def top_p_tokens(scores: np.ndarray, top_p: float, k: int = 256) -> np.ndarray:
+    """Ids of the tokens top-p keeps, as hf.py's _top_p keeps them: when the k most likely tokens hold top_p
+    of the mass, the smallest most-likely-first set that reaches it (at least one); otherwise (a flat
+    distribution) those at or above the probability threshold found by the same 16-step bisection. A sort
+    of the whole vocabulary would cost 8 ms a token on SmolLM2's 49K, more than the model's step."""
+    if top_p >= 1.0:
+        return np.arange(len(scores))
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    k = min(k, len(probs))
+    top = np.argpartition(-probs, k - 1)[:k]
+    top = top[np.argsort(-probs[top], kind="stable")]
+    cumulative = np.cumsum(probs[top])
+    if cumulative[-1] >= top_p:
+        # A token is kept while the mass before it is below top_p (so the first always is).
+        return top[:max(1, int(np.searchsorted(cumulative - probs[top], top_p, side="left")))]
+    # mass(p >= t) for any t: from the probabilities sorted once (16 passes over the vocabulary cost more).
+    descending = np.sort(probs)[::-1]
+    mass = np.cumsum(descending, dtype=np.float64)  # float32 running sums drift over 150K terms
+    lo, hi = np.float32(0.0), probs[top[0]]
+    for _ in range(16):
+        mid = (lo + hi) / np.float32(2)
+        if mass[len(descending) - np.searchsorted(descending[::-1], mid, side="left") - 1] >= top_p:
+            lo = mid
+        else:
+            hi = mid
+    return np.flatnonzero(probs >= lo)
+
+
+def _plain_template() -> str:
+    from montessori.models.load import PLAIN_CHAT_TEMPLATE
+    return PLAIN_CHAT_TEMPLATE
