@@ -32,10 +32,11 @@ TINY_KEYS = (
 
 def tiny_overrides(name: str) -> list[str]:
     """Overrides (key=value) that run preset `name` on tiny random models at the `tiny` preset's sizes."""
-    from montessori import safe_yaml
+    import yaml  # the package's own files: trusted YAML
+
     from montessori.config import preset_text
-    preset = safe_yaml.load(preset_text(name)) or {}
-    tiny = safe_yaml.load(resources.files(__name__).joinpath("tiny.yaml").read_text())
+    preset = yaml.safe_load(preset_text(name)) or {}
+    tiny = yaml.safe_load(resources.files(__name__).joinpath("tiny.yaml").read_text())
     out = []
     for role in ("teacher", "student"):
         spec = preset.get("models", {}).get(role, "smollm2")
