@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from montessori import __version__
-from montessori.errors import InputError, MontessoriError
+from montessori.errors import InputError, MontessoriError, environment_error
 from montessori.logs import setup_logging
 
 log = logging.getLogger("montessori")
@@ -23,8 +23,23 @@ log = logging.getLogger("montessori")
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def _check_init_folder(folder: Path, args) -> None:
+    """Refuse a folder that holds anything but config.yaml (refused on its own, naming it) and the task
+    file: its config would make it a run directory, written into beside what is there."""
+    if args.force or not folder.exists():
+        return
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a directory (init writes DIR/config.yaml)")
+    keep = {"config.yaml"} | ({Path(args.tasks).resolve()} if args.tasks else set())
+    others = sorted(p.name for p in folder.iterdir() if p.name not in keep and p.resolve() not in keep)
+    if others:
+        raise InputError(f"{folder}: not empty ({len(others)} entries, e.g. '{others[0]}'); init writes a new run "
+                         f"directory: give a new or empty folder, or use --force to write config.yaml there")
+
+
 def cmd_init(args) -> int:
     from montessori.config import load_preset, preset_text
+    _check_init_folder(Path(args.dir), args)
     if args.tasks is not None:  # seeds, reference and evaluation split from the user's own tasks
         from montessori.tasks import cmd_init_tasks
         return cmd_init_tasks(args)
@@ -50,9 +65,10 @@ def cmd_run(args) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.config).resolve().parent
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"--run-dir {run_dir}: not a directory (the run directory must be a folder)")
-    setup_logging(run_dir, args.verbose)
-    log.info("run dir %s, config %s (%s)", run_dir, args.config, config.name)
-    run_pipeline(config, run_dir, only=args.only, until=args.until, force=args.force)
+    # The console only: run_pipeline adds RUN/montessori.log once everything is checked and the run holds
+    # the directory, so a refused run writes nothing (no folder, no line in another run's log).
+    setup_logging(None, args.verbose)
+    run_pipeline(config, run_dir, only=args.only, until=args.until, force=args.force, log_file=True)
     _print_status(run_dir)
     from montessori.report import write_report
     print(f"report: {write_report(run_dir)}")
@@ -204,12 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         # A wrong path the user gave is theirs to fix (2); a full, read-only or forbidden disk is the
         # environment's (1). Either way: one line with the path and the OS's reason.
-        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
-        reason = err.strerror or str(err)
+        located = environment_error(err) or err
+        where = " -> ".join(str(f) for f in (located.filename, err.filename2) if f is not None)
+        reason = located.strerror or str(err)
         code = EXIT_INPUT if err.errno in USER_ERRNOS else EXIT_FAILURE
         return _fail(args, err, f"{where}: {reason}" if where else reason, code)
     except UnicodeDecodeError as err:  # a file read as text somewhere below: bad bytes are the user's input
         return _fail(args, err, f"not UTF-8 text ({err.reason} at byte {err.start})", EXIT_INPUT)
+    except Exception as err:
+        # OS errors under other names: safetensors' SafetensorError ("No space left on device (os error
+        # 28)") and torch.save's RuntimeError while writing a model. Anything else is a bug: traceback.
+        env = environment_error(err)
+        if env is None:
+            raise
+        return _fail(args, err, f"{env.filename}: {env.strerror}" if env.filename else env.strerror, EXIT_FAILURE)
 
 
 # A path that names nothing, or a file where a folder is expected (and the reverse).

@@ -6,6 +6,9 @@ says why not. Unknown keys and wrong types are errors that name the key (pydanti
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import re
 from importlib import resources
 from pathlib import Path
@@ -13,8 +16,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, model_validator)
+                      PositiveInt, ValidationError, field_validator, model_validator)
 
+from montessori import safe_yaml
 from montessori.errors import InputError
 
 PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape", "qwen-gemma", "own-tasks")
@@ -41,7 +45,8 @@ StoredDtype = Annotated[Literal["auto", "float32", "bfloat16"], _TorchName]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key is finite (sft.lr=.inf once trained a student into NaNs).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     # Keys added after runs already existed, whose default reproduces the earlier behaviour: left out of
     # a stage's fingerprint while at their default, so upgrading montessori does not make finished
     # stages look stale (and re-run hours of work). A non-default value is fingerprinted as usual.
@@ -271,17 +276,54 @@ class Schedule(Section):
     seed: int = 0  # this training stage's data order, split and initialisation (not the top-level seed)
 
 
+# TRL's DPO losses that need a key montessori does not have: exo_pair needs label smoothing > 0 (TRL
+# refuses it at 0, the only value montessori passes).
+DPO_LOSSES_NEEDING_UNSET_KEYS = {"exo_pair": "TRL's label_smoothing > 0, which montessori does not set"}
+
+
+@functools.cache
+def dpo_loss_types() -> tuple[str, ...]:
+    """The DPO loss types the installed TRL declares (its DPOConfig.loss_type help), less those above:
+    the one list, read from TRL's source because importing trl takes ~10 s, too long to read a config."""
+    spec = importlib.util.find_spec("trl")
+    help_text = None
+    if spec is not None and spec.submodule_search_locations:
+        source = Path(list(spec.submodule_search_locations)[0]) / "trainer" / "dpo_config.py"
+        if source.is_file():
+            for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "loss_type":
+                    for kw in getattr(node.value, "keywords", []):
+                        if kw.arg == "metadata":
+                            help_text = ast.literal_eval(kw.value).get("help")
+    if help_text is None:  # TRL moved its config: ask the class itself (slow, but right)
+        import dataclasses
+
+        from trl import DPOConfig as TRLDPOConfig
+        help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(TRLDPOConfig) if f.name == "loss_type")
+    names = dict.fromkeys(re.findall(r"`'(\w+)'`", help_text))
+    return tuple(n for n in names if n not in DPO_LOSSES_NEEDING_UNSET_KEYS)
+
+
 class DPOConfig(Schedule):
     lr: PositiveFloat = 1e-6
     min_lr: NonNegativeFloat = 1e-9
     beta: PositiveFloat = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str = "sigmoid"  # one of dpo_loss_types(): what the installed TRL computes
     batch_size: PositiveInt = 2
     grad_accum: PositiveInt = 1
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     lora: bool = False  # LoRA adapters through PEFT (large teachers); merged into the weights on save
     lora_r: PositiveInt = 16
     lora_alpha: PositiveInt = 32
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value in DPO_LOSSES_NEEDING_UNSET_KEYS:
+            raise ValueError(f"'{value}' needs {DPO_LOSSES_NEEDING_UNSET_KEYS[value]}")
+        if value not in dpo_loss_types():
+            raise ValueError(f"must be one of {', '.join(dpo_loss_types())} (the installed TRL's DPO losses)")
+        return value
 
 
 class MechanismConfig(Section):
@@ -376,6 +418,23 @@ class Config(Section):
             data["preferences"] = old
         return data
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        # Rules between keys: checked with the schema, so a bad combination is refused before any stage
+        # runs (they were found when dpo or sft started, after every stage before it). A message starts
+        # with the keys, which _format_validation_error shows as they are.
+        for name in ("dpo", "sft"):
+            s = getattr(self, name)
+            total = s.warmup_ratio + s.stable_ratio + s.decay_ratio
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"keys '{name}.warmup_ratio' + '{name}.stable_ratio' + '{name}.decay_ratio': the "
+                                 f"schedule's shares must sum to 1 (got {s.warmup_ratio:g} + {s.stable_ratio:g} + "
+                                 f"{s.decay_ratio:g} = {total:g})")
+        if self.sft.global_batch_size % self.sft.micro_batch_size:
+            raise ValueError(f"key 'sft.global_batch_size': {self.sft.global_batch_size} is not a multiple of "
+                             f"sft.micro_batch_size={self.sft.micro_batch_size}")
+        return self
+
     def value(self, key: str) -> Any:
         """The value of a dotted key (`sft.lr`, `generation.instructions`), as stored in a fingerprint."""
         parent_key, _, leaf = key.rpartition(".")
@@ -400,7 +459,7 @@ class Config(Section):
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return safe_yaml.dump(self.model_dump(mode="json"))
 
 
 def _dump(value: Any) -> Any:
@@ -411,7 +470,10 @@ def _dump(value: Any) -> Any:
 
 def _parse_scalar(text: str) -> Any:
     # YAML rules for override values: `4` -> int, `1e-6` -> float, `true` -> bool, `[a, b]` -> list.
-    value = yaml.safe_load(text)
+    try:
+        value = safe_yaml.load(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"override value {text!r}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if isinstance(value, str) and _looks_like_float(value):
         return float(value)
     return value
@@ -450,7 +512,9 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     key = key_of(first)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
-    msgs = list(dict.fromkeys(e["msg"] for e in err.errors() if key_of(e) == key))  # every union member's
+    if not key and first["type"] == "value_error":  # a rule between keys (Config._consistent): names them
+        return f"{source}: {first['ctx']['error']}"
+    msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in err.errors() if key_of(e) == key))
     return f"{source}: key '{key}': {' or '.join(msgs)} (got {first.get('input')!r})"
 
 
@@ -467,13 +531,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise InputError(f"{path}: config file not found")
     if not path.is_file():
         raise InputError(f"{path}: not a file (give the config file, e.g. RUN/config.yaml)")
+    if path.stat().st_size > safe_yaml.MAX_BYTES:  # refused before it is read into memory
+        raise InputError(f"{path}: {path.stat().st_size} bytes, over the limit of {safe_yaml.MAX_BYTES} for a config")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         line = err.object[:err.start].count(b"\n") + 1
         raise InputError(f"{path}: line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = safe_yaml.load(text) or {}
+    except safe_yaml.UnsafeYAML as err:
+        where = f" line {err.line}:" if err.line else ""
+        raise InputError(f"{path}:{where} {err.problem}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -491,5 +560,5 @@ def preset_text(name: str) -> str:
 
 
 def load_preset(name: str, overrides: list[str] | None = None) -> Config:
-    raw = yaml.safe_load(preset_text(name)) or {}
+    raw = safe_yaml.load(preset_text(name)) or {}
     return config_from_dict(apply_overrides(raw, overrides or []), f"preset {name}")

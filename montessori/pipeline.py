@@ -14,6 +14,7 @@ business: `run_pipeline(..., executor=...)`; the stages and this runner do not k
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from montessori.config import Config, Schedule, load_config
 from montessori.context import Stage, StageContext
-from montessori.errors import InputError, MontessoriError
+from montessori.errors import InputError, MontessoriError, environment_error
 from montessori.store import (RENAMED_STAGES, RunLock, RunStore, StageDir, atomic_write_text, count_records,
                               file_hash)
 
@@ -147,10 +148,26 @@ def _input_file_hash(config: Config, key: str) -> str | None:
 def _done_fingerprint(stage_dir: StageDir, stage: Stage, name: str) -> str:
     manifest = stage_dir.manifest()
     if manifest is None:
-        raise InputError(f"stage '{stage.name}' of round {stage_dir.round} needs stage '{name}' "
-                         f"of round {stage_dir.round}, which has not run: run with --until "
-                         f"{name if stage_dir.round == 1 else f'{stage_dir.round}:{name}'} first")
+        raise _not_run(stage, stage_dir, name)
     return manifest["fingerprint"]
+
+
+def _not_run(stage: Stage, needed: StageDir, name: str) -> InputError:
+    return InputError(f"stage '{stage.name}' needs stage '{name}' of round {needed.round}, which has not run: "
+                      f"run with --until {name if needed.round == 1 else f'{needed.round}:{name}'} first")
+
+
+def _check_upstream(config: Config, store: RunStore, schedule: list, active: tuple[str, ...]) -> None:
+    """Refuse, before the run directory is touched, a stage whose input neither exists nor runs before
+    it (`--only dpo` on a new directory): the same error `_fingerprint` would raise mid-run."""
+    runs: set[tuple[int, str]] = set()
+    for round_, stage in schedule:
+        needed = [(round_, n) for n in stage.inputs if n in active]
+        needed += [(round_ - 1, n) for n in stage.round_inputs if n in active and round_ > 1]
+        for r, name in needed:
+            if (r, name) not in runs and not store.stage(r, name).is_done():
+                raise _not_run(stage, store.stage(r, name), name)
+        runs.add((round_, stage.name))
 
 
 def parse_stage_arg(flag: str, value: str | None, config: Config,
@@ -187,12 +204,14 @@ def default_executor(config: Config) -> Executor:
 
 
 def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None, until: str | None = None,
-                 force: bool = False, progress: bool = True, executor: Executor | None = None) -> RunStore:
+                 force: bool = False, progress: bool = True, executor: Executor | None = None,
+                 log_file: bool = False) -> RunStore:
     """Run the method's stages into `run_dir`, skipping those that are up to date.
 
     `until`/`only` take a stage name or ROUND:STAGE; a bare `until` stops in round 1, a bare `only`
     runs the stage in every round. Everything is checked before anything in the run directory changes,
-    and the directory is locked for the duration (a second run on it is refused)."""
+    and the directory is locked for the duration (a second run on it is refused). `log_file`: also log to
+    RUN/montessori.log, from when the run holds the directory (a refused run writes no line there)."""
     stages = stages_for(config)
     active = tuple(s.name for s in stages)
     only_at = parse_stage_arg("--only", only, config, active)
@@ -202,9 +221,11 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
     if store.root.exists() and not store.root.is_dir():
         raise InputError("not a directory (the run directory must be a folder)", file=store.root)
     store.check_current()
+    _check_upstream(config, store, list(_schedule(config, only_at, until_at)), active)
     store.root.mkdir(parents=True, exist_ok=True)
     executor = executor or default_executor(config)
-    with RunLock(store.root):
+    with RunLock(store.root), _run_log(store.root if log_file else None):
+        log.info("run dir %s (%s)", store.root, config.name)
         atomic_write_text(store.root / "config.resolved.yaml", config.to_yaml())  # never the user's file
         file_hashes: dict[str, str | None] = {}
         for round_, stage in _schedule(config, only_at, until_at):
@@ -218,6 +239,22 @@ def run_pipeline(config: Config, run_dir: str | Path, *, only: str | None = None
             else:
                 _run_stage(stage, ctx, fingerprint, inputs, executor)
     return store
+
+
+@contextlib.contextmanager
+def _run_log(root: Path | None):
+    """RUN/montessori.log while the run holds the directory (appended to, across runs)."""
+    if root is None:
+        yield
+        return
+    handler = logging.FileHandler(root / "montessori.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("montessori").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("montessori").removeHandler(handler)
+        handler.close()
 
 
 def _schedule(config: Config, only_at, until_at):
@@ -260,12 +297,19 @@ def preflight(config: Config, stages: set[str] | None = None) -> None:
     from montessori.readers import read_pairs, read_seeds
     lenient = config.data.lenient
     active = {s.name for s in stages_for(config)} if stages is None else set(stages)
+
+    def read(key: str, reader, **kwargs) -> None:  # the error names the key as well as the file
+        try:
+            reader(config.value(key), lenient=lenient, **kwargs)
+        except InputError as err:
+            raise InputError(f"{key}: {err}") from None
+
     if active & {"instructions", "dataset"}:
-        read_seeds(config.data.seeds, lenient=lenient, max_chars=config.data.max_seed_chars)
+        read("data.seeds", read_seeds, max_chars=config.data.max_seed_chars)
     if "influence" in active:
-        read_pairs(config.data.reference, lenient=lenient)
+        read("data.reference", read_pairs)
     if "eval" in active:
-        read_pairs(config.eval.prompts, lenient=lenient)
+        read("eval.prompts", read_pairs)
         if config.eval.questions:
             from montessori.evaluation.answers import read_questions
             try:
@@ -294,6 +338,7 @@ def preflight(config: Config, stages: set[str] | None = None) -> None:
     for key in ("influence.judge", "eval.judge"):
         if config.value(key) is not None and config.value(key.split(".")[0] + ".judge_url") is None:
             check_model_spec(config.value(key), key)
+    check_generation_lengths(config, active)
 
 
 def check_model_spec(spec: str, key: str) -> None:
@@ -327,7 +372,27 @@ def check_model_spec(spec: str, key: str) -> None:
         return
     if path.exists() or spec.startswith((".", "/", "~")) or path.suffix:
         raise InputError(f"{key}={spec}: no such model directory")
-    # Otherwise a Hub id: only downloading it would tell (transformers reads the HF cache offline).
+    from montessori.models.load import check_hub_model
+    check_hub_model(spec, key)  # a Hub id: in the local HF cache, else asked of the Hub (time-bounded)
+
+
+def check_generation_lengths(config: Config, stages: set[str]) -> None:
+    """Every max_new_tokens key within the context of the model that generates with it (read from its
+    config or GGUF header, no weights loaded): a generation past it fails or degenerates mid-run."""
+    from montessori.models.load import context_length_of
+    checks = []
+    if stages & {"instructions", "responses", "mechanism", "dataset"} and config.generation.backend != "http":
+        checks += [("models.teacher", f"generation.{name}.max_new_tokens", getattr(config.generation, name))
+                   for name in ("instructions", "responses")]  # an http server checks its own model
+    if "eval" in stages:
+        checks += [("models.student", f"eval.{name}", config.eval) for name in type(config.eval).model_fields
+                   if name.endswith("max_new_tokens")]
+    for model_key, key, section in checks:
+        spec, value = config.value(model_key), getattr(section, key.rpartition(".")[2])
+        context = context_length_of(spec)
+        if context is not None and value >= context:
+            raise InputError(f"key '{key}': {value} new tokens do not fit the context of {model_key}={spec} "
+                             f"({context} tokens, the prompt included): lower it")
 
 
 def _run_stage(stage: Stage, ctx: StageContext, fingerprint: str, inputs: dict, executor: Executor) -> None:
@@ -351,8 +416,16 @@ def _run_stage(stage: Stage, ctx: StageContext, fingerprint: str, inputs: dict, 
     log.info("round %d %s: running%s", ctx.round, stage.name,
              " (the finished result stays until this one is complete)" if work is not final else "")
     started = time.time()
-    counts = executor(stage.name, StageContext(ctx.config, ctx.store, ctx.round, work, ctx.active, ctx.progress),
-                      fn) or {}
+    try:
+        counts = executor(stage.name, StageContext(ctx.config, ctx.store, ctx.round, work, ctx.active, ctx.progress),
+                          fn) or {}
+    except Exception as err:
+        # A full or read-only disk under a library's own error (safetensors, torch.save) or without a
+        # file name: one OSError naming the path (else this stage's folder) and the OS's reason.
+        env = environment_error(err, work.path)
+        if env is None or env is err:
+            raise
+        raise env from err
     extra = counts.pop("_extra", {}) if isinstance(counts, dict) else {}
     work.write_manifest(fingerprint=fingerprint, config_hash=inputs["config"],
                         inputs={k: v for k, v in inputs.items() if k != "config"},

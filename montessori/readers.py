@@ -1,9 +1,14 @@
 """Read seed tasks and instruction/response sets from the shapes people actually have.
 
 Formats: JSONL, JSON (a list, or an object with a list under "data"/"train"/"rows"), CSV (a header
-row naming the columns, e.g. `instruction,answer`), Parquet, a local
-HF dataset directory (`datasets.save_to_disk`, or a folder of data files); anything else that is not a
-path is treated as a Hub dataset id and passed to `datasets.load_dataset` (needs network).
+row naming the columns, e.g. `instruction,answer`), Parquet, a local HF dataset directory
+(`datasets.save_to_disk`, or a folder of data files), or a Hub dataset named `hf:OWNER/NAME` (its train
+split, through `datasets.load_dataset`: network or the HF cache). Any other name that is not a local
+file or folder is an input error, never a network call (a typo such as `myseeds` used to wait for the Hub).
+
+Text is UTF-8 (a CSV may start with a byte-order mark); a bad byte is reported with its file, line and
+field. JSON nesting is bounded (MAX_JSON_DEPTH) and a CSV cell is not (the record limits are the
+project's: data.max_seed_chars for seeds, token limits for reference and evaluation records).
 
 Shapes (detected per record):
   Alpaca        instruction + input + output
@@ -17,8 +22,12 @@ counted in `ReadResult.skipped`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +37,15 @@ from montessori.errors import InputError
 from montessori.records import Pair, SeedTask
 
 BUILTIN = "builtin"
+HUB_PREFIX = "hf:"  # `hf:OWNER/NAME`: a Hub dataset, asked for explicitly
+# Deeper than any record shape here (chat: 3 levels), far below Python's recursion limit, which a line
+# of 100000 `[` used to hit (a RecursionError traceback).
+MAX_JSON_DEPTH = 100
+# No CSV cell limit of its own: Python's default (131072 characters) refused records that the project's
+# limits accept. The largest a C long holds on every platform.
+CSV_FIELD_LIMIT = 2 ** 31 - 1
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass
@@ -40,45 +58,92 @@ def builtin_path(name: str) -> Path:
     return Path(str(resources.files("montessori.resources").joinpath(name)))
 
 
+# Bytes that are not UTF-8 are decoded to lone surrogates (U+DC80-U+DCFF, "surrogateescape"), so a
+# record parses as usual and the bad byte is then found in its field: the error names file, line, field.
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _bad_utf8(value: Any, where: str = "") -> InputError | None:
+    """The first string (or key) in a parsed record holding an undecodable byte, as an InputError."""
+    if isinstance(value, str):
+        found = _BAD_BYTE.search(value)
+        if found:
+            byte = ord(found.group()) - 0xDC00
+            return InputError(f"not UTF-8 text (byte {byte:#04x} at character {found.start() + 1})",
+                              field=where or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            bad = _bad_utf8(key, where) or _bad_utf8(item, f"{where}.{key}" if where else str(key))
+            if bad:
+                return bad
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            bad = _bad_utf8(item, f"{where}[{i}]")
+            if bad:
+                return bad
+    return None
+
+
+def _json_depth(text: str) -> int:
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", text)):  # brackets inside strings do not nest
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _loads(text: str) -> Any:
+    """json.loads with the nesting bounded (InputError), checked only where it could be deep."""
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _json_depth(text) > MAX_JSON_DEPTH:
+        raise InputError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text)
+    except RecursionError:  # the count above is only an estimate inside strings; Python's own limit
+        raise InputError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"not valid JSON ({err.msg}{f' at line {err.lineno}' if err.lineno > 1 else ''})") from None
+
+
 def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (record label, row) pairs; the label is what errors print ("line 7", "row 3")."""
+    """Yield (record label, row) pairs; the label is what errors print ("line 7", "row 3"). A row that
+    cannot be read is yielded as its InputError (skipped with `lenient`); a file that cannot be read at
+    all raises."""
     suffix = path.suffix.lower()
     if path.is_dir():
         yield from _iter_hf_dir(path)
     elif suffix == ".jsonl":
-        with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
+        with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
                 try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as err:
-                    row = InputError(f"not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})")
-                except json.JSONDecodeError as err:
-                    row = InputError(f"not valid JSON ({err.msg})")
-                yield f"line {lineno}", row
+                    row = _loads(_decode(raw))
+                except InputError as err:
+                    row = err
+                yield f"line {lineno}", _bad_utf8(row) or row
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise InputError(f"not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
-                             file=path) from None
-        except json.JSONDecodeError as err:
-            raise InputError(f"not valid JSON ({err.msg} at line {err.lineno})", file=path) from None
+            data = _loads(_decode(raw))
+        except InputError as err:
+            raise err.at(file=path) from None
         if isinstance(data, dict):
             data = next((data[k] for k in ("data", "train", "rows", "examples") if isinstance(data.get(k), list)), None)
         if not isinstance(data, list):
-            raise InputError("expected a JSON list of records (or an object with a 'data' list)", file=path)
+            bad = _bad_utf8(_decode(raw))
+            raise (bad.at(file=path) if bad else
+                   InputError("expected a JSON list of records (or an object with a 'data' list)", file=path))
         for i, row in enumerate(data):
-            yield f"item {i}", row
+            bad = _bad_utf8(row)
+            if bad:  # and its line: a .json file is read in an editor by lines (the file's first bad byte)
+                bad = InputError(f"{bad.message} on line {_first_bad_line(raw)}", field=bad.field)
+            yield f"item {i}", bad or row
     elif suffix == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            first = 2  # the line a row starts on (a quoted cell may span lines)
-            for row in reader:
-                # Cells beyond the header (key None) are dropped.
-                yield f"line {first}", {k: v for k, v in row.items() if k is not None}
-                first = reader.line_num + 1
+        yield from _iter_csv(path)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
         try:
@@ -89,6 +154,57 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"row {i}", row
     else:
         raise InputError(f"unknown file type '{suffix}' (use .jsonl, .json, .csv, .parquet or an HF dataset dir)", file=path)
+
+
+def _first_bad_line(raw: bytes) -> int | None:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return raw[:err.start].count(b"\n") + 1
+    return None
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    bad_lines: list[int] = []  # physical lines holding a byte that is not UTF-8
+
+    def lines(f: Iterable[bytes]) -> Iterator[str]:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Excel's "CSV UTF-8")
+                raw = raw[3:]
+            text = _decode(raw)
+            if _BAD_BYTE.search(text):
+                bad_lines.append(lineno)
+            yield text
+
+    previous = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        with open(path, "rb") as f:
+            reader = csv.reader(lines(f))
+            try:
+                header = next(reader, None)
+                if header is None:
+                    return
+                bad = _bad_utf8(header)
+                if bad:
+                    raise InputError(f"{bad.message} in the header row", file=path, record="line 1")
+                first = reader.line_num + 1  # the line a row starts on (a quoted cell may span lines)
+                for cells in reader:
+                    # Cells beyond the header are dropped; missing ones are None (as csv.DictReader does).
+                    row = {name: cells[i] if i < len(cells) else None for i, name in enumerate(header)}
+                    if not any(cells):
+                        first = reader.line_num + 1
+                        continue
+                    bad = _bad_utf8(row)
+                    if bad:
+                        line = next((n for n in bad_lines if first <= n <= reader.line_num), first)
+                        yield f"line {line}", bad
+                    else:
+                        yield f"line {first}", row
+                    first = reader.line_num + 1
+            except csv.Error as err:
+                raise InputError(f"not valid CSV ({err})", file=path, record=f"line {reader.line_num}") from None
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _iter_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
@@ -109,17 +225,30 @@ def _iter_hf_dir(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_source(source: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+    if source.startswith(HUB_PREFIX):
+        return source, _iter_hub(source.removeprefix(HUB_PREFIX))
     path = Path(source).expanduser()
     if path.exists():
         return str(path), _iter_rows(path)
-    if source.startswith((".", "/", "~")) or path.suffix:
-        raise InputError("no such file or directory", file=source)
+    hint = "" if path.suffix else f" (a Hugging Face Hub dataset is named {HUB_PREFIX}OWNER/NAME)"
+    raise InputError(f"no such file or directory{hint}", file=source)
 
-    def hub() -> Iterator[tuple[str, Any]]:  # a Hub dataset id (network or HF cache needed)
-        import datasets
-        for i, row in enumerate(datasets.load_dataset(source, split="train")):
-            yield f"row {i}", row
-    return source, hub()
+
+def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+    hub_log = logging.getLogger("huggingface_hub")  # its retries print two lines each; the error says it
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as err:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(f"Hub dataset '{name}' could not be loaded ({type(err).__name__}: {reason})",
+                         file=HUB_PREFIX + name) from None
+    finally:
+        hub_log.setLevel(level)
+    for i, row in enumerate(rows):
+        yield f"row {i}", row
 
 
 def _text(row: dict, key: str, *, required: bool = True) -> str:
@@ -180,20 +309,21 @@ def _check_length(record, max_chars: int | None):
 def _read(source: str, convert, lenient: bool, limit: int | None, max_chars: int | None = None) -> ReadResult:
     name, rows = _iter_source(source)
     result = ReadResult([])
-    for label, row in rows:
-        if limit is not None and len(result.records) >= limit:
-            break
-        try:
-            if isinstance(row, InputError):
-                raise row
-            record = _check_length(convert(label, row), max_chars)
-        except InputError as err:
-            located = err.at(file=name, record=label)
-            if not lenient:
-                raise located from None
-            result.skipped.append(str(located))
-            continue
-        result.records.append(record)
+    with contextlib.closing(rows):  # a reader's cleanup (the CSV limit) runs when a record is refused, too
+        for label, row in rows:
+            if limit is not None and len(result.records) >= limit:
+                break
+            try:
+                if isinstance(row, InputError):
+                    raise row
+                record = _check_length(convert(label, row), max_chars)
+            except InputError as err:
+                located = err.at(file=name, record=label)
+                if not lenient:
+                    raise located from None
+                result.skipped.append(str(located))
+                continue
+            result.records.append(record)
     if not result.records:
         raise InputError("no usable records", file=name)
     return result

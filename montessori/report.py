@@ -11,13 +11,15 @@ A stage that has not run yet is simply left out, so the report works on a partia
 
 from __future__ import annotations
 
+import errno
 import html
 import json
+import os
 import re
 import statistics
 from pathlib import Path
 
-from montessori.errors import InputError
+from montessori.errors import InputError, MontessoriError
 from montessori.sections import Section
 from montessori.sections import figure as _figure
 from montessori.sections import png as _png
@@ -327,20 +329,35 @@ def render_markdown(run_dir: Path, head: list[Section], rounds: list[tuple[int, 
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write RUN_DIR/report.html and RUN_DIR/report.md; returns the HTML path."""
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.html and report.md into RUN_DIR, or into the folder `out` (created; the run is then
+    only read); returns the HTML path."""
     from montessori.store import atomic_write_text
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not RunStore(run_dir).rounds():
         raise InputError(f"{run_dir}: not a run directory (no round-N folders)")
+    folder = run_dir if out is None else Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder}: not a directory (the report is written into a folder)")
+    if out is None and not os.access(run_dir, os.W_OK):  # known before the report is built (seconds)
+        code = errno.EROFS if os.statvfs(run_dir).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(run_dir))
     verdict, head, rounds = build_sections(run_dir)
-    atomic_write_text(run_dir / "report.md", render_markdown(run_dir, head, rounds, verdict))
-    atomic_write_text(run_dir / "report.html", render_html(run_dir, head, rounds, verdict))
-    return run_dir / "report.html"
+    atomic_write_text(folder / "report.md", render_markdown(run_dir, head, rounds, verdict))
+    atomic_write_text(folder / "report.html", render_html(run_dir, head, rounds, verdict))
+    return folder / "report.html"
 
 
 def cmd_report(args) -> int:
-    path = write_report(args.run_dir)
+    try:
+        path = write_report(args.run_dir, args.out)
+    except OSError as err:
+        if args.out is not None or err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC,
+                                                     errno.EDQUOT):
+            raise  # the CLI names the path and the reason
+        # Into the run only when it can be written (a run read from a read-only copy, another user's run).
+        raise MontessoriError(f"{args.run_dir}: {err.strerror}: the report cannot be written into the run; "
+                              f"write it elsewhere: montessori report {args.run_dir} --out DIR") from None
     print(f"report: {path} (and {path.with_suffix('.md')})")
     return 0
 
@@ -348,4 +365,6 @@ def cmd_report(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.html and report.md from a run directory")
     p.add_argument("run_dir")
+    p.add_argument("--out", metavar="DIR", help="write report.html and report.md into DIR instead of the run "
+                   "(for a run you cannot write into)")
     p.set_defaults(func=cmd_report)

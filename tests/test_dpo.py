@@ -47,7 +47,10 @@ def test_wsd_with_few_steps_never_wastes_a_step_at_zero_lr():
 
 
 def test_wsd_ratios_must_sum_to_one(tiny_model):
-    cfg = load_preset("tiny", ["dpo.stable_ratio=0.7"]).dpo
+    with pytest.raises(InputError, match="dpo.warmup_ratio"):  # refused with the config, before any stage
+        load_preset("tiny", ["dpo.stable_ratio=0.7"])
+    cfg = load_preset("tiny").dpo  # and by the trainer, for a section built by hand
+    cfg.stable_ratio = 0.7
     model, tokenizer = tiny_model
     with pytest.raises(InputError, match="dpo.warmup_ratio"):
         build_dpo_trainer(model, tokenizer, make_prefs(2), cfg, output_dir="unused")

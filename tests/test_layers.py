@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"montessori", "montessori.errors", "montessori.records", "montessori.config",
                               "montessori.store", "montessori.readers", "montessori.context", "montessori.sections",
                               "montessori.logs", "montessori.compat", "montessori.resources",
-                              "montessori.presets"})),
+                              "montessori.presets", "montessori.safe_yaml"})),
     ("models", frozenset({"montessori.models"})),
     ("stages", frozenset({"montessori.generation", "montessori.influence", "montessori.preferences",
                           "montessori.training", "montessori.evaluation", "montessori.features"})),

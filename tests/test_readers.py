@@ -94,3 +94,87 @@ def test_cli_bad_data_file_exits_2_naming_the_line(tmp_path, capsys):
     assert main(["run", str(tmp_path / "config.yaml"), "--until", "instructions"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "line 2" in err[0] and "instruction" in err[0]
+
+
+# --- issue 26: what a reader refuses, and how ------------------------------------------------------
+
+def test_a_csv_cell_over_pythons_default_limit_is_read_and_a_seed_is_held_to_max_seed_chars(tmp_path):
+    """csv's own limit (131072 characters) refused a 200000-character reference answer with a traceback;
+    the record limits are the project's (reference records are cut to tokens, seeds to max_seed_chars)."""
+    path = tmp_path / "big.csv"
+    path.write_text('instruction,answer\n"Summarise the text.","' + "word " * 40_000 + '"\n')
+    assert len(read_pairs(str(path)).records[0].response) == 200_000
+    with pytest.raises(InputError) as err:
+        read_seeds(str(path), max_chars=20_000)
+    assert str(err.value) == (f"{path}, line 2, field 'output': 200000 characters, over data.max_seed_chars=20000 "
+                              f"(shorten the record or raise the key)")
+    import csv
+    assert csv.field_size_limit() == 131072  # read with its own bound, put back after
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n' + "[" * 100_000 + "\n", ", line 2: "),
+    ("deep.json", "[" * 100_000, ": "),
+    ("deep-record.jsonl", '{"instruction": "a", "output": "b", "x": ' + "[" * 150 + "]" * 150 + "}\n", ", line 1: "),
+], ids=["jsonl-line", "json-file", "jsonl-field"])
+def test_json_nested_too_deep_is_one_input_error_not_a_recursion_error(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        read_pairs(str(path))
+    assert str(err.value) == f"{path}{where}JSON nested more than 100 levels deep"
+    brackets = tmp_path / "in-strings.jsonl"  # brackets inside strings do not nest
+    brackets.write_text(json.dumps({"instruction": "[" * 500, "output": "{" * 500}) + "\n")
+    assert read_pairs(str(brackets)).records[0].response == "{" * 500
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("cell.csv", b'instruction,answer\nName a colour.,Red.\nTea?,Caf\xe9\n',
+     "line 3, field 'answer': not UTF-8 text (byte 0xe9 at character 4)"),
+    ("multiline.csv", b'instruction,answer\n"Two\nlines, caf\xe9?",Yes.\n',
+     "line 3, field 'instruction': not UTF-8 text (byte 0xe9 at character 15)"),
+    ("header.csv", b'instr\xe9uction,answer\nName a colour.,Red.\n',
+     "line 1: not UTF-8 text (byte 0xe9 at character 6) in the header row"),
+    ("chat.jsonl", b'{"instruction": "a", "output": "b"}\n{"messages": [{"role": "user", "content": "Caf\xe9"}]}\n',
+     "line 2, field 'messages[0].content': not UTF-8 text (byte 0xe9 at character 4)"),
+    ("list.json", b'[\n{"instruction": "a", "output": "b"},\n{"instruction": "Caf\xe9", "output": "b"}\n]',
+     "item 1, field 'instruction': not UTF-8 text (byte 0xe9 at character 4) on line 3"),
+], ids=["csv-cell", "csv-multiline-cell", "csv-header", "jsonl-chat", "json-list"])
+def test_a_bad_byte_is_named_by_file_line_and_field(tmp_path, name, data, expected):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputError) as err:
+        read_pairs(str(path))
+    assert str(err.value) == f"{path}, {expected}"
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("instruction,answer\r\nName a colour.,Red.\r\n".encode("utf-8-sig"))
+    (pair,) = read_pairs(str(path)).records
+    assert (pair.instruction, pair.response) == ("Name a colour.", "Red.")
+
+
+def test_a_name_that_is_no_file_is_an_input_error_never_a_hub_call(tmp_path, monkeypatch):
+    import datasets
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append(a) or [{"instruction": "a",
+                                                                                       "output": "b"}])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as err:
+        read_seeds("myseeds")  # a typo of myseeds.jsonl: it waited 26 s for the Hub, then a traceback
+    assert str(err.value) == "myseeds: no such file or directory (a Hugging Face Hub dataset is named hf:OWNER/NAME)"
+    assert asked == []
+    assert read_pairs("hf:owner/name").records[0].response == "b" and asked == [("owner/name",)]
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_is_one_line(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nobody/x' on the Hub (LocalEntryNotFoundError)\nmore detail")
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(InputError) as err:
+        read_seeds("hf:nobody/x")
+    assert str(err.value) == ("hf:nobody/x: Hub dataset 'nobody/x' could not be loaded (ConnectionError: Couldn't "
+                              "reach 'nobody/x' on the Hub (LocalEntryNotFoundError))")

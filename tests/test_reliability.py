@@ -1,11 +1,14 @@
 """Issue 15's reproductions for the run directory: one writer, nothing deleted before everything is
-checked, one line and the right exit code for every failure, decode-safe append-only files."""
+checked, one line and the right exit code for every failure, decode-safe append-only files; issue 26's:
+every bad value refused before the first stage (and a refused run writes nothing), every failure in one
+line (docs/errors.md has the rules)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +36,9 @@ def snapshot(run: Path) -> dict[str, str]:
 
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip()]
+
+
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "Writing model shards:   0%|   | 0/1": not an error
 
 
 @pytest.fixture()
@@ -95,14 +101,23 @@ def test_status_and_report_read_a_locked_run(finished_tiny_run, capsys):
     "generation.instructions.n=0", "generation.batch_size=0", "influence.eval_batch_size=0", "rounds=0",
     "generation.instructions.temperature=-1", "generation.responses.top_p=5", "dpo.warmup_ratio=1.5",
     "sft.lr=0", "warmup.lr=-1", "preferences.max_per_prompt=0", "data.max_reference=0",
+    # issue 26: accepted up front, then a traceback (or NaN weights) once the stage ran, after the ones before
+    "dpo.loss_type=bogus", "dpo.loss_type=exo_pair", "sft.lr=.inf", "dpo.beta=.inf", "warmup.eps=inf",
+    "sft.warmup_ratio=0.9", "dpo.stable_ratio=0.6", "sft.global_batch_size=5",
+    "generation.instructions.max_new_tokens=1000000000", "generation.responses.max_new_tokens=2048",
+    "eval.max_new_tokens=100000", "data.seeds=myseeds", "data.reference=typo", "models.student=nobody/x",
 ])
-def test_a_bad_value_is_refused_before_any_output_is_touched(finished_copy, override, capsys):
+def test_a_bad_value_is_refused_before_any_output_is_touched(finished_copy, override, capsys, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nobody/x: the offline check
     before = snapshot(finished_copy)
+    assert not (finished_copy / "montessori.log").exists()
     assert main(["run", str(finished_copy / "config.yaml"), override]) == 2
     err = error_lines(capsys.readouterr().err)
     key = override.split("=")[0]
     assert len(err) == 1 and err[0].startswith("error:") and key in err[0]
     assert snapshot(finished_copy) == before
+    assert not (finished_copy / "montessori.log").exists()  # not even a log line
 
 
 def test_only_what_the_scheduled_stages_read_is_checked(finished_copy, capsys):
@@ -115,13 +130,13 @@ def test_only_what_the_scheduled_stages_read_is_checked(finished_copy, capsys):
 
 
 def test_a_failing_rerun_leaves_the_last_good_result(finished_copy, capsys):
-    """sft.global_batch_size=3 passes the schema but the SFT stage refuses it (not a multiple of the
-    micro-batch): the finished SFT model and manifest must still be there."""
+    """sft.max_length=1 passes every check but the SFT stage finds no response token to train on: the
+    finished SFT model and manifest must still be there."""
     sft = finished_copy / "round-1" / "sft"
     before = {k: v for k, v in snapshot(finished_copy).items() if k.startswith("round-1/sft/")}
     assert (sft / "model" / "config.json").exists()
-    assert main(["run", str(finished_copy / "config.yaml"), "sft.global_batch_size=3"]) == 2
-    assert "sft.global_batch_size" in capsys.readouterr().err
+    assert main(["run", str(finished_copy / "config.yaml"), "sft.max_length=1"]) == 1
+    assert "sft.max_length" in capsys.readouterr().err
     after = {k: v for k, v in snapshot(finished_copy).items() if k.startswith("round-1/sft/")}
     assert after == before
     assert main(["status", str(finished_copy)]) == 0
@@ -233,10 +248,12 @@ def small_tmpfs(tmp_path):
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a tmpfs needs root")
     yield mount
+    import gc
     import logging
     for handler in logging.getLogger("montessori").handlers:  # the run's log file is open in there
         handler.close()
-    subprocess.run(["umount", str(mount)], check=True)
+    gc.collect()  # a failed writer's file, still held by its exception's frames
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # --lazy: also while a failed test holds a file
 
 
 def failing_stage_with_a_progress_bar(ctx):
@@ -304,3 +321,281 @@ def test_status_never_crashes_on_a_damaged_run(finished_copy, capsys):
     assert main(["status", str(finished_copy)]) == 0
     out = capsys.readouterr().out
     assert "damaged" in out and "partial" in out
+
+
+# --- issue 26: the config file itself ---------------------------------------------------------------
+
+def yaml_alias_bomb(levels: int = 9) -> str:
+    """1.8 KB that yaml.safe_load expands to 9**9 values (6.2 GB of memory, 44 s, a 2 GB error line)."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (yaml_alias_bomb(), "line 1: anchor &a0: anchors and aliases are not accepted"),
+    ("sft: &schedule {lr: 1.0e-5}\ndpo: *schedule\n", "line 1: anchor &schedule"),
+    ("name: " + "[" * 100 + "]" * 100 + "\n", "line 1: nested more than 32 levels deep"),
+    ("# padding\n" * 120_000, "1200000 bytes, over the limit of 1048576 for a config"),
+], ids=["alias-bomb", "one-alias", "deep", "large"])
+def test_a_config_is_read_within_bounds(tmp_path, text, expected, capsys):
+    config = tmp_path / "run" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(text)
+    start = time.monotonic()
+    assert main(["run", str(config)]) == 2
+    assert time.monotonic() - start < 10
+    err = error_lines(capsys.readouterr().err)
+    assert err == [err[0]] and err[0].startswith(f"error: {config}:") and expected in err[0] and len(err[0]) < 300
+    assert [p.name for p in config.parent.iterdir()] == ["config.yaml"]
+
+
+def test_what_montessori_writes_its_yaml_loader_reads_back(tiny_config):
+    from montessori.config import config_from_dict
+    from montessori.safe_yaml import dump, load
+    words = ["image", "file"]
+    text = dump({"eval": {"tasks": words}, "generation": {"banned_words": words}})  # one list, twice
+    assert "&" not in text and "*" not in text  # yaml.safe_dump writes an anchor and an alias here
+    assert load(text) == {"eval": {"tasks": words}, "generation": {"banned_words": words}}
+    assert config_from_dict(load(tiny_config.to_yaml())) == tiny_config
+
+
+def test_the_dpo_losses_are_the_ones_trl_computes():
+    """The one list of dpo.loss_type values is read from TRL (not written here); each is a branch of the
+    loss TRL's DPOTrainer computes, and exo_pair (it needs a label smoothing montessori never sets) is out."""
+    import importlib.util
+
+    from montessori.config import dpo_loss_types, load_preset
+    trainer = Path(importlib.util.find_spec("trl").submodule_search_locations[0]) / "trainer" / "dpo_trainer.py"
+    computed = set(re.findall(r'loss_type == "(\w+)"', trainer.read_text()))
+    assert "sigmoid" in dpo_loss_types() and "exo_pair" not in dpo_loss_types()
+    assert set(dpo_loss_types()) <= computed and computed - set(dpo_loss_types()) == {"exo_pair"}
+    for loss in dpo_loss_types():
+        assert load_preset("tiny", [f"dpo.loss_type={loss}"]).dpo.loss_type == loss
+
+
+# --- issue 26: data files and model ids, before any stage --------------------------------------------
+
+def test_a_data_file_that_cannot_be_read_is_one_line_before_any_stage(finished_copy, tmp_path, capsys):
+    """A CSV cell over csv's default limit (a traceback), JSON nested 100000 deep (a RecursionError), a
+    non-UTF-8 CSV (no file, line or field named): each one line naming file, line and field, nothing
+    touched. A long reference answer is fine: reference records are cut to tokens."""
+    big = tmp_path / "big.csv"
+    big.write_text('instruction,answer\n"Summarise the text.","' + "word " * 40_000 + '"\n')
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"instruction": "Name a colour.", "response": "Red."}\n' + "[" * 100_000 + "\n")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"instruction,answer\nName a colour.,Red.\nTea?,Caf\xe9\n")
+    before = snapshot(finished_copy)
+    config = str(finished_copy / "config.yaml")
+    for override, expected in ((f"data.seeds={big}", f"data.seeds: {big}, line 2, field 'output': 200000 "
+                                                     f"characters, over data.max_seed_chars=20000"),
+                               (f"data.reference={deep}", f"data.reference: {deep}, line 2: JSON nested more "
+                                                          f"than 100 levels deep"),
+                               (f"eval.prompts={latin1}", f"eval.prompts: {latin1}, line 3, field 'answer': not "
+                                                          f"UTF-8 text (byte 0xe9")):
+        assert main(["run", config, override]) == 2
+        err = error_lines(capsys.readouterr().err)
+        assert err == [err[0]] and err[0].startswith(f"error: {expected}"), err
+    assert snapshot(finished_copy) == before
+    from montessori.config import load_config
+    from montessori.pipeline import preflight
+    preflight(load_config(config, [f"data.reference={big}"]), {"influence"})  # accepted
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    """An empty local Hugging Face cache, and no Hub: check_hub_model must decide from the cache alone."""
+    from huggingface_hub import constants
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def cache_model(cache: Path, repo: str, config: dict) -> None:
+    """A model in the HF cache layout (refs/main -> snapshots/REV/config.json), as a download leaves it."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    (folder / "snapshots" / "abc123").mkdir(parents=True)
+    (folder / "snapshots" / "abc123" / "config.json").write_text(json.dumps(config))
+
+
+def test_a_hub_model_id_is_resolved_offline_from_the_local_cache(hub_cache):
+    from montessori.errors import InputError
+    from montessori.models.load import check_hub_model, context_length_of
+    with pytest.raises(InputError) as err:
+        check_hub_model("nobody/x", "models.student")
+    assert str(err.value) == (f"models.student=nobody/x: not in the local Hugging Face cache ({hub_cache}), and "
+                              f"HF_HUB_OFFLINE is set: download it first (hf download nobody/x) or give a local "
+                              f"model directory")
+    cache_model(hub_cache, "someone/cached", {"model_type": "llama", "max_position_embeddings": 512})
+    check_hub_model("someone/cached", "models.student")  # no network asked
+    assert context_length_of("someone/cached") == 512 and context_length_of("nobody/x") is None
+
+
+def test_the_hub_is_asked_within_a_time_bound(hub_cache, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from montessori.errors import InputError
+    from montessori.models.load import check_hub_model
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *args, **kwargs: time.sleep(30))  # a silent Hub
+    start = time.monotonic()
+    with pytest.raises(InputError, match=r"models.student=nobody/x: not in the local Hugging Face cache .*, and "
+                                         r"the Hub could not be reached \(no answer within 0.5 s\)"):
+        check_hub_model("nobody/x", "models.student", timeout=0.5)
+    assert time.monotonic() - start < 5
+
+    class NotFound(RepositoryNotFoundError):
+        def __init__(self):
+            Exception.__init__(self, "404 Client Error: Repository Not Found for url: https://huggingface.co/api/...")
+
+    def missing(*args, **kwargs):
+        raise NotFound()
+    monkeypatch.setattr(huggingface_hub, "model_info", missing)
+    with pytest.raises(InputError, match=r"^models.student=nobody/x: no such model on the Hugging Face Hub"):
+        check_hub_model("nobody/x", "models.student")
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *args, **kwargs: object())
+    check_hub_model("somebody/exists", "models.student")
+
+
+def test_max_new_tokens_is_held_to_the_context_of_a_gguf_model(tiny_config, tmp_path):
+    """The context of a .gguf model is read from its header (no conversion): SmolLM2's is 8192."""
+    from montessori.errors import InputError
+    from montessori.models.load import NAMED_MODELS, named_gguf_path
+    from montessori.pipeline import check_generation_lengths
+    gguf = named_gguf_path(NAMED_MODELS["smollm2"])
+    if gguf is None:
+        pytest.skip("the embedded model is not installed")
+    tiny_config.models.teacher = str(gguf)
+    tiny_config.generation.responses.max_new_tokens = 8191
+    check_generation_lengths(tiny_config, {"responses"})
+    tiny_config.generation.responses.max_new_tokens = 8192
+    with pytest.raises(InputError, match=r"key 'generation.responses.max_new_tokens': 8192 new tokens do not fit "
+                                         r"the context of models.teacher=.*\(8192 tokens"):
+        check_generation_lengths(tiny_config, {"responses"})
+    check_generation_lengths(tiny_config, {"sft"})  # only what the scheduled stages generate
+
+
+# --- issue 26: a refused run writes nothing ------------------------------------------------------------
+
+def test_a_refused_run_writes_no_folder_and_no_log_line(finished_copy, tmp_path, capsys):
+    config = str(finished_copy / "config.yaml")
+    new = tmp_path / "new-run"
+    assert main(["run", config, "--run-dir", str(new), "data.seeds=missing.jsonl"]) == 2
+    assert main(["run", config, "--run-dir", str(new), "--only", "dpo"]) == 2  # its input has not run there
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 2 and "data.seeds" in err[0] and "needs stage 'preferences' of round 1" in err[1]
+    assert not new.exists()  # `status` called the folder left behind "not a run directory"
+
+    from montessori.store import RunLock
+    log = finished_copy / "montessori.log"
+    log.write_text("the first run's log\n")
+    before = snapshot(finished_copy)
+    with RunLock(finished_copy):  # the first run, still running
+        assert main(["run", config]) == 2
+        assert main(["run", config, "sft.lr=.inf"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 2 and "in use by another montessori run" in err[0] and "sft.lr" in err[1]
+    assert log.read_text() == "the first run's log\n" and snapshot(finished_copy) == before
+
+
+def test_init_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert main(["init", str(folder), "--preset", "tiny"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert err == [f"error: {folder}: not empty (1 entries, e.g. 'notes.txt'); init writes a new run directory: "
+                   f"give a new or empty folder, or use --force to write config.yaml there"]
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert main(["init", str(folder), "--preset", "tiny", "--force"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+# --- issue 26: the environment: one line naming the path and the OS's reason, exit 1 -------------------
+
+def model_saving_stage(ctx):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from montessori.models.load import resolve_model_dir
+    config = AutoConfig.from_pretrained(resolve_model_dir("tiny-random:0"))
+    AutoModelForCausalLM.from_config(config).save_pretrained(ctx.stage.file("model"))  # 13 MB of safetensors
+
+
+def optimizer_saving_stage(ctx):
+    import torch
+    torch.save({"exp_avg": torch.zeros(512, 512)}, ctx.stage.file("optimizer.pt"))  # 1 MB
+
+
+@pytest.mark.parametrize("stage, written", [("test_reliability:model_saving_stage", "model/model.safetensors"),
+                                            ("test_reliability:optimizer_saving_stage", "optimizer.pt")])
+def test_a_full_disk_while_saving_a_model_is_one_line(monkeypatch, tmp_path, small_tmpfs, capsys, stage, written):
+    """safetensors says it in a SafetensorError (a 31-line traceback), torch.save in a RuntimeError
+    without the errno: both are the disk's, and the line names the file and the OS's reason."""
+    config = toy_config(monkeypatch, tmp_path, stage)
+    run = small_tmpfs / "run"
+    assert main(["run", str(config), "--run-dir", str(run)]) == 1
+    err = [line for line in error_lines(capsys.readouterr().err) if not PROGRESS_BAR.search(line)]
+    assert err == [f"error: {run / 'round-1' / 'instructions' / written}: No space left on device"]
+
+
+def file_write_stage(ctx):
+    """A write() to a full disk: OSError(ENOSPC) without a file name, raised under an open file."""
+    import errno as errno_
+
+    class FullDisk:
+        name = str(ctx.stage.file("metrics.jsonl"))
+
+        def write(self, text):
+            raise OSError(errno_.ENOSPC, os.strerror(errno_.ENOSPC))
+
+    f = FullDisk()
+    f.write("{}\n")
+
+
+def bare_os_error_stage(ctx):
+    import errno as errno_
+    raise OSError(errno_.ENOSPC, os.strerror(errno_.ENOSPC))
+
+
+@pytest.mark.parametrize("stage, named", [("test_reliability:file_write_stage", "round-1/instructions/metrics.jsonl"),
+                                          ("test_reliability:bare_os_error_stage", "round-1/instructions")])
+def test_an_os_error_without_a_file_name_names_the_file_or_the_stage(monkeypatch, tmp_path, capsys, stage, named):
+    config = toy_config(monkeypatch, tmp_path, stage)
+    assert main(["run", str(config)]) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert err == [f"error: {config.parent / named}: No space left on device"]
+
+
+@pytest.fixture()
+def read_only_view(finished_copy, tmp_path):
+    """The finished run seen through a read-only bind mount (needs root), unmounted afterwards."""
+    view = tmp_path / "read-only-run"
+    view.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(finished_copy), str(view)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a read-only bind mount needs root")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True, capture_output=True)
+        yield view
+    finally:
+        subprocess.run(["umount", "--lazy", str(view)], check=True)
+
+
+def test_report_on_a_read_only_run_says_where_else_to_write(read_only_view, finished_copy, tmp_path, capsys):
+    before = snapshot(finished_copy)
+    assert main(["report", str(read_only_view)]) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert err == [f"error: {read_only_view}: Read-only file system: the report cannot be written into the run; "
+                   f"write it elsewhere: montessori report {read_only_view} --out DIR"]
+    out = tmp_path / "reports"
+    assert main(["report", str(read_only_view), "--out", str(out)]) == 0
+    assert (out / "report.html").read_text().startswith("<!doctype html>") and (out / "report.md").exists()
+    assert snapshot(finished_copy) == before

@@ -160,7 +160,16 @@ def test_a_full_queue_answers_503_at_once_and_bad_requests_never_wait(serve):
     busy = chat(server, {"messages": MESSAGES, "max_tokens": 2})
     assert busy.status_code == 503 and busy.headers["Retry-After"] and busy.json()["error"]["code"] == "overloaded"
     assert chat(server, {"messages": MESSAGES, "n": -3}).status_code == 400  # parsed before any wait
-    assert time.monotonic() - start < 3
+    # Requests that can never succeed get their 4xx, not a 503 a client would retry forever (issue 26):
+    # max_tokens over the context alone, max_tokens that fits only without the prompt, a model not served.
+    for body, status, code in (({"messages": MESSAGES, "max_tokens": 1_000_000}, 400, "context_length_exceeded"),
+                               ({"messages": MESSAGES, "max_tokens": 2047}, 400, "context_length_exceeded"),
+                               ({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 2}, 404, "model_not_found")):
+        resp = chat(server, body)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), resp.text
+    message = chat(server, {"messages": MESSAGES, "max_tokens": 2047}).json()["error"]["message"]
+    assert "prompt tokens do not fit" in message
+    assert time.monotonic() - start < 5
     waiting.close()  # a waiting request that hangs up frees its place at once, not when it would have run
     assert wait_for(lambda: health(server)["pending"] == 1, 3) and health(server)["running"] == 1
     running.close()
@@ -311,7 +320,8 @@ def test_load_every_request_gets_an_http_answer_and_the_server_stays_up(server):
     kinds = [(json.dumps(valid).encode(), {200, 503}),
              (json.dumps({"messages": [{"role": "user"}]}).encode(), {400}),
              (json.dumps({"messages": MESSAGES, "n": -3}).encode(), {400}),
-             (json.dumps({"messages": MESSAGES, "max_tokens": 1_000_000}).encode(), {400, 503}),  # once admitted
+             (json.dumps({"messages": MESSAGES, "max_tokens": 1_000_000}).encode(), {400}),  # never admitted
+             (json.dumps({"messages": MESSAGES, "max_tokens": 2047}).encode(), {400}),  # not with the prompt
              (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', {400}),
              (b'{"messages": [', {400}),
              (json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode(), {404}),

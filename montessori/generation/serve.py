@@ -6,9 +6,10 @@ continues a final assistant message, i.e. a prefill; `stream` is not supported).
 are ignored, as OpenAI-compatible servers do.
 
 What keeps it up under load or bad input:
-- every request is parsed and checked (pydantic, strict types, bounded fields; `max_tokens` capped by
-  the model's context) before it waits for the model: a malformed request gets a 400 with a JSON error
-  at once, a model the server does not serve a 404;
+- every request is parsed and checked (pydantic, strict types, bounded fields; `max_tokens` plus the
+  prompt's tokens within the model's context) before it is admitted: a request that can never succeed
+  gets its 400 (malformed, over the context) or 404 (a model the server does not serve) at once, also
+  when the queue is full (a 503 would send a retrying client round forever);
 - one generation runs at a time (the model is shared); at most `max_pending` requests run or wait,
   the next gets 503 with Retry-After at once; the listen backlog is 2048, so a burst of connections
   waits in the kernel instead of being reset;
@@ -261,27 +262,35 @@ class ChatServer:
             raise APIError(503, "simulated overload (--fail-first)", "server_error", headers={"Retry-After": "0.1"})
         raw = await self.read_body(request)
         start = time.monotonic()
+        # Everything that can never succeed is refused before admission, full queue or not.
         body = self.parse(raw)
         name = self.served_name(body.model)
-        if self.pending >= self.limits.max_pending:
-            raise APIError(503, f"the server is busy ({self.pending} requests running or waiting); retry later",
-                           "server_error", "overloaded", headers={"Retry-After": "1"})
-        self.pending += 1  # from here the request holds a place: counting its tokens, waiting, generating
-        try:
-            return await self._answer(request, body, name, start)
-        finally:
-            self.pending -= 1
-
-    async def _answer(self, request: HTTPRequest, body: ChatRequest, name: str, start: float) -> Response:
+        asked = body.max_tokens or body.max_completion_tokens
+        if self.context and asked is not None and asked >= self.context:  # too long whatever the prompt
+            raise APIError(400, f"max_tokens: {asked} does not fit the model's context of {self.context} tokens "
+                                f"(the prompt needs at least one)", code="context_length_exceeded")
         messages = [m.model_dump() for m in body.messages]
         prefill = ""
         if body.continue_final_message:
             prefill, messages = messages[-1]["content"], messages[:-1]
         loop = asyncio.get_running_loop()
         prompt_tokens = await loop.run_in_executor(self.count_pool, self.count_tokens, messages, prefill)
+        max_new_tokens = self.max_new_tokens(body, prompt_tokens)
+        if self.pending >= self.limits.max_pending:
+            raise APIError(503, f"the server is busy ({self.pending} requests running or waiting); retry later",
+                           "server_error", "overloaded", headers={"Retry-After": "1"})
+        self.pending += 1  # from here the request holds a place: waiting, generating
+        try:
+            return await self._answer(request, body, name, start, messages, prefill, prompt_tokens, max_new_tokens)
+        finally:
+            self.pending -= 1
+
+    async def _answer(self, request: HTTPRequest, body: ChatRequest, name: str, start: float, messages: list[dict],
+                      prefill: str, prompt_tokens: int, max_new_tokens: int) -> Response:
+        loop = asyncio.get_running_loop()
         sampling = Sampling(n=body.n, temperature=body.temperature, top_p=body.top_p,
                             presence_penalty=body.presence_penalty, repetition_penalty=body.repetition_penalty,
-                            max_new_tokens=self.max_new_tokens(body, prompt_tokens))
+                            max_new_tokens=max_new_tokens)
         seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
         job = _Job(start + self.limits.request_timeout, lambda: self.uvicorn.should_exit)
         future = loop.run_in_executor(self.model_pool, self._generate, Request(messages, prefill, seed), sampling, job)

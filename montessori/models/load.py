@@ -336,3 +336,133 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", padding_sid
         raise MontessoriError(f"model '{spec}': could not load ({err})") from None
     model.to(dev)
     return model, load_tokenizer(spec, padding_side)
+
+
+# --- checks before any stage runs (montessori.pipeline.preflight): nothing is built, converted or loaded
+
+HUB_TIMEOUT = 10.0  # seconds for the Hub's answer about a model id; then the run is refused, not left waiting
+
+
+def check_hub_model(spec: str, key: str, timeout: float | None = None) -> None:
+    """Refuse a Hub model id that transformers could not load, before any stage (it failed at the first
+    stage that loads it, after the ones before): found in the local HF cache it is fine (offline);
+    otherwise the Hub is asked for its metadata, within `timeout` seconds (default HUB_TIMEOUT)."""
+    import threading
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(spec)
+    except HFValidationError as err:
+        raise InputError(f"{key}={spec}: not a local model directory, a .gguf file, a named model or a Hub id "
+                         f"({str(err).splitlines()[0]})") from None
+    if isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
+        return
+    where = f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"{key}={spec}: {where}, and HF_HUB_OFFLINE is set: download it first "
+                         f"(hf download {spec}) or give a local model directory")
+    timeout = HUB_TIMEOUT if timeout is None else timeout
+    answer: list[BaseException | None] = []
+
+    def ask() -> None:  # in a thread: the client's own timeout bounds one request, not its retries
+        try:
+            huggingface_hub.model_info(spec, timeout=timeout)
+            answer.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            answer.append(err)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    err = answer[0] if answer else TimeoutError(f"no answer within {timeout:g} s")
+    if err is None:
+        return
+    if isinstance(err, GatedRepoError):
+        raise InputError(f"{key}={spec}: a gated model: accept its terms on huggingface.co and log in "
+                         f"(hf auth login)") from None
+    if isinstance(err, RepositoryNotFoundError):
+        raise InputError(f"{key}={spec}: no such model on the Hugging Face Hub (a private one needs "
+                         f"hf auth login)") from None
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    raise InputError(f"{key}={spec}: {where}, and the Hub could not be reached ({reason}): download it "
+                     f"where there is network, or give a local model directory") from None
+
+
+def context_length_of(spec: str) -> int | None:
+    """The model's context in tokens, read from its config or GGUF header without loading, building or
+    converting anything; None where that would be needed (a named model not assembled yet, a Hub id not
+    in the cache) or where the config states none."""
+    import json
+    if spec.split(":")[0] in TINY_ARCHS:
+        return TINY_CONFIG["max_position_embeddings"]
+    if spec in NAMED_MODELS:
+        gguf = named_gguf_path(NAMED_MODELS[spec])
+        return _gguf_context_length(gguf) if gguf else None
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return _gguf_context_length(path) if path.is_file() else None
+    config_file = path / "config.json"
+    if not path.is_dir():
+        import huggingface_hub
+        try:
+            cached = huggingface_hub.try_to_load_from_cache(spec, "config.json")
+        except ValueError:  # not a Hub id either (HFValidationError)
+            return None
+        if not isinstance(cached, str):
+            return None
+        config_file = Path(cached)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # loading it will say what is wrong
+    for section in (config, config.get("text_config") or {}):
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(section.get(name), int):
+                return section[name]
+    return None
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """`{architecture}.context_length` from a GGUF file's header (the gguf package's reader maps every
+    tensor first: 10 s for the 98 MB SmolLM2 file on a loaded CPU; this reads the first few keys)."""
+    import struct
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types
+    ints = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 10: "Q", 11: "q"}
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", "replace")
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(read("Q"), 1)
+            elif kind == 9:
+                inner, count = read("I"), read("Q")
+                if inner in sizes:
+                    f.seek(sizes[inner] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(inner)
+            else:
+                f.seek(sizes[kind], 1)
+        try:
+            if f.read(4) != b"GGUF" or read("I") < 2:
+                return None
+            read("Q")  # tensors
+            arch = None
+            for _ in range(read("Q")):
+                key, kind = string(), read("I")
+                if key == "general.architecture" and kind == 8:
+                    arch = string()
+                elif arch and key == f"{arch}.context_length" and kind in ints:
+                    return read(ints[kind])
+                else:
+                    skip(kind)
+        except (struct.error, KeyError, OSError):
+            return None
+    return None
