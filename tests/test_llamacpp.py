@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+# The backend's module first: it sets OMP_WAIT_POLICY, which libgomp reads when llama_cpp loads it.
+import montessori.generation.backends.llamacpp  # noqa: E402,F401
+
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'montessori[cpu]')")
 
 from montessori.config import load_preset  # noqa: E402
@@ -76,6 +79,15 @@ def test_a_samples_text_does_not_depend_on_the_others_in_its_call(backend):
     crowd = texts(backend.generate([Request(ASK, seed=1), Request(ASK, seed=2), Request(OTHER, seed=5),
                                     Request(ASK, seed=3)], sampling))
     assert crowd[2] == alone
+
+
+def test_the_thread_count_does_not_change_the_text(backend):
+    """generation.threads is not fingerprinted: how many threads compute a step must not change it."""
+    one = LlamaCppBackend.load("smollm2", threads=1, parallel=4)
+    sampling = Sampling(n=2, temperature=1.0, top_p=0.9, max_new_tokens=16)
+    requests = [Request(ASK, seed=11), Request(OTHER, seed=12)]
+    assert texts(one.generate(requests, sampling)) == texts(backend.generate(requests, sampling))
+    one.close()
 
 
 def _row(vocab, prompt=(), generated=()):

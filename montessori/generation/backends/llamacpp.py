@@ -101,7 +101,7 @@ class LlamaCppBackend(Backend):
         """`parallel`: sequences decoded at once (`generation.batch_size`); `threads`: CPU threads
         (`generation.threads`; None = every core this process may use)."""
         import llama_cpp
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+        _quiet(llama_cpp)
         self.lib, self.path = llama_cpp, Path(gguf)
         self.threads = threads or default_threads()
         self.parallel = max(1, parallel)
@@ -192,7 +192,8 @@ class LlamaCppBackend(Backend):
 
     def _context(self, slots: int, per_seq: int) -> None:
         """A context of `slots` KV streams of at least `per_seq` cells each (grown, never shrunk)."""
-        per_seq = min(max(per_seq, 256), self.n_ctx_train or per_seq)
+        # llama.cpp sizes each stream in multiples of 256 cells: ask for one, so none is rounded below need.
+        per_seq = min(-(-per_seq // 256) * 256, self.n_ctx_train or per_seq)
         if self.ctx is not None and slots <= self.slots and per_seq <= self.per_seq:
             return
         self._free_context()
@@ -300,6 +301,20 @@ class LlamaCppBackend(Backend):
         b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, logits
         b.seq_id[k][0] = seq
         return k + 1
+
+
+_LOG_CALLBACK = None  # the ctypes callback must outlive every call llama.cpp makes to it
+
+
+def _quiet(llama_cpp) -> None:
+    """llama.cpp's errors to our log; its load and context chatter (INFO, WARN) dropped."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        def forward(level: int, text: bytes, user_data) -> None:
+            if level == 3:  # GGML_LOG_LEVEL_ERROR
+                log.error("llama.cpp: %s", text.decode("utf-8", errors="replace").rstrip())
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(forward)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def _rng(seed: int, sample: int) -> np.random.Generator:
