@@ -15,7 +15,8 @@ The layers, bottom to top, and why each sits where it does (read from what the m
 3. runner: `pipeline` (order, fingerprints, status) and `executors` (where a stage runs). They call
    stages; a stage does not know who runs it (tests/test_import_cycles.py also keeps the executors
    private to the pipeline).
-4. views of a run for a person: `analysis`, `report`, `export`, `tasks` (`init --tasks`) and the
+4. views of a run for a person: `analysis`, `report`, `export`, `tasks` (`init --tasks`, and `teacher`,
+   its choice of the strongest teacher within reach) and the
    `eval` / `compare` commands. They read run directories and the runner's stage status
    (`report` -> `pipeline.stage_status`); nothing below reads them.
 5. the `montessori` command (`cli`), which knows every command.
@@ -40,7 +41,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                           "montessori.training", "montessori.evaluation", "montessori.features"})),
     ("runner", frozenset({"montessori.pipeline", "montessori.executors"})),
     ("views", frozenset({"montessori.analysis", "montessori.verdict", "montessori.report", "montessori.export",
-                         "montessori.tasks",
+                         "montessori.tasks", "montessori.teacher",
                          "montessori.evaluation.cli"})),
     ("cli", frozenset({"montessori.cli"})),
 )
