@@ -69,12 +69,12 @@ def choose_teacher(*, preset: str, preset_teacher: str, api_key_env: str, url: s
         changes = {"models": {"teacher": LOCAL_TEACHER}, "generation": {"backend": "auto"}}
         if llama_cpp:
             return TeacherChoice(changes, f"teacher: {LOCAL_TEACHER} through llama.cpp, the strongest local "
-                                          f"teacher installed (quantized, on the CPU)")
+                                          "teacher installed (quantized, on the CPU)")
         return TeacherChoice(changes, f"teacher: {LOCAL_TEACHER} through transformers, the strongest local "
-                                      f"teacher installed",
-                             f"llama-cpp-python is not installed, so the teacher runs dequantized to fp32: "
-                             f"several times slower on a CPU (hours for this run); "
-                             f"pip install 'montessori[cpu]' (builds llama.cpp, minutes)")
+                                      "teacher installed",
+                             "llama-cpp-python is not installed, so the teacher runs dequantized to fp32: "
+                             "several times slower on a CPU (hours for this run); "
+                             "pip install 'montessori[cpu]' (builds llama.cpp, minutes)")
     return TeacherChoice({"models": {"teacher": "smollm2"}},
                          "teacher: smollm2, the embedded SmolLM2-135M (no stronger teacher installed)",
                          "the embedded 135M teacher demonstrates the pipeline and does not write useful data: "

@@ -19,7 +19,7 @@ What it shares with the other backends, so the same config means the same thing 
   the same batches on a re-run, so a resumed stage samples the same text).
 - continuous batching: up to `parallel` sequences decode in one llama_decode per step, each in its own
   KV stream; an ended sequence's slot takes the next waiting request at once. A request's prompt is
-  decoded once and its KV copied to its n samples.
+  decoded once, alone, and its KV copied to its n samples.
 """
 
 from __future__ import annotations
@@ -201,12 +201,12 @@ class LlamaCppBackend(Backend):
         params = self.lib.llama_context_default_params()
         params.n_ctx = self.slots * self.per_seq
         params.n_seq_max = self.slots
-        # One decode call holds a whole prompt and a token of every other slot.
-        params.n_batch = self.per_seq + self.slots
+        # One decode call holds a whole prompt, or a token of every slot.
+        params.n_batch = max(self.per_seq, self.slots)
         params.n_ubatch = min(512, params.n_batch)
         params.n_threads = params.n_threads_batch = self.threads
-        # A stream per sequence: attention reads only its own cells (a unified cache makes every row
-        # attend over the cells of all of them, masked; measured slower at 8+ rows, docs/benchmarks.md).
+        # A stream per sequence: attention reads only its own cells. With one unified cache every row
+        # attends over all rows' cells (masked), and a sample's text changed with its neighbours (tested).
         params.kv_unified = False
         params.no_perf = True
         self.ctx = self.lib.llama_init_from_model(self.model, params)
@@ -248,59 +248,68 @@ class LlamaCppBackend(Backend):
         waiting = deque(range(len(prompts)))
         active: list[_Row] = []
         out: list[list[int] | None] = [None] * (len(prompts) * n)
+
+        def sample(row: _Row, logits: np.ndarray) -> bool:
+            """Draw the row's next token; True when the row has ended (and its slot is free again)."""
+            token = sample_token(logits, row, sampling)
+            row.ids.append(token)
+            row.seen[token] = row.generated[token] = True
+            if not (self.ends(token) or len(row.ids) >= sampling.max_new_tokens):
+                return False
+            out[row.index] = row.ids
+            self.lib.llama_memory_seq_rm(self.memory, row.seq, -1, -1)
+            free.append(row.seq)
+            return True
+
         while waiting or active:
-            fed: list[tuple[list[_Row], int]] = []  # rows sampling from the logits at batch index k
-            count = 0
-            for row in active:  # one token per running row
-                count = self._add(count, row.ids[-1], row.pos, row.seq, True)
-                row.pos += 1
-                fed.append(([row], count - 1))
-            admitted = []
-            while waiting and len(free) >= n and count + len(prompts[waiting[0]]) <= self.per_seq + self.slots:
+            # One token per running row, in one decode call, in slot order: llama.cpp splits a call
+            # into one pass per run of consecutive slots.
+            if active:
+                active.sort(key=lambda r: r.seq)
+                for k, row in enumerate(active):
+                    self._add(k, row.ids[-1], row.pos, row.seq, True)
+                    row.pos += 1
+                self._decode(len(active))
+                active = [row for k, row in enumerate(active) if not sample(row, self._logits(k))]
+            # Waiting prompts into the free slots, each decoded alone: mixed into the running rows' call,
+            # a prompt is cut into one pass per token (llama.cpp gives every sequence of a pass as many
+            # tokens as the shortest has). Its n samples start from its one decoded copy.
+            free.sort()
+            while waiting and len(free) >= n:
                 i = waiting.popleft()
-                seqs, free = free[:n], free[n:]
+                seqs, free[:] = free[:n], free[n:]
                 for pos, tok in enumerate(prompts[i]):
-                    count = self._add(count, tok, pos, seqs[0], pos == len(prompts[i]) - 1)
+                    self._add(pos, tok, pos, seqs[0], pos == len(prompts[i]) - 1)
+                self._decode(len(prompts[i]))
+                for s in seqs[1:]:
+                    self.lib.llama_memory_seq_cp(self.memory, seqs[0], s, -1, -1)
+                logits = self._logits(len(prompts[i]) - 1)
                 seen = np.zeros(self.n_vocab, dtype=bool)
                 seen[prompts[i]] = True
-                rows = [_Row(i * n + j, s, len(prompts[i]), _rng(seeds[i], j), seen.copy(),
-                             np.zeros(self.n_vocab, dtype=bool)) for j, s in enumerate(seqs)]
-                admitted.append(rows)
-                fed.append((rows, count - 1))
-            self.batch.n_tokens = count
-            code = self.lib.llama_decode(self.ctx, self.batch)
-            if code != 0:
-                raise RuntimeError(f"llama_decode failed ({code}) with {count} tokens, {len(active)} rows")
-            for rows in admitted:  # the samples of a prompt start from its one decoded copy
-                for row in rows[1:]:
-                    self.lib.llama_memory_seq_cp(self.memory, rows[0].seq, row.seq, -1, -1)
-                active += rows
-            ended = []
-            for rows, k in fed:
-                logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
-                for row in rows:
-                    token = sample_token(logits, row, sampling)
-                    row.ids.append(token)
-                    row.seen[token] = row.generated[token] = True
-                    if self.ends(token) or len(row.ids) >= sampling.max_new_tokens:
-                        ended.append(row)
-            for row in ended:
-                out[row.index] = row.ids
-                active.remove(row)
-                self.lib.llama_memory_seq_rm(self.memory, row.seq, -1, -1)
-                free.append(row.seq)
-            free.sort()
+                for j, s in enumerate(seqs):
+                    row = _Row(i * n + j, s, len(prompts[i]), _rng(seeds[i], j), seen.copy(),
+                               np.zeros(self.n_vocab, dtype=bool))
+                    if not sample(row, logits):
+                        active.append(row)
         return out
+
+    def _decode(self, count: int) -> None:
+        self.batch.n_tokens = count
+        code = self.lib.llama_decode(self.ctx, self.batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode failed ({code}) with {count} tokens")
+
+    def _logits(self, k: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
 
     def ends(self, token: int) -> bool:
         """Does `token` end a turn (EOS, end of turn: llama.cpp's end-of-generation set)?"""
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
-    def _add(self, k: int, token: int, pos: int, seq: int, logits: bool) -> int:
+    def _add(self, k: int, token: int, pos: int, seq: int, logits: bool) -> None:
         b = self.batch
         b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, logits
         b.seq_id[k][0] = seq
-        return k + 1
 
 
 _LOG_CALLBACK = None  # the ctypes callback must outlive every call llama.cpp makes to it
@@ -311,7 +320,7 @@ def _quiet(llama_cpp) -> None:
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
         def forward(level: int, text: bytes, user_data) -> None:
-            if level == 3:  # GGML_LOG_LEVEL_ERROR
+            if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT)
                 log.error("llama.cpp: %s", text.decode("utf-8", errors="replace").rstrip())
         _LOG_CALLBACK = llama_cpp.llama_log_callback(forward)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
