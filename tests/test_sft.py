@@ -42,8 +42,12 @@ def test_labels_are_exactly_encode_example_masks(tiny_model, tmp_path):
 def test_global_batch_comes_from_gradient_accumulation():
     cfg = load_preset("tiny", ["sft.global_batch_size=32", "sft.micro_batch_size=4"]).sft
     assert grad_accum_steps(cfg) == 8 and grad_accum_steps(cfg, world_size=2) == 4
+    # Refused with the config, before any stage (docs/errors.md)...
+    with pytest.raises(InputError, match="32 is not a multiple of sft.micro_batch_size=5"):
+        load_preset("tiny", ["sft.global_batch_size=32", "sft.micro_batch_size=5"])
+    # ...and by the trainer's own guard for a section built by hand (model_copy does not validate).
     with pytest.raises(InputError, match="sft.global_batch_size=32 is not a multiple"):
-        grad_accum_steps(load_preset("tiny", ["sft.global_batch_size=32", "sft.micro_batch_size=5"]).sft)
+        grad_accum_steps(cfg.model_copy(update={"micro_batch_size": 5}))
 
 
 def response_loss(model, tokenizer, pairs) -> float:
