@@ -52,6 +52,24 @@ def test_filters_on_crafted_instructions():
         assert filter_reason(text, **FILTERS) == reason, text
 
 
+def test_first_character_rule_is_for_english_runs_only():
+    # Self-Instruct's "non-English first character" rule would drop every task of a Japanese run (it
+    # dropped 42 of the Qwen teacher's first 64 samples); asked for Japanese, only a punctuation or
+    # symbol start is dropped.
+    cases = {
+        "旋盤のびびりマークの原因を三つ挙げてください。": None,
+        "エアコンプレッサーのドレン抜きは毎日必要ですか。": None,
+        "「切削油」の役割を説明してください。": "punctuation_start",
+        "・工具の摩耗を確認する方法を教えてください。": "punctuation_start",
+        "★重要な点検項目を挙げてください。": "punctuation_start",
+        "- 三つの果物を挙げてください。": "punctuation_start",
+        "Explain what a lathe does.": None,
+    }
+    for text, reason in cases.items():
+        assert filter_reason(text, **FILTERS, language="Japanese") == reason, text
+    assert filter_reason("旋盤のびびりマークの原因を三つ挙げてください。", **FILTERS) == "non_ascii_start"
+
+
 def test_prompt_styles(tokenizer):
     examples = [f"Example task number {i}." for i in range(1, 9)]
     messages, prefill = build_prompt("tagged", examples)

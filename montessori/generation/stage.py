@@ -139,7 +139,7 @@ def generate_instructions(backend: Backend, gen_cfg, seeds: list[tuple[str, str]
                     if cid in written:
                         counts.add(written[cid])
                         continue
-                    cand = _judge(completions[k][j].text, cid, prompt, gen_cfg, pool, texts)
+                    cand = _judge(completions[k][j].text, cid, prompt, gen_cfg, pool, texts, language)
                     (kept_out if cand.dropped is None else dropped_out).append(cand)
                     if cand.dropped is None:
                         pool.add(cand.instruction)
@@ -153,14 +153,14 @@ def generate_instructions(backend: Backend, gen_cfg, seeds: list[tuple[str, str]
 
 
 def _judge(completion: str, cid: str, prompt: GenerationPrompt, gen_cfg, pool: RougeDeduper,
-           texts: dict[str, str]) -> Candidate:
+           texts: dict[str, str], language: str) -> Candidate:
     """Parse, filter and dedup one sampled completion into a kept or dropped Candidate."""
     instruction = parse_completion(prompt.style, completion)
     if instruction is None:
         reason = unparsed_reason(prompt.style)
     else:
         reason = filter_reason(instruction, min_chars=gen_cfg.min_chars, max_chars=gen_cfg.max_chars,
-                               banned_words=gen_cfg.banned_words)
+                               banned_words=gen_cfg.banned_words, language=language)
         if reason is None and pool.is_duplicate(instruction, [texts[e] for e in prompt.example_ids if e in texts]):
             reason = "duplicate"
     return Candidate(id=cid, prompt_id=prompt.id, completion=completion, instruction=instruction,

@@ -84,7 +84,8 @@ def write_candidates(backend, gen, prompts: list[GenerationPrompt], teacher: str
             for j, comp in enumerate(completions):
                 instruction = parse_completion(prompt.style, comp.text)
                 reason = "unparsed" if instruction is None else filter_reason(
-                    instruction, min_chars=gen.min_chars, max_chars=gen.max_chars, banned_words=gen.banned_words)
+                    instruction, min_chars=gen.min_chars, max_chars=gen.max_chars, banned_words=gen.banned_words,
+                    language=language)
                 written.append(MechanismCandidate(f"{teacher}-{prompt.id}-s{j}", teacher, prompt.id, instruction,
                                                   dropped=reason))
         kept = [c for c in written if c.dropped is None]
