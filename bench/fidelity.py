@@ -59,7 +59,7 @@ def warm_state(args, model, tokenizer):
     if not (folder / "optimizer.pt").exists():
         pairs = read_pairs(str(SHARED / "self_instruct_seed_tasks.jsonl"), limit=args.warmup_steps).records
         optimizer, log = train_warmup(model, encode_pairs(tokenizer, pairs, args.max_length),
-                                      WarmupConfig(lr=5e-6, batch_size=1), pad_id=tokenizer.pad_token_id,
+                                      WarmupConfig(lr=5e-6, micro_batch_size=1), pad_id=tokenizer.pad_token_id,
                                       precision="float32", progress=True)
         save_warmup(folder, model, tokenizer, optimizer)
     return load_warmup(folder, args.device)

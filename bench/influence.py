@@ -169,7 +169,7 @@ def run_engine(model, state, ref, cands, method, args, device):
         started = time.perf_counter()
         engine = InfluenceEngine(model, state, ref, pad_id=0, estimator=estimator, precision=precision,
                                  grad_precision=grad_precision, eval_batch_size=args.eval_batch_size,
-                                 compile={"on": True, "off": False}.get(args.compile, "auto"), linear_kernel=kernel,
+                                 compile=args.compile, linear_kernel=kernel,
                                  pad_multiple=args.pad_multiple, ref_grad_dtype=args.ref_grad_dtype)
         # Untimed: allocator, kernels, compilation; the linear methods see every candidate once (one CUDA
         # graph per padded length is captured on first sight: a one-off cost, counted in `setup`).

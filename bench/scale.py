@@ -6,7 +6,7 @@
 
 Each worker (one per GPU) builds a random-init model of the chosen architecture in fp32, a synthetic
 AdamW state and the reference set, once, exactly like an influence worker holding the warm-up
-state (montessori.executors.influence.Scorer over an InfluenceEngine). Candidates (random
+state (montessori.influence.scorer.Scorer over an InfluenceEngine). Candidates (random
 tokens, 300-600 tokens long) are fed through the same pools as the `influence` stage
 (montessori.executors: RayPool, or LocalPool without Ray). Timing starts after every worker has built its state
 and scored one untimed candidate, so it measures the steady state a long run lives in.
@@ -79,7 +79,7 @@ def build_scorer(arch: str, device: str, lengths, estimator: str, precision: str
     moments (|g| ~ 1e-3), the reference set. Every worker builds the same (seed 0)."""
     import torch
 
-    from montessori.executors.influence import Scorer
+    from montessori.influence.scorer import Scorer
     from montessori.influence.engine import AdamWState, InfluenceEngine
     if device == "cpu":
         torch.set_num_threads(threads)

@@ -285,7 +285,7 @@ def print_summary(summary: dict) -> None:
 def report_sections(run_dir: Path, summary: dict | None = None) -> list:
     """The report's "Which data works" sections (none before influence is measured); `summary`: the run's
     `analyze` summary, when the caller has it."""
-    from montessori.sections import Section
+    from montessori.sections import ReportSection
     from montessori.sections import figure as _figure
     from montessori.sections import png as _png
     if summary is None:
@@ -293,7 +293,7 @@ def report_sections(run_dir: Path, summary: dict | None = None) -> list:
     if not summary["measured"]:
         return []
     o = summary["overall"]
-    kinds = Section("Which data works: influence per kind of candidate")
+    kinds = ReportSection("Which data works: influence per kind of candidate")
     kinds.notes.append(f"{summary['measured']} measured candidates, mean influence {o['mean']:+.4g} (95% bootstrap "
                        f"interval {o['ci_low']:+.3g} to {o['ci_high']:+.3g}), {o['share_positive']:.0%} positive. "
                        "Features are assigned by fixed rules (montessori.analysis); RUN/analysis/ has them per "
@@ -309,10 +309,10 @@ def report_sections(run_dir: Path, summary: dict | None = None) -> list:
     fig, ax = _figure(11, max(2.5, 0.28 * len(seeds) + 1))
     _bars(ax, seeds, "seed example the candidate resembles most")
     kinds.plots.append(("Mean influence per seed example", _png(fig)))
-    numbers = Section("Which data works: the numbers per kind")
+    numbers = ReportSection("Which data works: the numbers per kind")
     for feature in FEATURES:
         numbers.tables.append(([feature] + KIND_HEADER, _rows(summary, feature, 90)))
-    section = Section("Which data works: features that best separate high from low influence")
+    section = ReportSection("Which data works: features that best separate high from low influence")
     if summary["separators"]:
         section.tables.append((SEPARATOR_HEADER, _separator_rows(summary)))
         fig, ax = _figure(8, max(2.5, 0.35 * len(summary["separators"]) + 1))
@@ -326,7 +326,7 @@ def report_sections(run_dir: Path, summary: dict | None = None) -> list:
         section.plots.append(("Features that go with high (green) and low (red) influence", _png(fig)))
     else:
         section.notes.append("too few measured candidates (or no spread) to rank features")
-    examples = Section("Which data works: top and bottom examples of each kind")
+    examples = ReportSection("Which data works: top and bottom examples of each kind")
     for feature in ("task_type", "has_input", "round"):
         rows = []
         for g in summary["features"][feature]:

@@ -144,7 +144,6 @@ def cmd_doctor(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from montessori.config import PRESETS
-    from montessori.pipeline import STAGE_NAMES
     parser = argparse.ArgumentParser(prog="montessori", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"montessori {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: the config file's folder)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE",
-                       help=f"run only this stage ({', '.join(STAGE_NAMES)}), in every round, or ROUND:STAGE")
+                       help="run only this stage (as `montessori status` names them), in every round, or ROUND:STAGE")
     group.add_argument("--until", metavar="STAGE",
                        help="stop after this stage of round 1, or after ROUND:STAGE (e.g. 2:influence)")
     p.add_argument("--force", action="store_true", help="re-run the selected stages even if up to date")

@@ -27,21 +27,19 @@ PRESETS = ("tiny", "smollm2-demo", "tinyllama-1b", "llama3-8b", "paper-shape", "
 # before any stage runs or any old output is touched.
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
-# Dtypes and precisions have the torch names (float32, bfloat16, float16; tf32 = float32 on TF32 tensor
-# cores). The spellings before 0.2 are read as the same value, so an old config fingerprints as a new one.
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Dtypes and precisions have the torch names (float32, bfloat16, float16; tf32 = float32 on TF32 tensor cores).
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Precision = Literal["float32", "tf32", "bfloat16"]
+AutoPrecision = Literal["auto", "float32", "tf32", "bfloat16"]
+StoredDtype = Literal["auto", "float32", "bfloat16"]
 
 
-def dtype_name(value: Any) -> Any:
-    """The torch name of a dtype or precision ("bf16" -> "bfloat16"); other values unchanged."""
-    return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+def _on_off(value: Any) -> Any:
+    """YAML reads an unquoted on/off (and true/false) as a boolean: `compile: on` means "on"."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
 
 
-_TorchName = BeforeValidator(dtype_name)
-Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], _TorchName]
-Precision = Annotated[Literal["float32", "tf32", "bfloat16"], _TorchName]
-AutoPrecision = Annotated[Literal["auto", "float32", "tf32", "bfloat16"], _TorchName]
-StoredDtype = Annotated[Literal["auto", "float32", "bfloat16"], _TorchName]
+OnOff = BeforeValidator(_on_off)
 
 
 class Section(BaseModel):
@@ -113,21 +111,20 @@ class GenerationConfig(Section):
     # llamacpp: CPU threads; None = every core this process may use. Not fingerprinted (how it runs).
     threads: PositiveInt | None = None
     # transformers backend: fast = own continuous-batching decode loop (backends/slots.py), generate =
-    # `model.generate`; auto = fast on CUDA, generate on CPU (docs/benchmarks.md). compile: the fast
-    # engine's decode step through torch.compile + CUDA graphs (on), as captured CUDA graphs of the
-    # eager step (graphs: no compile time), or eager (off); auto = graphs with CUDA (torch.compile of the
-    # step failed on torch 2.11, docs/benchmarks.md), off without.
+    # `model.generate`; auto = fast on CUDA, generate on CPU. compile: the fast engine's decode step
+    # through torch.compile + CUDA graphs (on), as captured CUDA graphs of the eager step (graphs: no
+    # compile time), or eager (off); auto = graphs with CUDA, off without. Why: docs/benchmarks.md, Defaults.
     engine: Literal["auto", "fast", "generate"] = "auto"
-    compile: Literal["auto", "on", "graphs", "off"] = "auto"
+    compile: Annotated[Literal["auto", "on", "graphs", "off"], OnOff] = "auto"
     # OpenAI-compatible endpoint for backend=http; the API key is read from the environment variable
-    # named by `api_key_env` (every HTTP client: generation.api_key_env, influence/eval.judge_api_key_env).
+    # named by `api_key_env` (every HTTP client: generation.api_key_env, influence/eval.judge.api_key_env).
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     http_concurrency: PositiveInt = 8
     http_timeout: PositiveFloat = 120.0
     http_max_retries: NonNegativeInt = 5
-    # Sequences (prompt x sample) per generate call; the n samples of a prompt share its encoding.
-    # 16 from bench/generate.py on CPU (docs/benchmarks.md); GPU presets use more.
+    # Sequences (prompt x sample) per generate call; the n samples of a prompt share its encoding. The
+    # default is the CPU's (docs/benchmarks.md, Defaults); GPU presets use more.
     batch_size: PositiveInt = 16
     prompt_style: Literal["tagged", "list"] = "tagged"
     # The language the teacher is asked to write instructions and answers in: `auto` detects it from the
@@ -139,9 +136,9 @@ class GenerationConfig(Section):
     synthetic_per_prompt: NonNegativeInt = 2  # once >= 2 synthetic instructions exist: 6 seeds + 2 synthetic
     instructions: SamplingConfig = SamplingConfig(n=4, temperature=1.0)
     # n > 1: that many sampled answers per instruction in the responses stage, each its own pair, and an
-    # instruction's influence is the mean of its answers' (stage preferences). One answer's influence
-    # correlated only +0.16 with another's (docs/experiments.md, test-retest), and DPO sees only the
-    # instruction. split.* still counts pairs. The dataset stage writes one answer per instruction.
+    # instruction's influence is the mean of its answers' (stage preferences): one answer's influence
+    # predicts another's poorly (docs/experiments.md, test-retest), and DPO sees only the instruction.
+    # split.* still counts pairs. The dataset stage writes one answer per instruction.
     responses: SamplingConfig = SamplingConfig(n=1, temperature=0.6)
     min_chars: NonNegativeInt = 6
     max_chars: PositiveInt = 400
@@ -152,23 +149,6 @@ class GenerationConfig(Section):
     dataset_max_prompts_per_pair: PositiveFloat = 3.0
     steer: SteerConfig = SteerConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        if "data_max_prompts_per_pair" in data:  # 0.1 name (the stage was called `data`)
-            data.setdefault("dataset_max_prompts_per_pair", data.pop("data_max_prompts_per_pair"))
-        # 0.1 added generation.seed to the top-level seed; 0 (its default, in every resolved config)
-        # means exactly what the top-level seed alone means now.
-        if "seed" in data:
-            if data["seed"] not in (0, None):
-                raise InputError(f"key 'generation.seed': removed in 0.2 (it was added to the top-level seed): "
-                                 f"delete it and set the top-level seed to the sum (was {data['seed']} + seed)")
-            data.pop("seed")
-        return data
-
 
 class SplitConfig(Section):
     warmup: PositiveInt = 1000  # W: the first W generated pairs
@@ -178,8 +158,9 @@ class SplitConfig(Section):
 class WarmupConfig(Section):
     # One pass over the W warm-up pairs (docs/method.md, step 4); there is no `epochs` key.
     lr: PositiveFloat = 5e-6
-    batch_size: PositiveInt = 1
-    grad_accum: PositiveInt = 1
+    # Examples per optimizer step (global) and per forward pass (micro); accumulation = global / micro.
+    global_batch_size: PositiveInt = 1
+    micro_batch_size: PositiveInt = 1
     weight_decay: NonNegativeFloat = 0.0
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
@@ -189,30 +170,32 @@ class WarmupConfig(Section):
     precision: AutoPrecision = "auto"
     gradient_checkpointing: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _removed_epochs(cls, data: Any) -> Any:
-        # `epochs` was accepted but never read; configs written then say 1, which is what runs.
-        if isinstance(data, dict) and "epochs" in data:
-            if data["epochs"] != 1:
-                raise InputError("key 'warmup.epochs': removed; the warm-up is one pass over the split.warmup "
-                                 "pairs (delete the key)")
-            data = {k: v for k, v in data.items() if k != "epochs"}
-        return data
+
+class JudgeConfig(Section):
+    # A judge (influence.judge, eval.judge): `model` is a local model spec (HF dir, *.gguf, Hub id,
+    # smollm2), or with `base_url` the model name that OpenAI-compatible endpoint serves (as
+    # models.teacher with generation.base_url); its API key is read from the variable `api_key_env`
+    # names. Added after runs existed: at their defaults model and base_url are left out of fingerprints.
+    LATER_KEYS = frozenset({"model", "base_url"})
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+
+    @model_validator(mode="after")
+    def _endpoint_names_its_model(self) -> JudgeConfig:
+        if self.base_url and not self.model:
+            raise ValueError(f"base_url {self.base_url} needs model (the model name the endpoint serves)")
+        return self
 
 
 class InfluenceConfig(Section):
-    LATER_KEYS = frozenset({"utility", "judge", "judge_url", "judge_model", "linear_kernel", "pad_multiple"})
+    LATER_KEYS = frozenset({"utility", "judge", "linear_kernel", "pad_multiple"})
     # What ranks the probing candidates (the paper's data-utility ablation): influence = local data
     # influence (this section's estimator); loss = the warmed-up student's own loss on the candidate
     # (larger = less known); judge = a judge's 1-10 grade of the pair. loss needs `preferences.rule: rank`.
     utility: Literal["influence", "loss", "judge"] = "influence"
-    # Judge for utility=judge: a local model spec (None = this round's teacher) or an OpenAI-compatible
-    # endpoint + model name (API key read from the variable `judge_api_key_env` names).
-    judge: str | None = None
-    judge_url: str | None = None
-    judge_model: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
+    # The judge of utility=judge (JudgeConfig); no model = this round's teacher.
+    judge: JudgeConfig = JudgeConfig()
     # linear: first-order form, one fwd/bwd per candidate; exact: step + full reference pass (the check).
     # Measured agreement and speed: docs/benchmarks.md.
     estimator: Literal["exact", "linear"] = "linear"
@@ -227,23 +210,19 @@ class InfluenceConfig(Section):
     eval_batch_size: PositiveInt = 8
     max_length: PositiveInt = 1024
     # torch.compile (inductor, dynamic shapes). auto: only the graphed linear step on CUDA, whose copy
-    # of the student is compiled decoder layer by decoder layer (25 -> 17 ms per TinyLlama-1.1B candidate
-    # on an H200, ~7 s more setup; docs/benchmarks.md); true: also the student's forward and the eager
-    # step's update passes, and the flat step; false: nothing.
-    compile: Literal["auto"] | bool = "auto"
+    # of the student is compiled decoder layer by decoder layer; on: also the student's forward and the
+    # eager step's update passes, and the flat step; off: nothing. Measured: docs/benchmarks.md, Defaults.
+    compile: Annotated[Literal["auto", "on", "off"], OnOff] = "auto"
     # Memory layout (values are the same, bit for bit for `shadow`): auto keeps a fourth fp32 copy of
     # the weights on the device only when it fits (not for an 8B student on one 141 GB GPU): else
     # ∇L_ref is stored in bf16 and exact steps θ in place, restoring it from a pinned host copy.
     ref_grad_dtype: StoredDtype = "auto"
     shadow: Literal["auto", "device", "host"] = "auto"
-    # How the linear step runs (the same quantity, computed differently; measured in docs/benchmarks.md:
-    # in fp32 flat/graphed equal hooks to a median 5e-4 relative; with the bf16 candidate gradient, graphed
-    # and hooks differ by a median 5% (Spearman 0.84) on random TinyLlama-1.1B weights, and the bf16 copy
-    # is within a median 0.3% of fp32 (Spearman 1.000) on real SmolLM2 weights): hooks = eager, the gradient
+    # How the linear step runs (the same quantity, computed differently): hooks = eager, the gradient
     # consumed in buckets during backward; flat = a fused update per parameter as backward completes it;
     # graphed = flat + the candidate padded to a multiple of pad_multiple tokens, a CUDA graph per length.
-    # auto = graphed on CUDA (17 vs 119 ms per TinyLlama-1.1B candidate on an H200 with compile=auto,
-    # reproducible bit for bit), hooks elsewhere (the CPU step is matmul-bound: no gain). docs/benchmarks.md.
+    # auto = graphed on CUDA (reproducible bit for bit), hooks elsewhere (the CPU step is matmul-bound).
+    # Their agreement and speed: docs/benchmarks.md, Defaults.
     linear_kernel: Literal["auto", "hooks", "flat", "graphed"] = "auto"
     pad_multiple: PositiveInt = 64
 
@@ -253,9 +232,9 @@ class PreferencesConfig(Section):
     # sign: chosen I>0 x rejected I<0 (the paper's, docs/method.md step 6); rank: above vs below the prompt's median.
     rule: Literal["sign", "rank"] = "sign"
     # Rank by the influence less its least-squares line in log response length (over the round's scored
-    # candidates) instead of the raw influence. The influence rewards long answers (Spearman +0.33..+0.47
-    # with response length on Gemma-3-270M, docs/experiments.md), which the instruction DPO trains on
-    # only partly decides; this leaves what the length does not explain. The pairs keep the raw values.
+    # candidates) instead of the raw influence. The influence rewards long answers (docs/experiments.md,
+    # length control), which the instruction DPO trains on only partly decides; this leaves what the
+    # length does not explain. The pairs keep the raw values.
     control_length: bool = False
     best_vs_worst: bool = False
     min_gap: NonNegativeFloat = 0.0
@@ -309,8 +288,10 @@ class DPOConfig(Schedule):
     min_lr: NonNegativeFloat = 1e-9
     beta: PositiveFloat = 0.1
     loss_type: str = "sigmoid"  # one of dpo_loss_types(): what the installed TRL computes
-    batch_size: PositiveInt = 2
-    grad_accum: PositiveInt = 1
+    # Examples per optimizer step over all processes (global) and per forward pass of one process (micro),
+    # as in sft: accumulation = global / (micro x processes).
+    global_batch_size: PositiveInt = 2
+    micro_batch_size: PositiveInt = 2
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     lora: bool = False  # LoRA adapters through PEFT (large teachers); merged into the weights on save
     lora_r: PositiveInt = 16
@@ -351,12 +332,8 @@ class EvalConfig(Section):
     # Answers for judged metrics: generated once per student and prompt set, cached.
     temperature: NonNegativeFloat = 0.0  # 0 = greedy; 0.7 = the usual sampled setting
     max_new_tokens: PositiveInt = 512
-    # Judge for the win rate / grading: a local model spec, or an OpenAI-compatible endpoint + model
-    # name (API key read from `judge_api_key_env`). None = loss only.
-    judge: str | None = None
-    judge_url: str | None = None
-    judge_model: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
+    # The judge of the win rate / grading (JudgeConfig); no model = loss only.
+    judge: JudgeConfig = JudgeConfig()
     questions: str | None = None  # MT-Bench-style question file for 1-10 grading
     tasks: list[str] = []  # lm-evaluation-harness tasks (extra [eval]), e.g. [mmlu, arc_challenge]
     task_path: str | None = None  # folder of extra harness task YAMLs (local data)
@@ -405,19 +382,6 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_sections(cls, data: Any) -> Any:
-        # 0.1 called the preferences section `pairs` (configs in older run directories still load;
-        # an override `pairs.rule=rank` given on top of a `preferences:` section applies to it).
-        if isinstance(data, dict) and "pairs" in data:
-            data = dict(data)
-            old, new = data.pop("pairs"), data.get("preferences")
-            if isinstance(old, dict) and isinstance(new, dict):
-                old = {**new, **old}
-            data["preferences"] = old
-        return data
-
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         # Rules between keys: checked with the schema, so a bad combination is refused before any stage
@@ -430,9 +394,11 @@ class Config(Section):
                 raise ValueError(f"keys '{name}.warmup_ratio' + '{name}.stable_ratio' + '{name}.decay_ratio': the "
                                  f"schedule's shares must sum to 1 (got {s.warmup_ratio:g} + {s.stable_ratio:g} + "
                                  f"{s.decay_ratio:g} = {total:g})")
-        if self.sft.global_batch_size % self.sft.micro_batch_size:
-            raise ValueError(f"key 'sft.global_batch_size': {self.sft.global_batch_size} is not a multiple of "
-                             f"sft.micro_batch_size={self.sft.micro_batch_size}")
+        for name in ("warmup", "dpo", "sft"):
+            s = getattr(self, name)
+            if s.global_batch_size % s.micro_batch_size:
+                raise ValueError(f"key '{name}.global_batch_size': {s.global_batch_size} is not a multiple of "
+                                 f"{name}.micro_batch_size={s.micro_batch_size}")
         return self
 
     def value(self, key: str) -> Any:

@@ -3,63 +3,100 @@ executors (`montessori.executors`), and importing neither, so neither imports th
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from montessori.config import Config
-from montessori.errors import MontessoriError
 from montessori.store import RunStore, StageDir
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage of the method, declared beside its function with `@stage(...)`; `montessori.pipeline.STAGES`
+    lists the functions in the order a round runs them."""
+
     name: str
-    target: str  # "module:function", imported when the stage runs
-    keys: tuple[str, ...]  # dotted config keys the stage reads (`sft.lr`): their values are fingerprinted
+    function: Callable[[StageContext], dict]
+    keys: tuple[str, ...]  # dotted config keys the stage reads (`sft.lr`, or a section `generation.steer`): fingerprinted
     inputs: tuple[str, ...] = ()  # stages of the same round whose output it reads
     round_inputs: tuple[str, ...] = ()  # stages of the previous round it reads (teacher, student)
-    files: tuple[str, ...] = ()  # keys among `keys` naming input files: fingerprinted by content
+    files: tuple[str, ...] = ()  # keys among `keys` naming input files: fingerprinted by content, read by preflight
+    models: tuple[str, ...] = ()  # "teacher", "student": the models.* specs it loads (preflight checks those only)
+    generates: bool = False  # samples from the teacher through generation.backend (preflight checks the backend)
+    baseline: bool = False  # part of the Self-Instruct baseline (method: self-instruct): the teacher writes the data
+    launch: bool = False  # may run on several ranks through accelerate / torchrun (TRL's trainers)
+    next_round: str | None = None  # "teacher" / "student": its model/ is the next round's teacher / student
 
-    def function(self) -> Callable[[StageContext], dict]:
-        return load_function(self.name, self.target)
+
+def stage(name: str, **declaration) -> Callable[[Callable], Callable]:
+    """Declare the decorated function a stage: `fn.stage` is its Stage (config keys, inputs, needs)."""
+
+    def declare(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
+        fn.stage = Stage(name, fn, **declaration)
+        return fn
+
+    return declare
 
 
-def load_function(name: str, target: str) -> Callable:
-    """The stage's function. Only a missing module or function means "not implemented"; an import
-    that fails inside the module is shown with its cause (a missing package, a syntax error)."""
-    module, func = target.split(":")
-    try:
-        loaded = importlib.import_module(module)
-    except ImportError as err:
-        missing = getattr(err, "name", None)
-        if isinstance(err, ModuleNotFoundError) and missing and (module + ".").startswith(missing + "."):
-            raise NotImplementedError(name) from None  # the stage's own module is not there
-        raise MontessoriError(f"stage '{name}': importing {module} failed: {err}") from err
-    if not hasattr(loaded, func):
-        raise NotImplementedError(name)
-    return getattr(loaded, func)
+# ctx.map's implementation: (factory, method, items, on_result, *, key, desc, progress) -> None.
+Mapper = Callable[..., None]
+
+
+def map_in_process(factory: Callable[[], Any], method: str, items: Sequence, on_result: Callable[[Any], None], *,
+                   key: Callable[[Any], Hashable], desc: str = "items", progress: bool = False) -> None:
+    """ctx.map here: factory() once, its method called once on every item (an engine batches them
+    itself), each result passed on as it is yielded."""
+    from tqdm.auto import tqdm
+    items = list(items)
+    if not items:
+        return
+    seen = set()
+    for result in tqdm(getattr(factory(), method)(items), total=len(items), desc=desc, unit="item",
+                       disable=not progress):
+        if key(result) not in seen:
+            seen.add(key(result))
+            on_result(result)
 
 
 @dataclass
 class StageContext:
-    """What a stage gets: the config, its folder, and where to find its inputs."""
+    """What a stage gets: the config, its folder, where to find its inputs, and `map`, through which it
+    hands out work items and collects results (the executor chose where they run):
+
+        ctx.map(factory, method, items, on_result, key=lambda r: r.id, desc="influence")
+
+    factory: a picklable zero-argument callable (a module-level function, or a functools.partial of
+      one) building a worker's expensive state once (a warm-up state, an engine);
+    method: the name of the method of `factory()` called on a list of items; it returns (or yields)
+      their results, one per item, in any order;
+    on_result(result): called in this process, once per `key(result)`, as each result arrives (only
+      the driver writes: an item sent twice, or re-run after its worker died, is written once).
+    In this process (`map_in_process`, the default) factory() is built once and given all items in one
+    call; an executor sets `mapper` to spread them over workers (executors.local, executors.ray)."""
 
     config: Config
     store: RunStore
     round: int
-    stage: StageDir
+    dir: StageDir  # the stage's folder in the run store (RUN/round-R/STAGE, or its pending re-run)
     active: tuple[str, ...] = field(default_factory=tuple)
     progress: bool = True
     # The generation backend for a model spec, when an executor runs generation elsewhere (Ray engines:
     # executors.launcher); None: the stage builds generation.backend in this process.
     make_backend: Callable[[str], Any] | None = None
+    # How `map` runs its items (see above); None: map_in_process. Set by an executor, never by a stage.
+    mapper: Mapper | None = None
+
+    def map(self, factory: Callable[[], Any], method: str, items: Sequence, on_result: Callable[[Any], None], *,
+            key: Callable[[Any], Hashable] = lambda result: result.id, desc: str = "items") -> None:
+        """Run `getattr(factory(), method)` over `items`, each result to `on_result` once per key."""
+        (self.mapper or map_in_process)(factory, method, items, on_result, key=key, desc=desc,
+                                        progress=self.progress)
 
     @property
     def log(self) -> logging.Logger:
-        return logging.getLogger(f"montessori.{self.stage.stage}")
+        return logging.getLogger(f"montessori.{self.dir.stage}")
 
     def input(self, name: str, round: int | None = None) -> StageDir:
         return self.store.stage(self.round if round is None else round, name)

@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from montessori.errors import InputError, MontessoriError
-from montessori.sections import Section
+from montessori.sections import ReportSection
 from montessori.sections import figure as _figure
 from montessori.sections import png as _png
 from montessori.store import RunStore, read_jsonl
@@ -34,7 +34,7 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def generation_table(store: RunStore, round_: int) -> Section | None:
+def generation_table(store: RunStore, round_: int) -> ReportSection | None:
     rows = []
     for name, label in (("instructions", "probing instructions"), ("dataset", "training data")):
         sd = store.stage(round_, name)
@@ -46,7 +46,7 @@ def generation_table(store: RunStore, round_: int) -> Section | None:
         rows.append([label, kept + len(dropped), len(dropped) - duplicate, duplicate, kept])
     if not rows:
         return None
-    section = Section("Generated candidates")
+    section = ReportSection("Generated candidates")
     section.tables.append((["stage", "generated", "filtered", "duplicate", "kept"], rows))
     reasons: dict[str, int] = {}
     for name in ("instructions", "dataset"):
@@ -57,7 +57,7 @@ def generation_table(store: RunStore, round_: int) -> Section | None:
     return section
 
 
-def influence_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+def influence_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
     path = store.stage(round_, "influence").path / "influence.jsonl"
     results = read_jsonl(path)
     if not results:
@@ -65,7 +65,7 @@ def influence_section(store: RunStore, round_: int) -> tuple[Section | None, dic
     values = [r["influence"] for r in results if r.get("status") == "ok" and r.get("influence") is not None]
     invalid = len(results) - len(values)
     summary = {"measured": len(values), "invalid": invalid}
-    section = Section("Local data influence")
+    section = ReportSection("Local data influence")
     if values:
         summary |= {"share_positive": sum(v > 0 for v in values) / len(values), "mean": statistics.fmean(values),
                     "median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -79,7 +79,7 @@ def influence_section(store: RunStore, round_: int) -> tuple[Section | None, dic
     return section, summary
 
 
-def examples_section(store: RunStore, round_: int) -> Section | None:
+def examples_section(store: RunStore, round_: int) -> ReportSection | None:
     results = [r for r in read_jsonl(store.stage(round_, "influence").path / "influence.jsonl")
                if r.get("status") == "ok" and r.get("influence") is not None]
     if not results:
@@ -89,7 +89,7 @@ def examples_section(store: RunStore, round_: int) -> Section | None:
     responses = {p.get("candidate_id") or p["id"]: p.get("instruction") or "" for p in
                  read_jsonl(store.stage(round_, "responses").path / "pairs.jsonl")}
     ranked = sorted(results, key=lambda r: r["influence"], reverse=True)
-    section = Section("Most and least influential instructions")
+    section = ReportSection("Most and least influential instructions")
     for label, chosen in (("most", ranked[:EXAMPLES]), ("least", ranked[::-1][:EXAMPLES])):
         rows = [[_fmt(r["influence"]), r["id"], instructions.get(r["id"]) or responses.get(r["id"], "")]
                 for r in chosen]
@@ -97,14 +97,14 @@ def examples_section(store: RunStore, round_: int) -> Section | None:
     return section
 
 
-def preferences_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+def preferences_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
     manifest = store.stage(round_, "preferences").manifest()
     if manifest is None:
         return None, {}
     counts = manifest["counts"]
     keys = ["rule", "pairs", "prompts", "prompts_with_pairs", "prompts_without_pair", "candidates", "positive",
             "negative"]
-    section = Section("Preference pairs")
+    section = ReportSection("Preference pairs")
     section.tables.append((keys, [[_fmt(counts.get(k)) for k in keys]]))
     return section, counts
 
@@ -119,12 +119,12 @@ def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def dpo_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+def dpo_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
     sd = store.stage(round_, "dpo")
     history = read_jsonl(sd.path / "metrics.jsonl")
     if not history:
         return None, {}
-    section = Section("Teacher DPO")
+    section = ReportSection("Teacher DPO")
     fig, ax = _figure()
     steps, margins = _curve(history, "rewards/margins")
     ax.plot(steps, margins, color="#4c72b0", marker="o" if len(steps) < 30 else None, label="reward margin")
@@ -146,12 +146,12 @@ def dpo_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
     return section, counts
 
 
-def mechanism_section(store: RunStore, round_: int) -> Section | None:
+def mechanism_section(store: RunStore, round_: int) -> ReportSection | None:
     path = store.stage(round_, "mechanism").path / "summary.json"
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
-    section = Section("Mechanism check: fresh candidates of the updated vs the original teacher")
+    section = ReportSection("Mechanism check: fresh candidates of the updated vs the original teacher")
     rows = []
     for teacher in ("updated", "original"):
         e = summary.get(teacher, {})
@@ -169,12 +169,12 @@ def mechanism_section(store: RunStore, round_: int) -> Section | None:
     return section
 
 
-def sft_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+def sft_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
     sd = store.stage(round_, "sft")
     history = read_jsonl(sd.path / "metrics.jsonl")
     if not history:
         return None, {}
-    section = Section("Student SFT")
+    section = ReportSection("Student SFT")
     steps, loss = _curve(history, "loss")
     fig, ax = _figure()
     ax.plot(steps, loss, color="#55a868", marker="o" if len(steps) < 30 else None)
@@ -197,12 +197,12 @@ def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
     return []  # lists (per-example records) are too long for a summary table
 
 
-def eval_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
+def eval_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
     sd = store.stage(round_, "eval")
     path = sd.path / "results.json"
     if not path.exists():
         return None, {}
-    section = Section("Evaluation")
+    section = ReportSection("Evaluation")
     # The stage's headline numbers (its manifest counts) first, then every scalar of results.json.
     headline = (sd.manifest() or {}).get("counts", {})
     if headline:
@@ -212,7 +212,7 @@ def eval_section(store: RunStore, round_: int) -> tuple[Section | None, dict]:
     return section, headline or dict(flat)
 
 
-def stage_table(store: RunStore) -> Section:
+def stage_table(store: RunStore) -> ReportSection:
     """One row per stage, one column per round: state and seconds."""
     from montessori.pipeline import stage_status
     rounds = store.rounds()
@@ -220,13 +220,13 @@ def stage_table(store: RunStore) -> Section:
     for r in stage_status(store):
         seconds = f" ({r['seconds']:.1f} s)" if r["seconds"] is not None else ""
         cells.setdefault(r["stage"], {})[r["round"]] = r["state"] + seconds
-    section = Section("Stages")
+    section = ReportSection("Stages")
     section.tables.append((["stage"] + [f"round {r}" for r in rounds],
                            [[name] + [row.get(r, "") for r in rounds] for name, row in cells.items()]))
     return section
 
 
-def build_sections(run_dir: Path) -> tuple[dict, list[Section], list[tuple[int, list[Section]]]]:
+def build_sections(run_dir: Path) -> tuple[dict, list[ReportSection], list[tuple[int, list[ReportSection]]]]:
     """(the verdict, the sections above the rounds, each round's sections)."""
     store = RunStore(run_dir)
     overview: list[list] = []
@@ -243,7 +243,7 @@ def build_sections(run_dir: Path) -> tuple[dict, list[Section], list[tuple[int, 
         overview.append([round_, _fmt(inf.get("measured")), _fmt(inf.get("share_positive")), _fmt(pc.get("pairs")),
                          _fmt(dc.get("reward_margin")), _fmt(sc.get("loss_last")),
                          "; ".join(f"{k} {_fmt(v)}" for k, v in list(ec.items())[:4])])
-    summary = Section("Rounds at a glance")
+    summary = ReportSection("Rounds at a glance")
     summary.tables.append((["round", "influence measured", "share positive", "pairs", "DPO final margin",
                             "SFT final loss", "evaluation"], overview))
     from montessori.analysis import analyze, report_sections  # which kinds of candidates helped, across rounds
@@ -264,14 +264,14 @@ def _config_line(run_dir: Path) -> str:
             f"teacher {models.get('teacher', '')}, student {models.get('student', '')}")
 
 
-def render_html(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]],
+def render_html(run_dir: Path, head: list[ReportSection], rounds: list[tuple[int, list[ReportSection]]],
                 verdict: dict | None = None) -> str:
     e = html.escape
 
     def code(text: str) -> str:  # `commands` in the verdict read as code
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", e(text))
 
-    def section_html(s: Section, level: int) -> str:
+    def section_html(s: ReportSection, level: int) -> str:
         parts = [f"<h{level}>{e(s.title)}</h{level}>"]
         for header, rows in s.tables:
             parts.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>")
@@ -301,12 +301,12 @@ def render_html(run_dir: Path, head: list[Section], rounds: list[tuple[int, list
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def render_markdown(run_dir: Path, head: list[Section], rounds: list[tuple[int, list[Section]]],
+def render_markdown(run_dir: Path, head: list[ReportSection], rounds: list[tuple[int, list[ReportSection]]],
                     verdict: dict | None = None) -> str:
     def cell(v) -> str:
         return _fmt(v).replace("|", "\\|").replace("\n", " ")
 
-    def section_md(s: Section, level: int) -> list[str]:
+    def section_md(s: ReportSection, level: int) -> list[str]:
         out = [f"{'#' * level} {s.title}", ""]
         for header, rows in s.tables:
             out += ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class Section:
+class ReportSection:
     title: str
     tables: list[tuple[list[str], list[list]]] = field(default_factory=list)  # (header, rows)
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, base64 PNG)

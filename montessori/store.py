@@ -9,9 +9,6 @@ Layout (a public contract; docs/run-directory.md documents it):
     RUN/round-R/STAGE/*.jsonl       the stage's records
     RUN/round-R/.STAGE.new/         a re-run of a finished stage, swapped in for STAGE once complete
 
-Stage folders renamed in 0.2 (`pairs` -> `preferences`, `data` -> `dataset`) are still found under their
-old names by what reads a run (status, report, export); `montessori run` refuses such a directory.
-
 Files are written atomically (temp file + rename) or append-only, flushed per record and resumed by
 record id, so an interrupted stage loses at most the record in flight.
 """
@@ -36,8 +33,6 @@ from montessori.errors import InputError
 from montessori.records import Record, R
 
 MANIFEST = "manifest.json"
-# Stages renamed in 0.2: new name -> the folder montessori 0.1 wrote.
-RENAMED_STAGES = {"preferences": "pairs", "dataset": "data"}
 
 
 def located(err: OSError, path: Path) -> OSError:
@@ -144,6 +139,25 @@ class JsonlAppender:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def select(self, ids: Iterable[str]) -> list:
+        """The records of these ids, in file order."""
+        wanted = set(ids)
+        return [r for r in self.records if (r.id if isinstance(r, Record) else r["id"]) in wanted]
+
+
+@contextlib.contextmanager
+def resume(path: Path, cls: type[R] | None, items: Iterable, key=lambda item: item.id
+           ) -> Iterator[tuple[JsonlAppender, list]]:
+    """A stage's output file, resumed by id: yields (out, todo), the appender on `path` and the items
+    whose `key(item)` is not in it yet, in order. Append each result to `out` as it is ready; after
+    the work, `out.select(...)` gives the records of the ids the stage was asked for.
+
+        with resume(ctx.dir.file("influence.jsonl"), InfluenceResult, candidates) as (out, todo):
+            ctx.map(factory, "score", todo, out.append)
+            results = out.select(c.id for c in candidates)"""
+    with JsonlAppender(path, cls) as out:
+        yield out, [item for item in items if key(item) not in out]
+
 
 def _count_lines(path: Path) -> int:
     return sum(1 for line in _lines(path) if line.strip())
@@ -179,12 +193,7 @@ class StageDir:
 
     @property
     def path(self) -> Path:
-        path = self.root / f"round-{self.round}" / (self.folder or self.stage)
-        if self.folder is None and self.stage in RENAMED_STAGES and not path.exists():
-            old = path.with_name(RENAMED_STAGES[self.stage])
-            if old.is_dir():
-                return old  # a run directory of montessori 0.1, read (never written: RunStore.check_current)
-        return path
+        return self.root / f"round-{self.round}" / (self.folder or self.stage)
 
     def pending(self) -> StageDir:
         """Where a re-run of a finished stage writes, so the last good result stays until it is replaced."""
@@ -298,21 +307,6 @@ class RunStore:
         if not self.root.exists():
             return []
         return sorted(int(p.name[6:]) for p in self.root.glob("round-*") if p.is_dir() and p.name[6:].isdigit())
-
-    def old_folders(self) -> list[Path]:
-        """Stage folders under their names before 0.2 (round-R/pairs, round-R/data and their re-runs)."""
-        names = {n for old in RENAMED_STAGES.values() for n in (old, f".{old}.new", f".{old}.old")}
-        return sorted(p for r in self.rounds() for p in (self.root / f"round-{r}").iterdir()
-                      if p.name in names and p.is_dir())
-
-    def check_current(self) -> None:
-        """Refuse to write into a run directory of montessori 0.1 (its fingerprints use the old names)."""
-        old = self.old_folders()
-        if old:
-            found = ", ".join(str(p.relative_to(self.root)) for p in old[:2]) + (", ..." if len(old) > 2 else "")
-            raise InputError(f"made by montessori 0.1 ({found}; renamed preferences/ and dataset/ in 0.2): "
-                             f"status, report and export still read it; to go on, run into a new one (--run-dir NEW)",
-                             file=self.root)
 
     def is_run(self) -> bool:
         """Whether the folder looks like a run directory (a resolved config or a round folder)."""

@@ -105,6 +105,24 @@ def test_prompt_tokens_are_exactly_the_chat_templated_generation_prompt(tiny_mod
     assert batch["completion_mask"].sum() > 0 and prompt_len > 0
 
 
+def test_dpo_batch_keys_are_sfts_global_and_micro_batch(tiny_model, tmp_path):
+    """dpo.global_batch_size pairs per optimizer step, dpo.micro_batch_size per forward: the accumulation
+    is their ratio (over processes), as for sft; the 0.1 names are unknown keys."""
+    from montessori.training.common import grad_accum_steps
+    model, tokenizer = tiny_model
+    cfg = load_preset("tiny", ["dpo.global_batch_size=4", "dpo.micro_batch_size=2"]).dpo
+    trainer = build_dpo_trainer(model, tokenizer, make_prefs(8), cfg, output_dir=tmp_path)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 2)
+    assert grad_accum_steps(cfg, "dpo", world_size=2) == 1
+    default = load_preset("tiny").dpo  # the paper's batch 2: one forward of 2 pairs per step
+    assert (default.global_batch_size, default.micro_batch_size, grad_accum_steps(default, "dpo")) == (2, 2, 1)
+    with pytest.raises(InputError, match="key 'dpo.global_batch_size': 4 is not a multiple of dpo.micro_batch_size=3"):
+        load_preset("tiny", ["dpo.global_batch_size=4", "dpo.micro_batch_size=3"])
+    for old in ("dpo.batch_size=2", "dpo.grad_accum=1"):
+        with pytest.raises(InputError, match=f"unknown key '{old.split('=')[0]}'"):
+            load_preset("tiny", [old])
+
+
 def completion_logps(model, tokenizer, prefs) -> list[tuple[float, float]]:
     """Summed log-probability of chosen and rejected completions (incl. end of turn) given the prompt."""
     out = []
@@ -174,7 +192,7 @@ def dpo_ctx(tmp_path, prefs, overrides=()):
 def test_dpo_stage_writes_teacher_metrics_and_a_disjoint_eval_split(tmp_path):
     ctx = dpo_ctx(tmp_path, make_prefs(12, prompts=6), ["dpo.eval_fraction=0.34"])
     counts = run_dpo(ctx)
-    out = ctx.stage.path
+    out = ctx.dir.path
     split = json.loads((out / "split.json").read_text())
     assert len(split["eval"]) == 4 and len(split["train"]) == 8 and set(split["eval"]).isdisjoint(split["train"])
     assert counts["pairs_train"] == 8 and counts["pairs_eval"] == 4 and counts["steps"] == 4
@@ -208,7 +226,7 @@ def test_round_two_trains_last_rounds_teacher_against_itself(tmp_path, tiny_dir)
     counts = run_dpo(ctx)
     assert counts["_extra"]["teacher"] == str(tmp_path / "round-1" / "dpo" / "model")
     assert counts["dropped_too_long"] == 1 and counts["steps"] == 1
-    trained, _ = load_model(str(ctx.stage.path / "model"), "cpu", "float32")
+    trained, _ = load_model(str(ctx.dir.path / "model"), "cpu", "float32")
     start, _ = load_model(str(tiny_dir), "cpu", "float32")
     assert torch.allclose(trained.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight,
                           atol=1e-6)

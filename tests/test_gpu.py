@@ -101,9 +101,9 @@ def test_dpo_in_bf16_moves_the_weights_and_the_margin_the_right_way(tmp_path):
     ctx = stage_ctx(tmp_path, "dpo", "preferences", "preferences.jsonl", prefs, ["dpo.lr=1e-5"])
     counts = run_dpo(ctx)
     assert counts["steps"] == 4 and math.isfinite(counts["loss"])
-    losses = [m["loss"] for m in read_jsonl(ctx.stage.path / "metrics.jsonl") if "loss" in m]
+    losses = [m["loss"] for m in read_jsonl(ctx.dir.path / "metrics.jsonl") if "loss" in m]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
-    trained, tokenizer = load_model(str(ctx.stage.path / "model"), "cpu", "float32")
+    trained, tokenizer = load_model(str(ctx.dir.path / "model"), "cpu", "float32")
     start, _ = load_model("tiny-random:0", "cpu", "float32")
     assert moved(trained, start) > 0.5
     assert margins(trained, tokenizer, prefs) > margins(start, tokenizer, prefs)  # chosen up vs rejected
@@ -126,7 +126,7 @@ def test_sft_in_bf16_moves_the_weights_and_lowers_the_loss(tmp_path):
     ctx = stage_ctx(tmp_path, "sft", "dataset", "pairs.jsonl", pairs, ["sft.lr=1e-5"])
     counts = run_sft(ctx)
     assert counts["steps"] == 2 and math.isfinite(counts["loss_last"])
-    trained, tokenizer = load_model(str(ctx.stage.path / "model"), "cpu", "float32")
+    trained, tokenizer = load_model(str(ctx.dir.path / "model"), "cpu", "float32")
     start, _ = load_model("tiny-random:0", "cpu", "float32")
     assert moved(trained, start) > 0.5
     assert response_loss(trained, tokenizer, pairs) < response_loss(start, tokenizer, pairs)

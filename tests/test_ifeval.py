@@ -297,7 +297,7 @@ def test_eval_config_keys_leave_existing_fingerprints_alone(tiny_config):
 
 def test_preflight_refuses_a_bad_ifeval_file(tmp_path):
     from montessori.config import load_preset
-    from montessori.pipeline import preflight
+    from montessori.preflight import preflight
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"key": 1, "prompt": "Hi.", "instruction_id_list": ["nope"], "kwargs": [{}]}\n')
     with pytest.raises(InputError, match="bad.jsonl, line 1, field 'instruction_id_list'"):

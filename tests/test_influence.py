@@ -335,7 +335,7 @@ def test_compile_on_the_flat_path_compiles_the_copys_layers(warm_dir):
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
     state = AdamWState.from_state_dict(state, list(model.parameters()))
     engine = InfluenceEngine(model, state, encode_pairs(tokenizer, REFERENCE, 128), pad_id=tokenizer.pad_token_id,
-                             estimator="linear", grad_precision="bfloat16", linear_kernel="flat", compile=True)
+                             estimator="linear", grad_precision="bfloat16", linear_kernel="flat", compile="on")
     try:
         layers = engine.fast.student.base_model.layers
         assert engine.fast.compiled == list(layers) and layers[0] is not model.base_model.layers[0]
@@ -365,7 +365,7 @@ def test_a_failing_fast_path_gives_the_student_its_weights_back(warm_dir, monkey
     monkeypatch.setattr(torch.nn.Module, "compile", no_inductor)  # fails after the offload: the copy's layers
     with pytest.raises(RuntimeError, match="inductor"):
         compute_influence(model, state, CANDIDATES[:1], REFERENCE, tokenizer=tokenizer, estimator="linear",
-                          grad_precision="bfloat16", linear_kernel="flat", compile=True)
+                          grad_precision="bfloat16", linear_kernel="flat", compile="on")
     assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
     assert_state_is_saved_one(model, state, warm_dir)
@@ -373,7 +373,7 @@ def test_a_failing_fast_path_gives_the_student_its_weights_back(warm_dir, monkey
 
 @pytest.mark.slow  # inductor compiles C++ kernels on CPU: ~1-2 minutes
 def test_compiled_flat_step_gives_the_eager_values(warm_dir):
-    """compile=True on the flat path with a bf16 copy, after the student was compiled in place (as the
+    """compile="on" on the flat path with a bf16 copy, after the student was compiled in place (as the
     stage does): the copy's forward, compiled with dynamic shapes, gives the eager copy's values and
     leaves no gradient or hook on the student."""
     model, tokenizer, state = load_warmup(warm_dir, "cpu")
@@ -382,6 +382,6 @@ def test_compiled_flat_step_gives_the_eager_values(warm_dir):
     model.base_model.compile(dynamic=True)
     compiled = influences(compute_influence(model, state, CANDIDATES[:4], REFERENCE, tokenizer=tokenizer,
                                             estimator="linear", grad_precision="bfloat16", linear_kernel="flat",
-                                            compile=True))
+                                            compile="on"))
     assert compiled == pytest.approx(eager, rel=0.05)
     assert all(p.grad is None and not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())

@@ -4,6 +4,7 @@ and a real 2-process DDP run of the SFT stage on CPU (gloo) through torchrun / a
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,20 +77,32 @@ def check_two_rank_sft(tmp_path, counts):
 
 
 def test_sft_on_two_processes_through_torchrun(tmp_path):
+    from montessori.training.sft import run_sft
     ctx = sft_run(tmp_path, "torchrun")
-    check_two_rank_sft(tmp_path, run_launched("sft", ctx))
+    check_two_rank_sft(tmp_path, run_launched(run_sft.stage, ctx))
 
 
 def test_sft_on_two_processes_through_accelerate_launch(tmp_path):
+    from montessori.training.sft import run_sft
     ctx = sft_run(tmp_path, "accelerate")
-    check_two_rank_sft(tmp_path, run_launched("sft", ctx))
+    check_two_rank_sft(tmp_path, run_launched(run_sft.stage, ctx))
 
 
-def test_maybe_launch_runs_in_process_without_a_launcher_or_for_other_stages(tmp_path):
+def here(name: str, launch: bool):
+    """A stage as the executor sees it (context.Stage's name, function and launch need)."""
+    return SimpleNamespace(name=name, function=lambda c: {"ran": "here"}, launch=launch, models=("student",))
+
+
+def test_maybe_launch_runs_in_process_without_a_launcher_or_for_stages_that_are_not_launched(tmp_path):
     ctx = sft_run(tmp_path, "none")
-    assert maybe_launch("sft", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
+    assert maybe_launch(here("sft", launch=True), ctx) == {"ran": "here"}
     ctx.config.distributed.launcher = "torchrun"
-    assert maybe_launch("influence", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
+    assert maybe_launch(here("influence", launch=False), ctx) == {"ran": "here"}
+    # what the executor decides follows the Stage's attribute, not its name
+    from montessori.influence.stage import run_influence
+    from montessori.training.dpo import run_dpo
+    from montessori.training.sft import run_sft
+    assert run_sft.stage.launch and run_dpo.stage.launch and not run_influence.stage.launch
     # the config with a launcher stays serialisable (the launched ranks read it back from disk)
     assert json.loads(json.dumps(ctx.config.model_dump(mode="json")))["distributed"]["launcher"] == "torchrun"
 
@@ -101,6 +114,8 @@ def test_distributed_ray_alone_chooses_the_executor_and_hands_generation_ray_eng
     assert default_executor(ctx.config) is run_in_process
     ctx.config.distributed.ray = True  # no launcher: still not this process for influence and generation
     assert default_executor(ctx.config) is maybe_launch
-    seen = maybe_launch("responses", ctx, lambda c: {"backend": c.make_backend})
+    seen = maybe_launch(SimpleNamespace(name="responses", launch=False,
+                                        function=lambda c: {"backend": c.make_backend, "mapper": c.mapper}), ctx)
     assert seen["backend"].func is RayBackend and seen["backend"].keywords["config"] is ctx.config
-    assert maybe_launch("sft", ctx, lambda c: {"ran": "here"}) == {"ran": "here"}
+    assert seen["mapper"].name == "ray" and seen["mapper"].stats == []  # Ray starts when a stage maps
+    assert maybe_launch(here("sft", launch=True), ctx) == {"ran": "here"}

@@ -3,7 +3,8 @@
 The layers, bottom to top, and why each sits where it does (read from what the modules import):
 
 0. foundation: the errors, the typed records, the config schema, the run store, the input readers,
-   what a stage and its context are (`context`), the report's section type (`sections`), logging
+   what a stage and its context are (`context`), the config key groups stages declare (`keys`), a
+   stage's fingerprint (`fingerprints`), the report's section type (`sections`), logging
    (`logs`), version bridges (`compat`) and the package root (`__version__`, `load_config`). They
    import nothing but each other, so every other layer can use them.
 1. models: loading a model spec, chat templates, batching and the response-token loss. Every stage
@@ -12,7 +13,8 @@ The layers, bottom to top, and why each sits where it does (read from what the m
    measured candidate, which generation's steering, analysis and export share). A stage is a function
    of its config and the run store; stages may use each other's parts (the influence stage grades
    with evaluation's judge, the mechanism stage generates with generation's stage), never the runner.
-3. runner: `pipeline` (order, fingerprints, status) and `executors` (where a stage runs). They call
+3. runner: `method` (the stages of a round, in order), `preflight` (what they read, checked first),
+   `pipeline` (rounds, re-run decisions, status) and `executors` (where a stage runs). They call
    stages; a stage does not know who runs it (tests/test_import_cycles.py also keeps the executors
    private to the pipeline).
 4. views of a run for a person: `analysis`, `report`, `export`, `tasks` (`init --tasks`, and `teacher`,
@@ -35,11 +37,13 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"montessori", "montessori.errors", "montessori.records", "montessori.config",
                               "montessori.store", "montessori.readers", "montessori.context", "montessori.sections",
                               "montessori.logs", "montessori.compat", "montessori.resources",
-                              "montessori.presets", "montessori.safe_yaml"})),
+                              "montessori.presets", "montessori.safe_yaml",
+                              "montessori.keys", "montessori.fingerprints"})),
     ("models", frozenset({"montessori.models"})),
     ("stages", frozenset({"montessori.generation", "montessori.influence", "montessori.preferences",
                           "montessori.training", "montessori.evaluation", "montessori.features"})),
-    ("runner", frozenset({"montessori.pipeline", "montessori.executors"})),
+    ("runner", frozenset({"montessori.method", "montessori.preflight", "montessori.pipeline",
+                          "montessori.executors"})),
     ("views", frozenset({"montessori.analysis", "montessori.verdict", "montessori.report", "montessori.export",
                          "montessori.tasks", "montessori.teacher",
                          "montessori.evaluation.cli"})),

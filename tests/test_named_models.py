@@ -125,7 +125,7 @@ def test_gemma_tokenizer_encodes_words_not_characters():
 def test_preflight_refuses_gemma_with_a_transformers_that_breaks_its_tokenizer(monkeypatch, tmp_path):
     import transformers
 
-    from montessori.pipeline import check_model_spec
+    from montessori.preflight import check_model_spec
     (tmp_path / NAMED_MODELS["gemma3-270m"].gguf).write_bytes(b"GGUF")  # preflight only asks that it exists
     monkeypatch.setenv("MONTESSORI_GGUF_DIR", str(tmp_path))
     monkeypatch.setattr(transformers, "__version__", "5.17.0")

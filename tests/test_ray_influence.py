@@ -8,16 +8,19 @@ max_task_retries), and every candidate lands in influence.jsonl exactly once.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'montessori[ray]')")
 
-from montessori.config import WarmupConfig  # noqa: E402
-from montessori.executors.influence import InfluenceSettings, score_distributed  # noqa: E402
+from montessori.config import DistributedConfig, WarmupConfig  # noqa: E402
 from montessori.executors.launcher import maybe_launch  # noqa: E402
+from montessori.executors.ray import ray_map  # noqa: E402
 from montessori.influence import compute_influence, load_warmup, save_warmup, train_warmup  # noqa: E402
+from montessori.influence.scorer import build_scorer  # noqa: E402
+from montessori.influence.settings import InfluenceSettings  # noqa: E402
 from montessori.influence.stage import run_influence  # noqa: E402
 from montessori.models.batching import encode_pairs  # noqa: E402
 from montessori.pipeline import StageContext, run_pipeline  # noqa: E402
@@ -77,8 +80,10 @@ def test_a_worker_killed_mid_task_is_restarted_by_ray_and_every_value_lands_once
     tasks = CANDIDATES + CANDIDATES[:2]  # two candidates sent twice: the driver writes each id once
     with JsonlAppender(out_file, InfluenceResult) as out:
         # The first worker to score a candidate creates `died` and its process exits holding that task.
-        _, stats = score_distributed(warm_dir, tasks, REFERENCE, SETTINGS, num_workers=2,
-                                     on_result=out.append, die_once=died)
+        pool = ray_map(DistributedConfig(ray=True, num_workers=2))
+        pool(partial(build_scorer, str(warm_dir), REFERENCE, SETTINGS, str(died)), "score", tasks, out.append,
+             key=lambda r: r.id)
+        (stats,) = pool.stats
     assert died.exists() and stats.workers == 2
     # Ray started the dead actor again (max_restarts) and re-ran the task it held (max_task_retries):
     # every task came back, the re-run one from the restarted process.
@@ -111,7 +116,7 @@ def test_ray_stage_equals_the_single_process_stage_and_resumes(tmp_path, tiny_co
     tiny_config.distributed.ray, tiny_config.distributed.num_workers = True, 2
     store = RunStore(tmp_path)
     ctx = StageContext(tiny_config, store, 1, store.stage(1, "influence"), progress=False)
-    counts = maybe_launch("influence", ctx, run_influence)  # the executor picks Ray for distributed.ray
+    counts = maybe_launch(run_influence.stage, ctx)  # the executor gives ctx.map Ray actors for distributed.ray
     resumed = read_jsonl(folder / "influence.jsonl", InfluenceResult)
     assert [r.id for r in resumed[:3]] == [r.id for r in single[:3]]
     assert sorted(r.id for r in resumed) == sorted(r.id for r in single)

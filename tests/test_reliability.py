@@ -21,7 +21,7 @@ import pytest
 from montessori import pipeline
 from montessori.cli import main
 from montessori.config import load_preset
-from montessori.context import Stage, load_function
+from montessori.context import Stage
 from montessori.errors import MontessoriError
 from montessori.store import JsonlAppender, read_jsonl
 
@@ -167,7 +167,7 @@ def test_a_non_utf8_input_file_is_one_line_naming_file_and_line(tiny_config_file
 
 def test_a_non_utf8_question_file_is_refused_before_any_stage(tiny_config_file, tmp_path, capsys):
     bad = non_utf8_jsonl(tmp_path / "questions.jsonl")
-    assert main(["run", str(tiny_config_file), f"eval.questions={bad}", "eval.judge=tiny-random:0"]) == 2
+    assert main(["run", str(tiny_config_file), f"eval.questions={bad}", "eval.judge.model=tiny-random:0"]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and str(bad) in err[0] and "UTF-8" in err[0]
     assert not (tiny_config_file.parent / "round-1").exists()
@@ -222,10 +222,14 @@ def test_eval_max_examples_0_names_the_flag_not_the_reference_file(capsys):
 
 
 def toy_config(monkeypatch, tmp_path, target: str) -> Path:
-    """A one-stage method whose stage is `target` (the runner, lock and CLI are the real ones)."""
-    stages = (Stage("instructions", target, ("generation.num_prompts",)),)
-    monkeypatch.setattr(pipeline, "STAGES", stages)
-    monkeypatch.setattr(pipeline, "STAGE_NAMES", ("instructions",))
+    """A one-stage method whose stage is `target` ("module:function"; the runner, lock and CLI are the real ones)."""
+    import importlib
+
+    from montessori import method
+    module, function = target.split(":")
+    stages = (Stage("instructions", getattr(importlib.import_module(module), function), ("generation.num_prompts",)),)
+    monkeypatch.setattr(method, "STAGES", stages)
+    monkeypatch.setattr(method, "STAGE_NAMES", ("instructions",))
     monkeypatch.setattr(pipeline, "preflight", lambda config, stages=None: None)
     config = tmp_path / "run" / "config.yaml"
     config.parent.mkdir()
@@ -234,7 +238,7 @@ def toy_config(monkeypatch, tmp_path, target: str) -> Path:
 
 
 def full_disk_stage(ctx):
-    with JsonlAppender(ctx.stage.file("records.jsonl")) as out:
+    with JsonlAppender(ctx.dir.file("records.jsonl")) as out:
         for i in range(10_000):
             out.append({"id": str(i), "text": "x" * 1000})
 
@@ -286,16 +290,6 @@ def test_the_error_line_does_not_share_a_line_with_a_progress_bar(monkeypatch, t
     err = capsys.readouterr().err
     (line,) = [line for line in err.split("\n") if "a record the stage cannot use" in line]
     assert line.startswith("error: seeds.jsonl, line 4")
-
-
-def test_an_import_error_inside_a_stage_module_shows_its_cause(tmp_path, monkeypatch):
-    (tmp_path / "stage_needing_a_package.py").write_text("import package_that_is_not_installed\n\n"
-                                                         "def run(ctx):\n    return {}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(MontessoriError, match="package_that_is_not_installed"):
-        load_function("x", "stage_needing_a_package:run")
-    with pytest.raises(NotImplementedError):  # the stage's own module is missing: not implemented
-        load_function("x", "montessori.no_such_stage_module:run")
 
 
 # --- decode-safe append-only files -----------------------------------------------------------------
@@ -399,7 +393,7 @@ def test_a_data_file_that_cannot_be_read_is_one_line_before_any_stage(finished_c
         assert err == [err[0]] and err[0].startswith(f"error: {expected}"), err
     assert snapshot(finished_copy) == before
     from montessori.config import load_config
-    from montessori.pipeline import preflight
+    from montessori.preflight import preflight
     preflight(load_config(config, [f"data.reference={big}"]), {"influence"})  # accepted
 
 
@@ -468,7 +462,7 @@ def test_max_new_tokens_is_held_to_the_context_of_a_gguf_model(tiny_config, tmp_
     """The context of a .gguf model is read from its header (no conversion): SmolLM2's is 8192."""
     from montessori.errors import InputError
     from montessori.models.load import NAMED_MODELS, named_gguf_path
-    from montessori.pipeline import check_generation_lengths
+    from montessori.preflight import check_generation_lengths
     gguf = named_gguf_path(NAMED_MODELS["smollm2"])
     if gguf is None:
         pytest.skip("the embedded model is not installed")
@@ -526,12 +520,12 @@ def model_saving_stage(ctx):
 
     from montessori.models.load import resolve_model_dir
     config = AutoConfig.from_pretrained(resolve_model_dir("tiny-random:0"))
-    AutoModelForCausalLM.from_config(config).save_pretrained(ctx.stage.file("model"))  # 13 MB of safetensors
+    AutoModelForCausalLM.from_config(config).save_pretrained(ctx.dir.file("model"))  # 13 MB of safetensors
 
 
 def optimizer_saving_stage(ctx):
     import torch
-    torch.save({"exp_avg": torch.zeros(512, 512)}, ctx.stage.file("optimizer.pt"))  # 1 MB
+    torch.save({"exp_avg": torch.zeros(512, 512)}, ctx.dir.file("optimizer.pt"))  # 1 MB
 
 
 @pytest.mark.parametrize("stage, written", [("test_reliability:model_saving_stage", "model/model.safetensors"),
@@ -551,7 +545,7 @@ def file_write_stage(ctx):
     import errno as errno_
 
     class FullDisk:
-        name = str(ctx.stage.file("metrics.jsonl"))
+        name = str(ctx.dir.file("metrics.jsonl"))
 
         def write(self, text):
             raise OSError(errno_.ENOSPC, os.strerror(errno_.ENOSPC))

@@ -15,7 +15,8 @@ from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
 from montessori.pipeline import StageContext
 from montessori.records import Pair
 from montessori.store import RunStore, read_jsonl, write_jsonl
-from montessori.training.sft import build_sft_trainer, grad_accum_steps, run_sft
+from montessori.training.common import grad_accum_steps
+from montessori.training.sft import build_sft_trainer, run_sft
 
 
 def make_pairs(n: int) -> list[Pair]:
@@ -41,13 +42,13 @@ def test_labels_are_exactly_encode_example_masks(tiny_model, tmp_path):
 
 def test_global_batch_comes_from_gradient_accumulation():
     cfg = load_preset("tiny", ["sft.global_batch_size=32", "sft.micro_batch_size=4"]).sft
-    assert grad_accum_steps(cfg) == 8 and grad_accum_steps(cfg, world_size=2) == 4
+    assert grad_accum_steps(cfg, "sft") == 8 and grad_accum_steps(cfg, "sft", world_size=2) == 4
     # Refused with the config, before any stage (docs/errors.md)...
     with pytest.raises(InputError, match="32 is not a multiple of sft.micro_batch_size=5"):
         load_preset("tiny", ["sft.global_batch_size=32", "sft.micro_batch_size=5"])
     # ...and by the trainer's own guard for a section built by hand (model_copy does not validate).
     with pytest.raises(InputError, match="sft.global_batch_size=32 is not a multiple"):
-        grad_accum_steps(cfg.model_copy(update={"micro_batch_size": 5}))
+        grad_accum_steps(cfg.model_copy(update={"micro_batch_size": 5}), "sft")
 
 
 def response_loss(model, tokenizer, pairs) -> float:
@@ -75,13 +76,13 @@ def test_sft_stage_trains_the_student_and_saves_an_hf_model(tmp_path):
     base, tokenizer = load_model(ctx.config.models.student, "cpu", "float32")
     before = response_loss(base, tokenizer, pairs)
     counts = run_sft(ctx)
-    trained, tok = load_model(str(ctx.stage.path / "model"), "cpu", "float32")
+    trained, tok = load_model(str(ctx.dir.path / "model"), "cpu", "float32")
     assert response_loss(trained, tok, pairs) < before - 0.05
     # 8 pairs, micro batch 2 x accumulation 2 = global batch 4: two optimizer steps.
-    metrics = [m for m in read_jsonl(ctx.stage.path / "metrics.jsonl") if "loss" in m]
+    metrics = [m for m in read_jsonl(ctx.dir.path / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in metrics] == [1, 2] and counts["steps"] == 2 and counts["pairs"] == 8
     assert all(m["learning_rate"] > 0 for m in metrics)
-    assert (ctx.stage.path / "model" / "tokenizer_config.json").exists()
+    assert (ctx.dir.path / "model" / "tokenizer_config.json").exists()
 
 
 def test_round_two_starts_from_round_one_student(tmp_path, tiny_dir):
@@ -91,7 +92,7 @@ def test_round_two_starts_from_round_one_student(tmp_path, tiny_dir):
                                                                   "sft.min_lr=1e-12"])
     assert ctx.student_spec() == str(tmp_path / "round-1" / "sft" / "model")
     counts = run_sft(ctx)
-    trained, _ = load_model(str(ctx.stage.path / "model"), "cpu", "float32")
+    trained, _ = load_model(str(ctx.dir.path / "model"), "cpu", "float32")
     start, _ = load_model(str(tiny_dir), "cpu", "float32")
     other, _ = load_model(ctx.config.models.student, "cpu", "float32")
     w = trained.model.layers[0].mlp.up_proj.weight

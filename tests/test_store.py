@@ -16,7 +16,7 @@ CALLS = {"n": 0, "fail_after": None}
 def counting_stage(ctx):
     """A stage that writes 10 records, one at a time, resuming by id."""
     n = ctx.config.generation.num_prompts
-    with JsonlAppender(ctx.stage.file("pairs.jsonl"), Pair) as out:
+    with JsonlAppender(ctx.dir.file("pairs.jsonl"), Pair) as out:
         for i in range(n):
             rid = f"p{i}"
             if rid in out:
@@ -30,16 +30,17 @@ def counting_stage(ctx):
 
 def summing_stage(ctx):
     pairs = read_jsonl(ctx.input("instructions").file("pairs.jsonl"), Pair)
-    write_jsonl(ctx.stage.file("sum.jsonl"), [{"id": "sum", "total": sum(int(p.response) for p in pairs)}])
+    write_jsonl(ctx.dir.file("sum.jsonl"), [{"id": "sum", "total": sum(int(p.response) for p in pairs)}])
     return {"total": sum(int(p.response) for p in pairs)}
 
 
 @pytest.fixture()
 def toy_stages(monkeypatch):
-    stages = (Stage("instructions", "test_store:counting_stage", ("generation",)),
-              Stage("responses", "test_store:summing_stage", ("models",), ("instructions",)))
-    monkeypatch.setattr(pipeline, "STAGES", stages)
-    monkeypatch.setattr(pipeline, "STAGE_NAMES", tuple(s.name for s in stages))
+    from montessori import method
+    stages = (Stage("instructions", counting_stage, ("generation",)),
+              Stage("responses", summing_stage, ("models",), ("instructions",)))
+    monkeypatch.setattr(method, "STAGES", stages)
+    monkeypatch.setattr(method, "STAGE_NAMES", tuple(s.name for s in stages))
     CALLS.update(n=0, fail_after=None)
     return load_preset("tiny", ["generation.num_prompts=10"])
 

@@ -41,7 +41,7 @@ def test_split_takes_first_w_then_next_p():
 def test_warmup_stage_saves_a_state_anyone_can_load(tmp_path, tiny_config, tiny_dir):
     from transformers import AutoModelForCausalLM
     fake_responses_stage(tmp_path, pairs(12))
-    tiny_config.warmup.grad_accum = 2  # 4 warm-up pairs -> 2 optimizer steps
+    tiny_config.warmup.global_batch_size = 2  # 4 warm-up pairs -> 2 optimizer steps
     run_pipeline(tiny_config, tmp_path, only="warmup", progress=False)
     folder = tmp_path / "round-1" / "warmup"
     split = json.loads((folder / "split.json").read_text())
@@ -75,9 +75,9 @@ def test_warmup_is_seeded_and_the_loss_is_a_token_mean_over_the_step(tiny_model)
         optimizer, log = train_warmup(model, examples, WarmupConfig(lr=1e-3, **kw), pad_id=tokenizer.pad_token_id)
         return [p.detach().clone() for p in model.parameters()], log
 
-    a, log_a = run(batch_size=2)
-    b, _ = run(batch_size=2)
-    c, log_c = run(batch_size=1, grad_accum=2)  # same steps, gradient accumulated over micro-batches
+    a, log_a = run(global_batch_size=2, micro_batch_size=2)
+    b, _ = run(global_batch_size=2, micro_batch_size=2)
+    c, log_c = run(global_batch_size=2, micro_batch_size=1)  # same steps, gradient accumulated over micro-batches
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert len(log_a) == len(log_c) == 2
     assert [m["loss"] for m in log_a] == pytest.approx([m["loss"] for m in log_c], rel=1e-5)

@@ -20,18 +20,21 @@ def _eval_config(args):
     base = load_config(args.config).eval if args.config else EvalConfig()
     values = base.model_dump()
     for key in ("prompts", "max_examples", "batch_size", "max_length", "bootstrap_samples", "temperature",
-                "max_new_tokens", "judge", "judge_url", "judge_model", "judge_api_key_env", "questions", "task_path",
-                "ifeval", "ifeval_max_prompts", "ifeval_max_new_tokens"):
+                "max_new_tokens", "questions", "task_path", "ifeval", "ifeval_max_prompts", "ifeval_max_new_tokens"):
         given = getattr(args, key)
         if given is not None:
             values[key] = given
+    for flag, key in (("judge", "model"), ("judge_url", "base_url"), ("judge_api_key_env", "api_key_env")):
+        if getattr(args, flag) is not None:
+            values["judge"][key] = getattr(args, flag)
     if args.tasks is not None:
         values["tasks"] = [t for t in args.tasks.split(",") if t]
     try:
         return EvalConfig.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
-        raise InputError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        flag = "-".join(str(p) for p in first["loc"])
+        raise InputError(f"--{flag}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def cmd_eval(args) -> int:
@@ -52,8 +55,8 @@ def cmd_eval(args) -> int:
     if cfg.ifeval:
         from montessori.evaluation.ifeval import read_prompts
         read_prompts(cfg.ifeval, limit=cfg.ifeval_max_prompts)
-    if cfg.questions and not (cfg.judge or cfg.judge_url):
-        raise InputError("--questions needs a judge (--judge SPEC or --judge-url URL --judge-model NAME)")
+    if cfg.questions and not cfg.judge.model:
+        raise InputError("--questions needs a judge (--judge SPEC, or --judge NAME --judge-url URL)")
     judge = make_configured_judge(cfg, args.device, args.dtype)
     results = evaluate(args.students, cfg, out, judge=judge, device=args.device, dtype=args.dtype,
                        lenient=args.lenient, progress=not args.no_progress, seed=args.seed)
@@ -106,9 +109,9 @@ def register(sub) -> None:
     p.add_argument("students", nargs="+", metavar="STUDENT")
     p.add_argument("--prompts", help="instruction/response file with trusted answers (default: builtin reference set)")
     p.add_argument("--max-examples", type=int, dest="max_examples")
-    p.add_argument("--judge", help="local judge model spec (HF dir, smollm2, *.gguf, Hub id)")
+    p.add_argument("--judge", help="judge model: a local spec (HF dir, smollm2, *.gguf, Hub id), or with --judge-url "
+                                   "the model name the endpoint serves")
     p.add_argument("--judge-url", dest="judge_url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    p.add_argument("--judge-model", dest="judge_model", help="model name served at --judge-url")
     p.add_argument("--judge-api-key-env", dest="judge_api_key_env", metavar="VAR",
                    help="environment variable holding the --judge-url API key (default OPENAI_API_KEY)")
     p.add_argument("--questions", help="MT-Bench-style question file (turns) for 1-10 grading by the judge")

@@ -1,6 +1,6 @@
 """Evaluate students: the library call behind `montessori eval` and the `eval` stage.
 
-    results = evaluate(["tiny-random:0", "runs/a"], EvalConfig(judge="smollm2"), out_dir="eval-out")
+    results = evaluate(["tiny-random:0", "runs/a"], EvalConfig(judge={"model": "smollm2"}), out_dir="eval-out")
 
 Every metric is computed for every student; win rates are against the first student (the
 baseline, e.g. the Self-Instruct student, which then scores 50 by construction, as in the paper).
@@ -181,8 +181,8 @@ def _answers(student: Student, convs: list[Conversation], settings: DecodeSettin
 
 
 def make_configured_judge(cfg: EvalConfig, device: str = "auto", dtype: str = "auto"):
-    if not cfg.judge and not cfg.judge_url:
+    if not cfg.judge.model:  # a base_url without a model is refused with the config (JudgeConfig)
         return None
     from montessori.evaluation.judge import make_judge
-    return make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+    return make_judge(cfg.judge.model, cfg.judge.base_url, api_key_env=cfg.judge.api_key_env,
                       device=device, dtype=dtype)

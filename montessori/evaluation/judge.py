@@ -181,12 +181,12 @@ def parse_rating(text: str) -> float | None:
     return value if 1 <= value <= 10 else None
 
 
-def make_judge(spec: str | None = None, url: str | None = None, model: str | None = None, *,
-               api_key_env: str = "OPENAI_API_KEY", device: str = "auto", dtype: str = "auto") -> Judge:
-    if url:
-        if not model:
-            raise InputError("--judge-url needs --judge-model (the model name the endpoint serves)")
-        return HTTPJudge(url, model, api_key_env)
-    if not spec:
-        raise InputError("no judge: pass --judge SPEC (a local model) or --judge-url URL --judge-model NAME")
-    return HFJudge(spec, device=device, dtype=dtype)
+def make_judge(model: str | None = None, base_url: str | None = None, *, api_key_env: str = "OPENAI_API_KEY",
+               device: str = "auto", dtype: str = "auto") -> Judge:
+    """The judge config.JudgeConfig describes: `model` served at `base_url`, else the local model `model`."""
+    if not model:
+        raise InputError("no judge: pass --judge SPEC (a local model), or --judge NAME --judge-url URL (the "
+                         "model an OpenAI-compatible endpoint serves)")
+    if base_url:
+        return HTTPJudge(base_url, model, api_key_env)
+    return HFJudge(model, device=device, dtype=dtype)

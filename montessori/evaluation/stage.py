@@ -8,6 +8,8 @@ stage folder, so re-running the stage with another judge does not regenerate the
 
 from __future__ import annotations
 
+from montessori.context import stage
+from montessori.keys import STUDENT
 from montessori.evaluation.evaluate import evaluate, make_configured_judge
 from montessori.evaluation.students import Student
 from montessori.store import atomic_write_json
@@ -15,18 +17,24 @@ from montessori.store import atomic_write_json
 RESULTS = "results.json"
 
 
+@stage("eval", keys=STUDENT + tuple(f"eval.{k}" for k in (
+           "prompts", "max_examples", "batch_size", "max_length", "bootstrap_samples", "temperature",
+           "max_new_tokens", "judge.model", "judge.base_url", "questions", "tasks", "task_path", "ifeval",
+           "ifeval_max_prompts", "ifeval_max_new_tokens")) + ("data.lenient", "method", "seed"),
+       inputs=("sft",), files=("eval.prompts", "eval.questions", "eval.task_path", "eval.ifeval"),
+       models=("student",), baseline=True)
 def run_eval(ctx) -> dict:
     cfg, models = ctx.config.eval, ctx.config.models
     trained = ctx.input("sft").path / "model"
     students = [Student("base", ctx.student_spec()), Student("trained", str(trained))]
     judge = make_configured_judge(cfg, models.device, models.dtype)
-    results = evaluate(students, cfg, ctx.stage.path, judge=judge, device=models.device, dtype=models.dtype,
+    results = evaluate(students, cfg, ctx.dir.path, judge=judge, device=models.device, dtype=models.dtype,
                        lenient=ctx.config.data.lenient, answers_dir=ctx.store.root / "eval" / "answers",
                        progress=ctx.progress, seed=ctx.config.seed)
     results["round"] = ctx.round
     results["method"] = ctx.config.method
     results["name"] = ctx.config.name
-    atomic_write_json(ctx.stage.file(RESULTS), results)
+    atomic_write_json(ctx.dir.file(RESULTS), results)
     diff = results["loss_difference"]["trained - base"]
     counts = {"examples": results["prompts"]["examples"],
               "loss_base": results["loss"]["base"]["token_mean"],

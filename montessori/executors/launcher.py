@@ -1,11 +1,13 @@
-"""Where a stage runs (`maybe_launch`, the pipeline's executor when distributed.* asks for more than
-this process): influence and generation on Ray (influence.py, ray.py), and the training stages
-(dpo, sft) on several GPUs, which `montessori run` starts through `accelerate launch` or `torchrun`
-itself, with a DDP or FSDP preset chosen by model size.
+"""Where a stage runs (`maybe_launch(stage, ctx)`, the pipeline's executor when distributed.* asks for
+more than this process): with distributed.ray, what a stage hands to `ctx.map` runs on Ray actors
+(ray.ray_map) and generation on Ray engines (ray.RayBackend); a stage declared with `launch=True`
+(TRL's trainers: dpo, sft) runs on several GPUs, which `montessori run` starts through
+`accelerate launch` or `torchrun` itself, with a DDP or FSDP preset chosen by model size. No stage is
+named here: what the executor does follows the Stage's attributes.
 
     driver (montessori run)                    every rank (python -m montessori.executors.launcher)
     -----------------------                    ------------------------------------------------------
-    maybe_launch("sft", ctx, run_sft)  ---->   reads RUN/config.resolved.yaml, builds the stage's context,
+    maybe_launch(sft stage, ctx)       ---->   reads RUN/config.resolved.yaml, builds the stage's context,
       accelerate launch --config_file            calls run_sft(ctx): TRL's trainers see WORLD_SIZE and
         accelerate/{ddp,fsdp}.yaml               wrap the model in DDP / FSDP themselves
         --num_processes N -m ...launch
@@ -15,8 +17,8 @@ itself, with a DDP or FSDP preset chosen by model size.
 Every rank runs the same stage function, so collective operations (a gathered state dict on save)
 are matched on all ranks; only rank 0's files land in the run store.
 
-The warm-up stage is not launched: its loop (influence/warmup.py) is a plain single-process AdamW
-loop, so N ranks would each train the same copy; it runs in the driver's process.
+The warm-up stage is not launched (launch=False): its loop (influence/warmup.py) is a plain
+single-process AdamW loop, so N ranks would each train the same copy; it runs in the driver's process.
 
 Preset by size: DDP below FSDP_MIN_PARAMS (each GPU holds the model and its fp32 AdamW state,
 ~16 bytes per parameter), FSDP from there (an 8B model's ~128 GB of state is sharded).
@@ -26,6 +28,7 @@ Preset by size: DDP below FSDP_MIN_PARAMS (each GPU holds the model and its fp32
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -38,8 +41,6 @@ from pathlib import Path
 
 from montessori.errors import InputError, MontessoriError
 
-# TRL trainers, DDP/FSDP-aware under a launcher: the stages a launcher may run, and their functions.
-LAUNCHED_STAGES = {"dpo": "montessori.training.dpo:run_dpo", "sft": "montessori.training.sft:run_sft"}
 FSDP_MIN_PARAMS = 3e9
 COUNTS_FILE = ".launch_counts.json"
 SCRATCH = ".ranks"
@@ -93,24 +94,27 @@ def launch_command(launcher: str, strategy: str, processes: int, entry: list[str
     raise InputError(f"distributed.launcher={launcher!r}: choose none, accelerate or torchrun")
 
 
-def stage_model_spec(ctx, stage: str) -> str:
-    return ctx.teacher_spec() if stage == "dpo" else ctx.student_spec()
+def trained_params(stage, ctx) -> int:
+    """Parameters of the largest model the stage loads (`stage.models`: the round's teacher and/or student)."""
+    specs = {"teacher": ctx.teacher_spec, "student": ctx.student_spec}
+    return max(count_params(specs[model]()) for model in stage.models)
 
 
-def run_launched(stage: str, ctx, target: str | None = None) -> dict:
-    """Run a training stage (function `target`, module:function) on `num_processes` ranks and return
-    rank 0's counts. Rank 0 writes the context's folder (the stage's, or the one replacing it)."""
+def run_launched(stage, ctx) -> dict:
+    """Run a training stage (a context.Stage) on `num_processes` ranks and return rank 0's counts.
+    Rank 0 writes the context's folder (the stage's, or the one replacing it)."""
     dcfg = ctx.config.distributed
     processes = num_processes(dcfg)
-    strategy = choose_strategy(dcfg.fsdp, count_params(stage_model_spec(ctx, stage)))
+    strategy = choose_strategy(dcfg.fsdp, trained_params(stage, ctx))
     root = ctx.store.root
-    entry = [str(root), "--round", str(ctx.round), "--stage", stage, "--target", target or LAUNCHED_STAGES[stage],
-             "--active", ",".join(ctx.active)]
-    if ctx.stage.folder:
-        entry += ["--folder", ctx.stage.folder]
+    fn = stage.function  # the ranks import it from where it is defined
+    entry = [str(root), "--round", str(ctx.round), "--stage", stage.name,
+             "--target", f"{fn.__module__}:{fn.__qualname__}", "--active", ",".join(ctx.active)]
+    if ctx.dir.folder:
+        entry += ["--folder", ctx.dir.folder]
     cmd = launch_command(dcfg.launcher, strategy, processes, entry)
-    ctx.log.info("%s on %d processes (%s, %s): %s", stage, processes, dcfg.launcher, strategy, " ".join(cmd))
-    counts_file = ctx.stage.path / COUNTS_FILE
+    ctx.log.info("%s on %d processes (%s, %s): %s", stage.name, processes, dcfg.launcher, strategy, " ".join(cmd))
+    counts_file = ctx.dir.path / COUNTS_FILE
     counts_file.unlink(missing_ok=True)
     # The ranks rebuild the stage's context from this exact config (overrides included).
     from montessori.store import atomic_write_text
@@ -119,7 +123,7 @@ def run_launched(stage: str, ctx, target: str | None = None) -> dict:
     result = subprocess.run(cmd, env=env)
     shutil.rmtree(root / SCRATCH, ignore_errors=True)
     if result.returncode != 0 or not counts_file.exists():
-        raise MontessoriError(f"stage {stage} failed under {dcfg.launcher} (exit {result.returncode}); "
+        raise MontessoriError(f"stage {stage.name} failed under {dcfg.launcher} (exit {result.returncode}); "
                               f"the ranks' errors are above")
     counts = json.loads(counts_file.read_text())
     counts_file.unlink()
@@ -127,20 +131,39 @@ def run_launched(stage: str, ctx, target: str | None = None) -> dict:
     return counts
 
 
-def maybe_launch(stage: str, ctx, fn):
-    """The pipeline's hook: influence on Ray and generation on Ray engines when distributed.ray is
-    set; a training stage under a launcher when distributed.launcher is set (and we are not already
-    inside one); else the stage function in this process. Stages import no executor: the choice is
-    made here, and a generation stage is handed its backend through the context."""
+def maybe_launch(stage, ctx) -> dict:
+    """The pipeline's executor for distributed.*: with distributed.ray, the stage's `ctx.map` on Ray
+    actors and its generation on Ray engines (handed over through the context); a stage with
+    `launch` set under distributed.launcher on several ranks (unless we are already one of them);
+    else the stage function in this process. Stages import no executor."""
     if ctx.config.distributed.ray:
-        if stage == "influence":
-            from montessori.executors.influence import run_influence_ray
-            return run_influence_ray(ctx)
-        from montessori.executors.ray import RayBackend
-        ctx = replace(ctx, make_backend=partial(RayBackend, config=ctx.config, progress=ctx.progress))
-    if ctx.config.distributed.launcher == "none" or stage not in LAUNCHED_STAGES or "LOCAL_RANK" in os.environ:
-        return fn(ctx)
-    return run_launched(stage, ctx, f"{fn.__module__}:{fn.__qualname__}")
+        from montessori.executors.ray import RayBackend, ray_map
+        ctx = replace(ctx, mapper=ray_map(ctx.config.distributed),
+                      make_backend=partial(RayBackend, config=ctx.config, progress=ctx.progress))
+    if ctx.config.distributed.launcher == "none" or not stage.launch or "LOCAL_RANK" in os.environ:
+        return run_here(stage, ctx)
+    return run_launched(stage, ctx)
+
+
+def run_here(stage, ctx) -> dict:
+    """The stage's function in this process; what its workers did (a pool's `counts()`: workers,
+    workers lost) is added to the counts' `_extra`, which the manifest records."""
+    counts = stage.function(ctx) or {}
+    pool_counts = getattr(ctx.mapper, "counts", None)
+    if pool_counts is not None and pool_counts():
+        counts.setdefault("_extra", {}).update(pool_counts())
+    return counts
+
+
+def local_executor(num_workers: int | None = None):
+    """An executor running each stage here with its `ctx.map` on local processes (local.local_map:
+    one per visible GPU, or `num_workers`): `run_pipeline(..., executor=local_executor(2))`."""
+    from montessori.executors.local import local_map
+
+    def run(stage, ctx) -> dict:
+        return run_here(stage, replace(ctx, mapper=local_map(num_workers)))
+
+    return run
 
 
 def rank_context(run_dir: Path, round_: int, stage: str, rank: int, active: tuple[str, ...],
@@ -162,20 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one training stage on this rank (started by a launcher).")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--round", type=int, required=True)
-    ap.add_argument("--stage", required=True, choices=tuple(LAUNCHED_STAGES))
+    ap.add_argument("--stage", required=True, help="the stage's name (its folder)")
     ap.add_argument("--target", required=True, help="the stage's function, module:function")
     ap.add_argument("--active", required=True, help="the method's stages, comma-separated")
     ap.add_argument("--folder", help="the folder rank 0 writes, if not the stage's own")
     args = ap.parse_args(argv)
-    from montessori.context import load_function
     rank = int(os.environ.get("RANK", "0"))
     ctx = rank_context(args.run_dir, args.round, args.stage, rank, tuple(args.active.split(",")), args.folder)
-    fn = load_function(args.stage, args.target)
+    module, _, name = args.target.partition(":")
+    fn = importlib.import_module(module)
+    for part in name.split("."):
+        fn = getattr(fn, part)
     counts = fn(ctx) or {}
     counts.setdefault("_extra", {})["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
         from montessori.store import atomic_write_json
-        atomic_write_json(ctx.stage.path / COUNTS_FILE, counts)
+        atomic_write_json(ctx.dir.path / COUNTS_FILE, counts)
     return 0
 
 

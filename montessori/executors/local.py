@@ -10,6 +10,10 @@ shared queue, so fast workers take more). It does not re-run a dead process's ta
 dies breaks the pool and the call fails with WorkerLost (on one host a dead worker is an OOM or a
 bug, not a lost node; the stages resume from what was written). Ray's pool (ray.py) re-runs them.
 It exists for hosts without Ray: the GPU image bench/scale.py runs on has none.
+
+A stage sees none of this: it calls `ctx.map(factory, method, items, on_result)` (context.py), and
+an executor sets the context's `mapper` to a PoolMap over a pool (`local_map` here, `ray_map` in
+ray.py), which opens the pool for the call, sends one item per task and closes it.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ class WorkerLost(MontessoriError):
 
 
 @dataclass
-class Batch:
-    """What a worker returns for one task."""
+class TaskResult:
+    """What a worker returns for one task: the results of its items, and who computed them."""
     worker: int
     restarted: bool  # this worker's process is a restart (Ray restarted it after it died)
     results: list
@@ -49,22 +53,64 @@ def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-def deliver(batches: Iterable[Batch], stats: PoolStats, on_result: Callable[[Any], None],
+def deliver(done: Iterable[TaskResult], stats: PoolStats, on_result: Callable[[Any], None],
             key: Callable[[Any], Any], *, progress: bool = False, desc: str = "tasks") -> PoolStats:
-    """Pass each batch's results to `on_result`, the first time each key arrives (exactly once)."""
+    """Pass each finished task's results to `on_result`, the first time each key arrives (exactly once)."""
     from tqdm.auto import tqdm
     seen = set()
     with tqdm(total=stats.items, desc=desc, unit="item", disable=not progress) as bar:
-        for batch in batches:
-            stats.per_worker[batch.worker] = stats.per_worker.get(batch.worker, 0) + len(batch.results)
-            if batch.restarted:
-                stats.restarted.add(batch.worker)
-            for result in batch.results:
+        for task in done:
+            stats.per_worker[task.worker] = stats.per_worker.get(task.worker, 0) + len(task.results)
+            if task.restarted:
+                stats.restarted.add(task.worker)
+            for result in task.results:
                 if key(result) not in seen:
                     seen.add(key(result))
                     on_result(result)
-            bar.update(len(batch.results))
+            bar.update(len(task.results))
     return stats
+
+
+@dataclass
+class PoolMap:
+    """`ctx.map` over a pool of workers (context.StageContext): each call opens `open_pool(factory,
+    method)` (every worker builds factory() once), sends the items one per task to whichever worker is
+    free, delivers each key once, and closes the pool. `stats`: one PoolStats per call, which the
+    executor adds to the stage's counts as `{name}_workers`, `{name}_workers_lost`."""
+    open_pool: Callable[[Callable[[], Any], str], Any]
+    name: str = "pool"
+    stats: list[PoolStats] = field(default_factory=list)
+
+    def __call__(self, factory: Callable[[], Any], method: str, items: Sequence, on_result: Callable[[Any], None],
+                 *, key: Callable[[Any], Any], desc: str = "items", progress: bool = False) -> None:
+        items = list(items)
+        if not items:
+            return
+        pool = self.open_pool(factory, method)
+        try:
+            self.stats.append(pool.map(chunks(items, 1), on_result, key, progress=progress, desc=desc))
+        finally:
+            pool.close()
+
+    def counts(self) -> dict:
+        """What the stage's manifest records of its workers (nothing when the stage mapped nothing)."""
+        if not self.stats:
+            return {}
+        return {f"{self.name}_workers": max(s.workers for s in self.stats),
+                f"{self.name}_workers_lost": sum(len(s.restarted) for s in self.stats)}
+
+
+def local_map(num_workers: int | None = None) -> PoolMap:
+    """ctx.map on this host's processes: one per visible GPU (CUDA_VISIBLE_DEVICES=k), or
+    `num_workers` (CPU processes without GPUs)."""
+
+    def open_pool(factory: Callable[[], Any], method: str) -> LocalPool:
+        import torch
+        gpus = torch.cuda.device_count()
+        n = num_workers or max(1, gpus)
+        return LocalPool(factory, n, method, [str(k % gpus) for k in range(n)] if gpus else None)
+
+    return PoolMap(open_pool, "local")
 
 
 _worker: dict = {}  # this process's worker: its index and the method it runs
@@ -77,8 +123,8 @@ def _start(factory: Callable[[], Any], method: str, slots, ready) -> None:
     _worker.update(index=worker, fn=getattr(factory(), method), ready=ready)
 
 
-def _run(items: list) -> Batch:
-    return Batch(_worker["index"], False, _worker["fn"](items))
+def _run(items: list) -> TaskResult:
+    return TaskResult(_worker["index"], False, list(_worker["fn"](items)))
 
 
 def _ready() -> None:

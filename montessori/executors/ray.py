@@ -40,7 +40,7 @@ from functools import partial
 from typing import Any
 
 from montessori.errors import MontessoriError
-from montessori.executors.local import Batch, PoolStats, WorkerLost, chunks, deliver
+from montessori.executors.local import PoolMap, PoolStats, TaskResult, WorkerLost, chunks, deliver
 from montessori.generation.backends.base import Backend, Completion, Request, Sampling
 
 RESTARTS = 3  # per actor: a few node losses or preemptions in a run; more means something is broken
@@ -88,8 +88,8 @@ class Worker:
         self.worker, self.restarted = worker, ray.get_runtime_context().was_current_actor_reconstructed
         self.fn = getattr(factory(), method)
 
-    def run(self, items: list) -> Batch:
-        return Batch(self.worker, self.restarted, self.fn(items))
+    def run(self, items: list) -> TaskResult:
+        return TaskResult(self.worker, self.restarted, list(self.fn(items)))
 
 
 class RayPool:
@@ -119,6 +119,22 @@ class RayPool:
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors.clear()
+
+
+def ray_map(dcfg) -> PoolMap:
+    """ctx.map on Ray actors (config distributed.*: address, num_workers, gpus_per_worker,
+    cpus_per_worker); Ray starts only when a stage maps something. (gpus_per_worker > 1 is for
+    generation's tensor-parallel engines, RayBackend.)"""
+
+    def open_pool(factory: Callable[[], Any], method: str) -> RayPool:
+        if dcfg.gpus_per_worker != 1:
+            raise ValueError("ctx.map's workers use one GPU each (influence: an 8B student's fp32 θ, m, v and "
+                             "shadow, 16 bytes per parameter, fit one 141 GB H200); set distributed.gpus_per_worker=1")
+        init_ray(dcfg.address)
+        return RayPool(factory, worker_count(dcfg.num_workers, 1, dcfg.cpus_per_worker), method,
+                       gpus_per_worker=1, cpus_per_worker=dcfg.cpus_per_worker)
+
+    return PoolMap(open_pool, "ray")
 
 
 def _last_line(err: BaseException) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from montessori.context import stage
+from montessori.keys import BACKEND, PROMPTS, SEEDS, TEACHER
 from montessori.errors import InputError
 from montessori.generation.backends import Backend, Request, Sampling, choose_backend, make_backend
 from montessori.generation.dedup import RougeDeduper
@@ -279,12 +281,15 @@ def _backend(ctx, spec: str) -> Backend:
     return make_backend(spec, gen, ctx.config.models)
 
 
-def _extra(ctx, spec: str, language: str) -> dict:
+def _extra(ctx, spec: str, language: str, prompted: bool = True) -> dict:
+    """The manifest's labels; `prompted`: the stage wrote instructions from prompts (not responses)."""
     gen = ctx.config.generation
-    return {"teacher": spec, "backend": choose_backend(gen, spec, ctx.config.models),
-            "prompt_style": gen.prompt_style, "language": language}
+    return {"teacher": spec, "backend": choose_backend(gen, spec, ctx.config.models), "language": language,
+            **({"prompt_style": gen.prompt_style} if prompted else {})}
 
 
+@stage("instructions", keys=TEACHER + BACKEND + SEEDS + PROMPTS + ("generation.num_prompts",),
+       round_inputs=("dpo",), files=("data.seeds",), models=("teacher",), generates=True)
 def run_instructions(ctx) -> dict:
     cfg = ctx.config
     spec = ctx.teacher_spec()
@@ -293,7 +298,7 @@ def run_instructions(ctx) -> dict:
     weights, steer = steer_weights(ctx, seeds, this_round=False)
     backend = _backend(ctx, spec)
     try:
-        counts = generate_instructions(backend, cfg.generation, seeds, ctx.stage.path, round=ctx.round,
+        counts = generate_instructions(backend, cfg.generation, seeds, ctx.dir.path, round=ctx.round,
                                        prefix=f"r{ctx.round}", seed=cfg.seed,
                                        num_prompts=cfg.generation.num_prompts, progress=ctx.progress,
                                        seed_weights=weights, language=language)
@@ -304,6 +309,8 @@ def run_instructions(ctx) -> dict:
     return counts.manifest() | {"_extra": _extra(ctx, spec, language) | steer}
 
 
+@stage("responses", keys=TEACHER + BACKEND + ("generation.responses", "generation.language", "seed"),
+       inputs=("instructions",), round_inputs=("dpo",), models=("teacher",), generates=True)
 def run_responses(ctx) -> dict:
     cfg = ctx.config
     source = ctx.input("instructions").path / "candidates.jsonl"
@@ -311,17 +318,22 @@ def run_responses(ctx) -> dict:
         raise InputError(f"{source}: missing (run the instructions stage first)")
     candidates = read_jsonl(source, Candidate)
     spec = ctx.teacher_spec()
-    language = run_language(cfg)
+    # Answers in the language the instructions were asked in (their stage detected it from the seeds).
+    language = ctx.input("instructions").manifest()["language"]
     backend = _backend(ctx, spec)
     try:
-        counts = generate_responses(backend, cfg.generation, candidates, ctx.stage.file("pairs.jsonl"),
+        counts = generate_responses(backend, cfg.generation, candidates, ctx.dir.file("pairs.jsonl"),
                                     round=ctx.round, seed=cfg.seed, progress=ctx.progress,
                                     answers=cfg.generation.responses.n, language=language)
     finally:
         backend.close()
-    return counts | {"_extra": _extra(ctx, spec, language)}
+    return counts | {"_extra": _extra(ctx, spec, language, prompted=False)}
 
 
+@stage("dataset", keys=TEACHER + BACKEND + SEEDS + PROMPTS + (
+           "generation.responses", "generation.dataset_max_prompts_per_pair", "sft.num_pairs"),
+       inputs=("dpo",), round_inputs=("dpo",), files=("data.seeds",), models=("teacher",), generates=True,
+       baseline=True)
 def run_dataset(ctx) -> dict:
     """docs/method.md, step 8: the DPO-updated teacher writes `sft.num_pairs` training pairs."""
     cfg, gen = ctx.config, ctx.config.generation
@@ -333,16 +345,16 @@ def run_dataset(ctx) -> dict:
     backend = _backend(ctx, spec)
     max_prompts = max(1, math.ceil(gen.dataset_max_prompts_per_pair * wanted))
     try:
-        counts = generate_instructions(backend, gen, seeds, ctx.stage.path, round=ctx.round,
+        counts = generate_instructions(backend, gen, seeds, ctx.dir.path, round=ctx.round,
                                        prefix=f"r{ctx.round}-data", seed=cfg.seed,  # ids as in 0.1
                                        target_kept=wanted, max_prompts=max_prompts, progress=ctx.progress,
                                        seed_weights=weights, language=language)
-        kept = read_jsonl(ctx.stage.path / "candidates.jsonl", Candidate)[:wanted]
+        kept = read_jsonl(ctx.dir.path / "candidates.jsonl", Candidate)[:wanted]
         if len(kept) < wanted:
             ctx.log.warning("dataset: only %d of %d instructions kept after %d prompts "
                             "(generation.dataset_max_prompts_per_pair); training on %d pairs",
                             len(kept), wanted, counts.prompts, len(kept))
-        answered = generate_responses(backend, gen, kept, ctx.stage.file("pairs.jsonl"), round=ctx.round,
+        answered = generate_responses(backend, gen, kept, ctx.dir.file("pairs.jsonl"), round=ctx.round,
                                       seed=cfg.seed, progress=ctx.progress, language=language)
     finally:
         backend.close()

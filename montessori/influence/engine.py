@@ -39,6 +39,7 @@ from montessori.models.chat import IGNORE_INDEX
 from montessori.records import InfluenceResult, Pair
 
 ESTIMATORS = ("exact", "linear")
+COMPILE = ("auto", "on", "off")  # influence.compile
 # How the linear step runs: hooks = eager, gradient consumed in buckets during backward (below);
 # flat / graphed = fast.py (a fused update per parameter; graphed adds CUDA graphs);
 # auto = graphed on CUDA, hooks elsewhere (`resolve_linear_kernel`).
@@ -222,7 +223,7 @@ class InfluenceEngine:
     ref_grad_dtype (linear): "float32", "bfloat16" (stored after fp32 accumulation) or "auto" (float32 when four
     fp32 copies fit the device). shadow (exact): "device" (stepped weights in a second fp32 buffer,
     swapped in by pointer), "host" (θ stepped in place, restored from a pinned host copy) or "auto".
-    compile: True (torch.compile the eager passes and the fast path's copy), False, or "auto" (only the
+    compile: "on" (torch.compile the eager passes and the fast path's copy), "off", or "auto" (only the
     graphed linear step's copy, on CUDA). The moments may be given on the host: they move to the device
     after ∇L_ref is computed."""
 
@@ -235,6 +236,8 @@ class InfluenceEngine:
         s = self.settings = replace(settings or InfluenceSettings(), **knobs).resolve(self.device)
         if s.estimator not in ESTIMATORS:
             raise ValueError(f"estimator {s.estimator!r}: choose one of {ESTIMATORS}")
+        if s.compile not in COMPILE:
+            raise ValueError(f"compile {s.compile!r}: choose one of {COMPILE}")
         self.model, self.state, self.estimator, self.compile = model, state, s.estimator, s.compile
         self.precision, self.grad_precision = s.precision, s.grad_precision
         self.lr = state.lr if s.lr is None else s.lr
@@ -269,7 +272,7 @@ class InfluenceEngine:
         state.to(self.device)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         # torch.compile of the bucketed elementwise passes (foreach kernels fused by inductor).
-        wrap = (lambda f: torch.compile(f, dynamic=True)) if s.compile is True else (lambda f: f)
+        wrap = (lambda f: torch.compile(f, dynamic=True)) if s.compile == "on" else (lambda f: f)
         self._stepped, self._update_dots = wrap(foreach_stepped), wrap(foreach_update_dots)
         self.timing = {"step": 0.0, "eval": 0.0}  # seconds of the last candidate (synchronized on CUDA)
         # Last: the fast path may move θ to the host (an 8B student) and gives it back only on close(),
@@ -287,7 +290,7 @@ class InfluenceEngine:
         graphed = self.linear_kernel == "graphed"
         # compile="auto": the graphed step on CUDA compiles its copy's layers (measured 25 -> 17 ms per
         # TinyLlama-1.1B candidate on the H200); the flat step is the CPU-testable form of it, eager.
-        compile_layers = self.compile is True or (self.compile == "auto" and graphed and self.device.type == "cuda")
+        compile_layers = self.compile == "on" or (self.compile == "auto" and graphed and self.device.type == "cuda")
         return FastLinear(self.model, self.state, self.ref_grad, lr=self.lr, grad_dtype=grad_dtype,
                           grad_precision=grad_precision, pad_multiple=pad_multiple,
                           graphs=graphed, offload=offload, compile_model=compile_layers)

@@ -23,6 +23,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from montessori.context import stage
+from montessori.keys import BACKEND, INFLUENCE, PROMPTS, REFERENCE, SEEDS, STUDENT, TEACHER
 from montessori.generation.backends import Request, Sampling
 from montessori.generation.filters import filter_reason
 from montessori.generation.prompts import ENGLISH, answer_messages, build_prompt, choose_examples, parse_completion
@@ -32,7 +34,7 @@ from montessori.influence.settings import InfluenceSettings
 from montessori.influence.warmup import load_warmup
 from montessori.readers import read_pairs
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, Record
-from montessori.store import JsonlAppender, atomic_write_json, read_jsonl
+from montessori.store import JsonlAppender, atomic_write_json, read_jsonl, resume
 
 TEACHERS = ("updated", "original")  # after this round's DPO / the teacher DPO started from
 
@@ -160,6 +162,10 @@ def summarize(records: list[MechanismCandidate], results: dict[str, InfluenceRes
     return out
 
 
+@stage("mechanism", keys=TEACHER + STUDENT + BACKEND + SEEDS + PROMPTS + REFERENCE + INFLUENCE + (
+           "generation.responses", "mechanism.enabled", "mechanism.num_prompts", "mechanism.bootstrap_samples"),
+       inputs=("instructions", "warmup", "dpo"), round_inputs=("dpo",), files=("data.seeds", "data.reference"),
+       models=("teacher", "student"), generates=True)
 def run_mechanism(ctx) -> dict:
     cfg, mcfg, icfg = ctx.config, ctx.config.mechanism, ctx.config.influence
     if not mcfg.enabled:
@@ -167,7 +173,7 @@ def run_mechanism(ctx) -> dict:
     prompts = mechanism_prompts(ctx)
     seed = cfg.seed
     specs = {"updated": str(ctx.input("dpo").path / "model"), "original": ctx.teacher_spec()}
-    with JsonlAppender(ctx.stage.file("candidates.jsonl"), MechanismCandidate) as out:
+    with JsonlAppender(ctx.dir.file("candidates.jsonl"), MechanismCandidate) as out:
         for teacher in TEACHERS:
             backend = _backend(ctx, specs[teacher])
             try:
@@ -175,8 +181,8 @@ def run_mechanism(ctx) -> dict:
             finally:
                 backend.close()
         candidates = [c for c in out.records if c.dropped is None]
-    with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as scored:
-        todo = [Pair(c.id, c.instruction, c.response or "") for c in candidates if c.id not in scored]
+    with resume(ctx.dir.file("influence.jsonl"), InfluenceResult,
+                [Pair(c.id, c.instruction, c.response or "") for c in candidates]) as (scored, todo):
         if todo:
             ctx.log.info("scoring %d candidates of both teachers on the warm-up state (%s)", len(todo),
                          icfg.estimator)
@@ -188,7 +194,7 @@ def run_mechanism(ctx) -> dict:
         results = {r.id: r for r in scored.records}
     summary = summarize(list(out.records), results, [p.id for p in prompts], samples=mcfg.bootstrap_samples,
                         seed=cfg.seed)
-    atomic_write_json(ctx.stage.file("summary.json"), summary)
+    atomic_write_json(ctx.dir.file("summary.json"), summary)
     counts = {"prompts": len(prompts)}
     for t in TEACHERS:
         counts |= {f"{t}_{k}": v for k, v in summary[t].items() if not k.endswith(("_low", "_high"))}

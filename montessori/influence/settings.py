@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from montessori.config import dtype_name
-
 
 @dataclass(frozen=True)
 class InfluenceSettings:
@@ -20,16 +18,12 @@ class InfluenceSettings:
     max_length: int = 1024  # candidate tokens
     reference_max_length: int | None = None  # reference tokens; None: max_length
     lr: float | None = None  # the probing step's lr; None: the warm-up optimizer's next lr
-    compile: bool | str = "auto"
+    compile: str = "auto"  # on: torch.compile the eager passes and the fast copy; off; auto (engine.py)
     device: str = "auto"  # where a worker loads the warm-up state (the engine uses the model's device)
     ref_grad_dtype: str = "auto"
     shadow: str = "auto"
     linear_kernel: str = "auto"
     pad_multiple: int = 64
-
-    def __post_init__(self):  # the spellings before 0.2 ("fp32", "bf16") name the same precisions
-        for name in ("precision", "grad_precision", "ref_grad_dtype"):
-            object.__setattr__(self, name, dtype_name(getattr(self, name)))
 
     @classmethod
     def from_config(cls, config) -> InfluenceSettings:

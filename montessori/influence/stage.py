@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import math
 
+from montessori.context import stage
+from montessori.keys import INFLUENCE, REFERENCE
 from montessori.errors import InputError
-from montessori.influence.engine import compute_influence
 from montessori.influence.settings import InfluenceSettings
 from montessori.influence.warmup import load_warmup
 from montessori.models.load import resolve_device
 from montessori.readers import read_pairs
 from montessori.records import InfluenceResult, Pair
-from montessori.store import JsonlAppender, read_jsonl
+from montessori.store import read_jsonl, resume
 
 
 def probing_pairs(ctx) -> list[Pair]:
@@ -33,31 +34,32 @@ def probing_pairs(ctx) -> list[Pair]:
     return [by_id[i] for i in ids]
 
 
+@stage("influence", keys=("models.teacher", "models.device") + REFERENCE + INFLUENCE,
+       inputs=("responses", "warmup"), files=("data.reference",), models=("student",))
 def run_influence(ctx) -> dict:
-    """In this process. (distributed.ray=true runs executors.influence.run_influence_ray instead:
-    the executor is chosen by executors.launcher, which imports this stage; this stage imports no executor.)"""
+    """Scores the candidates through `ctx.map`: in this process by default (one Scorer given every
+    candidate), on the workers the executor chose otherwise (distributed.ray: one per GPU)."""
     if ctx.config.influence.utility != "influence":
         return run_utility(ctx)
+    from functools import partial
+
+    from montessori.influence.scorer import build_scorer
     cfg, icfg = ctx.config, ctx.config.influence
     settings = InfluenceSettings.from_config(cfg)
     candidates = probing_pairs(ctx)
-    with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as out:
-        todo = [c for c in candidates if c.id not in out]
+    with resume(ctx.dir.file("influence.jsonl"), InfluenceResult, candidates) as (out, todo):
         if todo:
             ctx.log.info("%d of %d candidates to score (%s, precision %s)", len(todo), len(candidates),
                          icfg.estimator, icfg.precision)
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
-            model, tokenizer, state = load_warmup(ctx.input("warmup").path, settings.device)
-            if settings.compile is True:  # the forward passes; the engine compiles the rest itself
-                model.base_model.compile(dynamic=True)
-            compute_influence(model, state, todo, reference.records, tokenizer=tokenizer, settings=settings,
-                              on_result=out.append, progress=ctx.progress)
-        results = [r for r in out.records if r.id in {c.id for c in candidates}]
+            ctx.map(partial(build_scorer, str(ctx.input("warmup").path), reference.records, settings), "score",
+                    todo, out.append, desc=f"influence ({settings.estimator})")
+        results = out.select(c.id for c in candidates)
     return influence_counts(results, icfg, settings.resolve(resolve_device(cfg.models.device)).grad_precision)
 
 
 def influence_counts(results, icfg, grad_prec: str, **extra) -> dict:
-    """The stage's manifest counts, the same for the single-process and the Ray engine."""
+    """The stage's manifest counts, wherever its candidates were scored."""
     ok = [r for r in results if r.status == "ok"]
     timed = [r.seconds for r in results if r.seconds is not None]
     return {"candidates": len(results), "ok": len(ok), "invalid": len(results) - len(ok),
@@ -75,8 +77,7 @@ def run_utility(ctx) -> dict:
     from montessori.evaluation.utility import judge_utility, loss_utility
     cfg, icfg = ctx.config, ctx.config.influence
     candidates = probing_pairs(ctx)
-    with JsonlAppender(ctx.stage.file("influence.jsonl"), InfluenceResult) as out:
-        todo = [c for c in candidates if c.id not in out]
+    with resume(ctx.dir.file("influence.jsonl"), InfluenceResult, candidates) as (out, todo):
         if todo:
             ctx.log.info("%d of %d candidates to score by %s", len(todo), len(candidates), icfg.utility)
             if icfg.utility == "loss":
@@ -88,10 +89,9 @@ def run_utility(ctx) -> dict:
                         out.append(r)
             else:
                 from montessori.evaluation.judge import make_judge
-                judge = make_judge(icfg.judge or (None if icfg.judge_url else ctx.teacher_spec()),
-                                   icfg.judge_url, icfg.judge_model, api_key_env=icfg.judge_api_key_env,
-                                   device=cfg.models.device)
+                judge = make_judge(icfg.judge.model or ctx.teacher_spec(), icfg.judge.base_url,
+                                   api_key_env=icfg.judge.api_key_env, device=cfg.models.device)
                 for pair in tqdm(todo, desc="utility (judge)", disable=not ctx.progress):
                     out.append(judge_utility(judge, [pair])[0])
-        results = [r for r in out.records if r.id in {c.id for c in candidates}]
+        results = out.select(c.id for c in candidates)
     return influence_counts(results, icfg, "-", utility=icfg.utility)

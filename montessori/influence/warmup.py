@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from montessori.context import stage
+from montessori.keys import STUDENT
 from montessori.compat import enable_checkpointing
 from montessori.config import WarmupConfig
 from montessori.errors import InputError
@@ -59,7 +61,7 @@ def train_warmup(model, examples: list[Example], cfg: WarmupConfig, *, pad_id: i
     torch.manual_seed(cfg.seed)
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.global_batch_size
     steps = [order[i:i + per_step] for i in range(0, len(order), per_step)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, foreach=False)
@@ -74,7 +76,7 @@ def train_warmup(model, examples: list[Example], cfg: WarmupConfig, *, pad_id: i
         tokens = sum(e.num_targets for e in chunk)  # token mean over the whole optimizer step
         total = 0.0
         with precision_context(precision, device):
-            for batch in length_batches(chunk, cfg.batch_size, pad_id, device):
+            for batch in length_batches(chunk, cfg.micro_batch_size, pad_id, device):
                 loss_sum, _ = token_loss_sum(model, batch)
                 (loss_sum / tokens).backward()
                 total += float(loss_sum.detach())
@@ -124,21 +126,25 @@ def load_warmup(folder: Path, device: str = "auto"):
     return model, tokenizer, state
 
 
+@stage("warmup", keys=STUDENT + ("split.warmup", "split.probing") + tuple(f"warmup.{k}" for k in (
+           "lr", "global_batch_size", "micro_batch_size", "weight_decay", "betas", "eps", "max_length", "seed",
+           "precision", "gradient_checkpointing")),
+       inputs=("responses",), round_inputs=("sft",), models=("student",))
 def run_warmup(ctx) -> dict:
     cfg = ctx.config
     source = ctx.input("responses").path / "pairs.jsonl"
     if not source.exists():
         raise InputError(f"{source}: missing (run the responses stage first)")
     warm, probe = split_pairs(read_jsonl(source, Pair), cfg.split.warmup, cfg.split.probing)
-    atomic_write_json(ctx.stage.file("split.json"), {"warmup": [p.id for p in warm], "probing": [p.id for p in probe]})
+    atomic_write_json(ctx.dir.file("split.json"), {"warmup": [p.id for p in warm], "probing": [p.id for p in probe]})
     device = resolve_device(cfg.models.device)
     model, tokenizer = load_model(ctx.student_spec(), device=str(device), dtype="float32")
     examples = [e for e in encode_pairs(tokenizer, warm, cfg.warmup.max_length) if e.num_targets > 0]
     precision = warmup_precision(cfg.warmup, device)
     optimizer, log = train_warmup(model, examples, cfg.warmup, pad_id=tokenizer.pad_token_id or 0,
                                   precision=precision, progress=ctx.progress)
-    write_jsonl(ctx.stage.file("metrics.jsonl"), log)
-    save_warmup(ctx.stage.path, model, tokenizer, optimizer)
+    write_jsonl(ctx.dir.file("metrics.jsonl"), log)
+    save_warmup(ctx.dir.path, model, tokenizer, optimizer)
     info = optimizer_info(optimizer)
     return {"warmup": len(warm), "probing": len(probe), "trained": len(examples), "steps": info["step"],
             "final_loss": round(log[-1]["loss"], 4) if log else float("nan"),

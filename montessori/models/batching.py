@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from montessori.config import dtype_name
 from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
 from montessori.records import Pair
 
@@ -29,7 +28,6 @@ LOGIT_CHUNK = 4096  # response positions per lm_head call: bounds the fp32 logit
 def precision_context(precision: str, device: torch.device):
     """float32: true fp32 matmuls. tf32: TF32 tensor-core matmuls (CUDA only; a no-op on CPU).
     bfloat16: bf16 autocast over fp32 master weights."""
-    precision = dtype_name(precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

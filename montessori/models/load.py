@@ -338,7 +338,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", padding_sid
     return model, load_tokenizer(spec, padding_side)
 
 
-# --- checks before any stage runs (montessori.pipeline.preflight): nothing is built, converted or loaded
+# --- checks before any stage runs (montessori.preflight): nothing is built, converted or loaded
 
 HUB_TIMEOUT = 10.0  # seconds for the Hub's answer about a model id; then the run is refused, not left waiting
 

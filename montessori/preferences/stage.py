@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 
+from montessori.context import stage
 from montessori.errors import InputError, MontessoriError
 from montessori.preferences.rules import Scored, build_pairs, length_adjusted, starvation_hint
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, PreferencePair
@@ -67,6 +68,9 @@ def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str,
     return prefs, counts
 
 
+@stage("preferences", keys=tuple(f"preferences.{k}" for k in (
+           "rule", "best_vs_worst", "min_gap", "max_per_prompt", "control_length")),
+       inputs=("instructions", "influence"))
 def run_preferences(ctx) -> dict:
     cfg = ctx.config.preferences
     instructions, influence_dir = ctx.input("instructions"), ctx.input("influence")
@@ -84,7 +88,7 @@ def run_preferences(ctx) -> dict:
     if counts["prompts_with_pairs"] * 2 < counts["prompts"]:
         ctx.log.warning("preferences: only %d of %d prompts gave a pair (%d pairs). %s", counts["prompts_with_pairs"],
                         counts["prompts"], len(prefs), starvation_hint(counts, cfg))
-    write_jsonl(ctx.stage.file("preferences.jsonl"), prefs)
+    write_jsonl(ctx.dir.file("preferences.jsonl"), prefs)
     counts["rule"] = cfg.rule
     counts["control_length"] = cfg.control_length
     return counts

@@ -43,6 +43,16 @@ def trainer_precision(model, compute_dtype: torch.dtype | None = None) -> dict:
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16 and master_fp32}
 
 
+def grad_accum_steps(cfg, section: str, world_size: int = 1) -> int:
+    """Micro-batches each process accumulates per optimizer step: `section.global_batch_size` examples
+    per step over all processes, `section.micro_batch_size` per forward pass (dpo and sft alike)."""
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise InputError(f"{section}.global_batch_size={cfg.global_batch_size} is not a multiple of "
+                         f"{section}.micro_batch_size={cfg.micro_batch_size} x {world_size} process(es)")
+    return cfg.global_batch_size // per_step
+
+
 def common_args(model, *, output_dir: Path, lr: float, epochs: int, batch_size: int, grad_accum: int, seed: int,
                 gradient_checkpointing: bool, compute_dtype: torch.dtype | None = None) -> dict:
     on_cpu = next(model.parameters()).device.type == "cpu"

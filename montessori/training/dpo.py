@@ -17,16 +17,21 @@ killed run re-trains from the teacher with the same seed and data order, giving 
 
 from __future__ import annotations
 
+import os
 import shutil
 from functools import cache
 
+from montessori.config import Schedule
+from montessori.context import stage
+from montessori.keys import TEACHER
 from montessori.config import DPOConfig
 from montessori.errors import MontessoriError
 from montessori.models.chat import prompt_text
 from montessori.records import PreferencePair
 from montessori.store import atomic_write_json, read_jsonl
-from montessori.training.common import (check_wsd, common_args, eval_split, last_value, load_for_training,
-                                        mean_value, quiet_callbacks, save_model_atomic, write_metrics)
+from montessori.training.common import (check_wsd, common_args, eval_split, grad_accum_steps, last_value,
+                                        load_for_training, mean_value, quiet_callbacks, save_model_atomic,
+                                        write_metrics)
 
 
 def preference_features(tokenizer, pref: PreferencePair) -> dict:
@@ -114,13 +119,14 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
         raise MontessoriError(f"dpo: every preference pair's prompt fills dpo.max_length={cfg.max_length} "
                               f"(generation prompts up to {longest} tokens): raise dpo.max_length")
     evals = preference_dataset(tokenizer, list(eval_prefs), cfg.max_length)[0] if eval_prefs else None
+    grad_accum = grad_accum_steps(cfg, "dpo", int(os.environ.get("WORLD_SIZE", "1")))
     args = TRLDPOConfig(
-        **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                      grad_accum=cfg.grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+        **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.micro_batch_size,
+                      grad_accum=grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
                       compute_dtype=compute_dtype),
         beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length, truncation_mode="keep_start",
         # batches of 16 pairs for the no-grad reference pass: a batch of 2 leaves a GPU mostly idle
-        precompute_ref_log_probs=precompute_ref, precompute_ref_batch_size=max(16, cfg.batch_size),
+        precompute_ref_log_probs=precompute_ref, precompute_ref_batch_size=max(16, cfg.micro_batch_size),
     )
     peft_config = None
     if cfg.lora:
@@ -153,6 +159,10 @@ def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **k
     return trained, history, trainer.dropped_too_long
 
 
+@stage("dpo", keys=TEACHER + tuple(f"dpo.{k}" for k in tuple(Schedule.model_fields) + (
+           "beta", "loss_type", "global_batch_size", "micro_batch_size", "eval_fraction", "lora", "lora_r",
+           "lora_alpha")),
+       inputs=("preferences",), round_inputs=("dpo",), models=("teacher",), launch=True, next_round="teacher")
 def run_dpo(ctx) -> dict:
     cfg, models = ctx.config.dpo, ctx.config.models
     prefs = read_jsonl(ctx.input("preferences").path / "preferences.jsonl", PreferencePair)
@@ -163,7 +173,7 @@ def run_dpo(ctx) -> dict:
     spec = ctx.teacher_spec()
     ctx.log.info("dpo: teacher %s, %d train / %d eval pairs", spec, len(train), len(held))
     model, tokenizer, compute = load_for_training(spec, models, cfg.lora)
-    work = ctx.stage.path / ".trainer"
+    work = ctx.dir.path / ".trainer"
     # The reference (loaded like the policy, so both start from the same log-probs) is passed without
     # a name: once the trainer has its log-probs, nothing holds it.
     trained, history, too_long = train_dpo(
@@ -173,9 +183,9 @@ def run_dpo(ctx) -> dict:
     if too_long:
         ctx.log.warning("dpo: %d of %d pairs dropped: their prompt alone fills dpo.max_length=%d", too_long,
                         len(train), cfg.max_length)
-    atomic_write_json(ctx.stage.file("split.json"), {"train": [p.id for p in train], "eval": [p.id for p in held]})
-    write_metrics(ctx.stage.file("metrics.jsonl"), history)
-    save_model_atomic(trained, tokenizer, ctx.stage.path / "model")
+    atomic_write_json(ctx.dir.file("split.json"), {"train": [p.id for p in train], "eval": [p.id for p in held]})
+    write_metrics(ctx.dir.file("metrics.jsonl"), history)
+    save_model_atomic(trained, tokenizer, ctx.dir.path / "model")
     counts = {"pairs_train": len(train), "pairs_eval": len(held), "steps": last_value(history, "step") or 0,
               "dropped_too_long": too_long,
               "loss": mean_value(history, "loss"),

@@ -17,13 +17,16 @@ import os
 import shutil
 from functools import cache
 
+from montessori.config import Schedule
+from montessori.context import stage
+from montessori.keys import STUDENT
 from montessori.config import SFTConfig
-from montessori.errors import InputError, MontessoriError
+from montessori.errors import MontessoriError
 from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
 from montessori.records import Pair
 from montessori.store import read_jsonl
-from montessori.training.common import (check_wsd, common_args, last_value, load_for_training, mean_value,
-                                        quiet_callbacks, save_model_atomic, write_metrics)
+from montessori.training.common import (check_wsd, common_args, grad_accum_steps, last_value, load_for_training,
+                                        mean_value, quiet_callbacks, save_model_atomic, write_metrics)
 
 
 def sft_dataset(tokenizer, pairs: list[Pair], max_length: int):
@@ -35,14 +38,6 @@ def sft_dataset(tokenizer, pairs: list[Pair], max_length: int):
         if any(label != IGNORE_INDEX for label in labels):
             rows.append({"input_ids": ids, "labels": labels})
     return (Dataset.from_list(rows) if rows else None), len(pairs) - len(rows)
-
-
-def grad_accum_steps(cfg: SFTConfig, world_size: int = 1) -> int:
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.global_batch_size % per_step:
-        raise InputError(f"sft.global_batch_size={cfg.global_batch_size} is not a multiple of sft.micro_batch_size="
-                         f"{cfg.micro_batch_size} x {world_size} process(es)")
-    return cfg.global_batch_size // per_step
 
 
 @cache
@@ -77,7 +72,7 @@ def build_sft_trainer(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, *, ou
     train, dropped = sft_dataset(tokenizer, pairs, cfg.max_length)
     if train is None:
         raise MontessoriError(f"sft: no training pair has a response token within sft.max_length={cfg.max_length}")
-    grad_accum = grad_accum_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    grad_accum = grad_accum_steps(cfg, "sft", int(os.environ.get("WORLD_SIZE", "1")))
     padding_free = varlen_attention(model) if padding_free is None else padding_free
     args = TRLSFTConfig(
         **common_args(model, output_dir=output_dir, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.micro_batch_size,
@@ -101,6 +96,10 @@ def train_sft(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, **kwargs):
     return trainer.model, trainer.state.log_history, dropped
 
 
+@stage("sft", keys=STUDENT + tuple(f"sft.{k}" for k in tuple(Schedule.model_fields) + (
+           "global_batch_size", "micro_batch_size")),
+       inputs=("dataset",), round_inputs=("sft",), models=("student",), launch=True, baseline=True,
+       next_round="student")
 def run_sft(ctx) -> dict:
     cfg, models = ctx.config.sft, ctx.config.models
     pairs = read_jsonl(ctx.input("dataset").path / "pairs.jsonl", Pair)
@@ -109,12 +108,12 @@ def run_sft(ctx) -> dict:
     spec = ctx.base_student_spec()
     ctx.log.info("sft: student %s, %d training pairs", spec, len(pairs))
     model, tokenizer, compute = load_for_training(spec, models, lora=False)
-    work = ctx.stage.path / ".trainer"
+    work = ctx.dir.path / ".trainer"
     trained, history, dropped = train_sft(model, tokenizer, pairs, cfg, output_dir=work, progress=ctx.progress,
                                           compute_dtype=compute)
     shutil.rmtree(work, ignore_errors=True)
-    write_metrics(ctx.stage.file("metrics.jsonl"), history)
-    save_model_atomic(trained, tokenizer, ctx.stage.path / "model")
+    write_metrics(ctx.dir.file("metrics.jsonl"), history)
+    save_model_atomic(trained, tokenizer, ctx.dir.path / "model")
     counts = {"pairs": len(pairs) - dropped, "dropped_too_long": dropped, "steps": last_value(history, "step") or 0,
               "loss_first": next((e["loss"] for e in history if "loss" in e), None),
               "loss_last": last_value(history, "loss"), "loss_mean": mean_value(history, "loss")}
