@@ -30,11 +30,16 @@ class Stage:
     next_round: str | None = None  # "teacher" / "student": its model/ is the next round's teacher / student
 
 
+# Every stage declared so far, by name (filled as the stage modules are imported: montessori.method
+# imports them all). StageContext reads `next_round` from here to find last round's teacher/student.
+DECLARED: dict[str, Stage] = {}
+
+
 def stage(name: str, **declaration) -> Callable[[Callable], Callable]:
     """Declare the decorated function a stage: `fn.stage` is its Stage (config keys, inputs, needs)."""
 
     def declare(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
-        fn.stage = Stage(name, fn, **declaration)
+        fn.stage = DECLARED[name] = Stage(name, fn, **declaration)
         return fn
 
     return declare
@@ -101,19 +106,23 @@ class StageContext:
     def input(self, name: str, round: int | None = None) -> StageDir:
         return self.store.stage(self.round if round is None else round, name)
 
-    def teacher_spec(self, after_dpo: bool = False) -> str:
-        """The teacher of this round: the base teacher in round 1, else last round's DPO output.
+    def trainer_of(self, role: str) -> str | None:
+        """The active stage whose model/ is the next round's `role` ("teacher": DPO; "student": SFT)."""
+        return next((n for n in self.active if n in DECLARED and DECLARED[n].next_round == role), None)
 
-        With after_dpo=True: this round's DPO output (used by the `dataset` stage)."""
-        source = self.round if after_dpo else self.round - 1
-        if source >= 1 and "dpo" in self.active:
-            return str(self.store.stage(source, "dpo").path / "model")
+    def teacher_spec(self, after_dpo: bool = False) -> str:
+        """The teacher of this round: the base teacher in round 1, else the model last round trained
+        for it (DPO's output). With after_dpo=True: this round's (used by the `dataset` stage)."""
+        source, trainer = (self.round if after_dpo else self.round - 1), self.trainer_of("teacher")
+        if source >= 1 and trainer is not None:
+            return str(self.store.stage(source, trainer).path / "model")
         return self.config.models.teacher
 
     def student_spec(self) -> str:
         """The student entering this round: the base student in round 1, else last round's SFT output."""
-        if self.round > 1:
-            return str(self.store.stage(self.round - 1, "sft").path / "model")
+        trainer = self.trainer_of("student")
+        if self.round > 1 and trainer is not None:
+            return str(self.store.stage(self.round - 1, trainer).path / "model")
         return self.config.models.student
 
     def base_student_spec(self) -> str:

@@ -77,13 +77,26 @@ def undeclared(reads: dict[str, set[str]], stages) -> dict[str, list[str]]:
     return out
 
 
-def test_every_key_a_stage_reads_is_declared_by_that_stage(tmp_path):
+def test_every_key_and_input_a_stage_reads_is_declared_by_that_stage(tmp_path, monkeypatch):
     reads: dict[str, set[str]] = {}
+    inputs: dict[str, set[tuple[int, str]]] = {}  # stage -> (rounds back, stage read) through ctx.input
+    read_input = StageContext.input
+
+    def recorded_input(self, name, round=None):
+        inputs.setdefault(self.dir.stage, set()).add((self.round - (self.round if round is None else round), name))
+        return read_input(self, name, round)
+
+    monkeypatch.setattr(StageContext, "input", recorded_input)
     config = load_preset("tiny", ["rounds=2"])
     run_pipeline(config, tmp_path / "run", progress=False, executor=recording_executor(reads))
     assert set(reads) == {s.name for s in STAGES}, "every stage ran under the recording executor"
     assert all(reads[s.name] for s in STAGES), "every stage read its config through the view"
     assert undeclared(reads, STAGES) == {}
+    by_name = {s.name: s for s in STAGES}
+    undeclared_inputs = {name: sorted(f"{back} round(s) back: {read}" for back, read in got
+                                      if read not in (by_name[name].inputs if back == 0 else by_name[name].round_inputs))
+                         for name, got in inputs.items()}
+    assert {k: v for k, v in undeclared_inputs.items() if v} == {}
 
 
 def reads_an_undeclared_key(ctx):

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", help="the folder rank 0 writes, if not the stage's own")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    import montessori.method  # noqa: F401 (declares every stage: the context finds last round's models by them)
     ctx = rank_context(args.run_dir, args.round, args.stage, rank, tuple(args.active.split(",")), args.folder)
     module, _, name = args.target.partition(":")
     fn = importlib.import_module(module)

@@ -70,7 +70,7 @@ def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str,
 
 @stage("preferences", keys=tuple(f"preferences.{k}" for k in (
            "rule", "best_vs_worst", "min_gap", "max_per_prompt", "control_length")),
-       inputs=("instructions", "influence"))
+       inputs=("instructions", "responses", "influence"))
 def run_preferences(ctx) -> dict:
     cfg = ctx.config.preferences
     instructions, influence_dir = ctx.input("instructions"), ctx.input("influence")
