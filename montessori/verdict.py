@@ -9,7 +9,8 @@ For a reader who is not an ML engineer, at the top of `montessori analyze` and o
 
      not_measured      nothing measured yet                       -> run the pipeline
      stronger_teacher  under WEAK_SHARE of the candidates helped   -> a stronger teacher
-     steer             a kind helped, its interval above zero      -> steer the next run toward it
+     steer             a kind helped, its interval above zero and  -> steer the next run toward it
+                       above the least helpful kind's
      evaluate          influence measured, no evaluation yet       -> finish the run
      more_tasks        the held-out interval includes no change    -> add N tasks (N from the interval)
      scale_up          the student improved                        -> a bigger run
@@ -173,9 +174,12 @@ def verdict(summary: dict, eval_results: dict | None, tasks: dict | None = None)
             return Verdict("stronger_teacher", lines,
                            f"{_pct(worse)} of the teacher's candidates made your student worse on your answers: "
                            + STRONGER_TEACHER.format(tasks=source) + ".")
-        helped = [g for g in ranked_kinds(summary) if g["ci_low"] > 0]
-        if helped:
-            g = helped[0]
+        kinds = ranked_kinds(summary)
+        # Steer only toward a kind that stands out: its interval above zero and above the least helpful
+        # kind's. When every kind helped alike (the measured run of docs/experiments.md, issue 27: all
+        # 29 candidates helped, kinds 0.0062-0.0064 with overlapping intervals) there is nothing to steer by.
+        if len(kinds) > 1 and kinds[0]["ci_low"] > 0 and kinds[0]["ci_low"] > kinds[-1]["ci_high"]:
+            g = kinds[0]
             mine = summary.get("tasks", {}).get("task_types") or {}
             # Steering by task type draws more seed tasks of that type: it needs seeds of that type.
             by = "task_type" if not mine or g["value"] in mine else "seed"

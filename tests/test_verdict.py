@@ -84,6 +84,24 @@ def test_a_kind_that_helped_is_steered_toward(tmp_path):
     assert "by: seed}" in run_verdict(run)["next_step"]
 
 
+def test_kinds_that_helped_alike_are_not_steered_between():
+    """All candidates helped, the kinds' intervals overlap (as in the measured Japanese run): no kind
+    stands out, so the next step follows the student's result, not a steer."""
+    def kind(value, mean):
+        return {"value": value, "n": 6, "mean": mean, "ci_low": mean - 0.0003, "ci_high": mean + 0.0003,
+                "share_positive": 1.0}
+    summary = {"run": "r", "measured": 18, "features": {"task_type": [kind("other", 0.0064), kind("how-to", 0.0062),
+                                                                       kind("open question", 0.0061)]},
+               "overall": {"share_positive": 1.0, "share_negative": 0.0, "mean": 0.0062, "ci_low": 0.006,
+                           "ci_high": 0.0064}}
+    better = {"loss_difference": {"trained - base": {"token_mean_diff": -0.046, "low": -0.058, "high": -0.037}},
+              "prompts": {"examples": 8}, "loss": {}}
+    assert verdict(summary, better).kind == "scale_up"
+    assert verdict(summary, None).kind == "evaluate"
+    apart = dict(summary, features={"task_type": [kind("other", 0.0074), kind("open question", 0.0061)]})
+    assert verdict(apart, better).kind == "steer"  # the same kinds, apart: steer toward the one that stands out
+
+
 def test_measured_but_not_evaluated(tmp_path):
     run = make_measured_run(tmp_path / "run")
     set_influence(run, MIXED)
