@@ -22,7 +22,6 @@ from montessori import pipeline
 from montessori.cli import main
 from montessori.config import load_preset
 from montessori.context import Stage
-from montessori.errors import MontessoriError
 from montessori.store import JsonlAppender, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

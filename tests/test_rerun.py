@@ -106,7 +106,6 @@ def test_until_stops_in_round_1_unless_a_round_is_named(tmp_path):
 def test_until_influence_with_two_rounds_runs_nothing_after_round_1_influence(tmp_path, monkeypatch):
     """The real runner, on stages that only record that they ran."""
     from montessori import pipeline
-    from montessori.context import Stage
     ran.clear()
     from montessori import method
     stages = tuple(dataclasses.replace(s, function=record_stage) for s in STAGES)

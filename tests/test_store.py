@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from montessori import pipeline
 from montessori.config import load_preset
 from montessori.pipeline import Stage, run_pipeline, stage_status
 from montessori.records import Pair
