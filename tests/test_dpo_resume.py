@@ -32,9 +32,13 @@ def fake_upstream(run_dir) -> None:
     write_jsonl(store.stage(1, "instructions").file("prompts.jsonl"), prompts)
     write_jsonl(store.stage(1, "instructions").file("candidates.jsonl"), cands)
     write_jsonl(store.stage(1, "influence").file("influence.jsonl"), results)
+    # responses/pairs.jsonl: the answered pair of each candidate (id = candidate id), as the responses stage
+    # writes it; preferences reads it for the answer lengths
+    write_jsonl(store.stage(1, "responses").file("pairs.jsonl"),
+                [Pair(id=c.id, instruction=c.instruction, response=f"Answer to {c.id}.") for c in cands])
     write_jsonl(store.stage(1, "dataset").file("pairs.jsonl"),
                 [Pair(id=f"d{i}", instruction=f"Name {i} fruits.", response="Apple, pear, plum.") for i in range(4)])
-    for name in ("instructions", "influence", "dataset"):
+    for name in ("instructions", "responses", "influence", "dataset"):
         store.stage(1, name).write_manifest(fingerprint=f"fake-{name}", config_hash="x", inputs={}, counts={},
                                             started=0.0)
 
