@@ -43,6 +43,8 @@ from montessori.features import (FEATURES, INSTRUCTION_BUCKETS, RESPONSE_BUCKETS
 from montessori.config import GenerationConfig
 from montessori.generation.dedup import near_duplicates
 from montessori.generation.prompts import detect_language
+from montessori.generation.stage import run_instructions, run_responses
+from montessori.influence.stage import run_influence
 from montessori.store import RunStore, atomic_write_json, read_jsonl, write_jsonl
 from montessori.verdict import run_verdict
 
@@ -155,7 +157,7 @@ def own_tasks(run_dir: Path) -> dict:
     store = RunStore(run_dir)
     for round_ in store.rounds():
         try:
-            language = (store.stage(round_, "instructions").manifest() or {}).get("language", language)
+            language = (store.stage(round_, run_instructions).manifest() or {}).get("language", language)
         except InputError:  # a damaged manifest: status reports it; the seeds still say the language
             pass
         break
@@ -185,7 +187,7 @@ def analyze(run_dir: str | Path, seed: int = 0) -> tuple[dict, list[CandidateFea
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not RunStore(run_dir).rounds():
         raise InputError(f"{run_dir}: not a run directory (no round-N folders)")
-    items, invalid = measured_candidates(run_dir)
+    items, invalid = measured_candidates(run_dir, run_instructions, run_responses, run_influence)
     summary = {"run": str(run_dir), "measured": len(items), "invalid": invalid, "task_types": list(TASK_TYPES),
                "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "level": 0.95, "seed": seed}, "features": {},
                "separators": [], "tasks": own_tasks(run_dir)}

@@ -3,6 +3,8 @@ executors (`montessori.executors`), and importing neither, so neither imports th
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -36,11 +38,30 @@ DECLARED: dict[str, Stage] = {}
 
 
 def stage(name: str, **declaration) -> Callable[[Callable], Callable]:
-    """Declare the decorated function a stage: `fn.stage` is its Stage (config keys, inputs, needs)."""
+    """Declare the decorated function a stage: `fn.stage` is its Stage (config keys, inputs, needs).
 
-    def declare(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
-        fn.stage = DECLARED[name] = Stage(name, fn, **declaration)
-        return fn
+    The function takes the context, then one parameter per declared input it reads, named as the
+    input: the runner passes that stage's folder (a StageDir of this round), so no stage names another
+    stage's folder itself:
+
+        @stage("dpo", keys=..., inputs=("preferences",))
+        def run_dpo(ctx, preferences): ...    # preferences.path / "preferences.jsonl"
+
+    It is called with the context alone (`run_dpo(ctx)`): the wrapper fills in the folders."""
+
+    def declare(fn: Callable[..., dict]) -> Callable[[StageContext], dict]:
+        reads = list(inspect.signature(fn).parameters)[1:]
+        inputs = declaration.get("inputs", ())
+        undeclared = [p for p in reads if p not in inputs]
+        if undeclared:
+            raise TypeError(f"stage {name}: parameters {undeclared} are not among its declared inputs {inputs}")
+
+        @functools.wraps(fn)
+        def run(ctx: StageContext) -> dict:
+            return fn(ctx, **{p: ctx.input(p) for p in reads})
+
+        run.stage = DECLARED[name] = Stage(name, run, **declaration)
+        return run
 
     return declare
 

@@ -25,10 +25,16 @@ from pathlib import Path
 
 from montessori.analysis import task_type
 from montessori.errors import InputError
+from montessori.generation.stage import run_dataset, run_responses
+from montessori.influence.stage import run_influence
+from montessori.influence.warmup import run_warmup
 from montessori.store import RunStore, atomic_write_text, read_jsonl
 
 FORMATS = ("messages", "alpaca", "sharegpt", "hf", "parquet")
-STAGES = ("dataset", "responses")
+# The stages whose pairs.jsonl is exported: the training set, then the probing candidates (which carry
+# their influence and warm-up/probing split).
+EXPORTED = (run_dataset, run_responses)
+STAGES = tuple(fn.stage.name for fn in EXPORTED)
 PROVENANCE = ("id", "round", "stage", "split", "teacher", "influence", "task_type")
 
 
@@ -39,21 +45,22 @@ def collect(run_dir: str | Path, stages: tuple[str, ...] = STAGES) -> list[dict]
         raise InputError(f"{run_dir}: not a run directory (no round-N folders)")
     rows = []
     for round_ in store.rounds():
-        influence = {r["id"]: r["influence"] for r in read_jsonl(store.stage(round_, "influence").path / "influence.jsonl")
+        influence = {r["id"]: r["influence"] for r in read_jsonl(store.stage(round_, run_influence).path / "influence.jsonl")
                      if r.get("status") == "ok" and r.get("influence") is not None}
-        split_file = store.stage(round_, "warmup").path / "split.json"
+        split_file = store.stage(round_, run_warmup).path / "split.json"
         split = json.loads(split_file.read_text()) if split_file.exists() else {}
         split_of = {i: name for name in ("warmup", "probing") for i in split.get(name, [])}
         for stage in stages:
             sd = store.stage(round_, stage)
+            measured = stage == run_responses.stage.name  # the probing candidates: split and influence
             teacher = (sd.manifest() or {}).get("teacher")
             for p in read_jsonl(sd.path / "pairs.jsonl"):
                 if not p.get("response"):  # nothing to learn from an empty answer
                     continue
                 rows.append({"instruction": p["instruction"], "response": p["response"], "id": p["id"],
                              "round": round_, "stage": stage,
-                             "split": split_of.get(p["id"]) if stage == "responses" else None,
-                             "teacher": teacher, "influence": influence.get(p["id"]) if stage == "responses" else None,
+                             "split": split_of.get(p["id"]) if measured else None,
+                             "teacher": teacher, "influence": influence.get(p["id"]) if measured else None,
                              "task_type": task_type(p["instruction"])})
     if not rows:
         raise InputError(f"{run_dir}: no generated pairs to export in stages {', '.join(stages)} "

@@ -171,18 +171,22 @@ def describe(candidate_id: str, round_: int, influence: float, instruction: str,
                              seed=seed, instruction_chars=iw, response_chars=rw, seed_text=seeds.get(seed, ""))
 
 
-def measured_candidates(run_dir: str | Path) -> tuple[list[CandidateFeatures], int]:
-    """(features of every candidate with a valid influence value, number of invalid values)."""
+def measured_candidates(run_dir: str | Path, instructions, responses, influence) -> tuple[list[CandidateFeatures], int]:
+    """(features of every candidate with a valid influence value, number of invalid values).
+
+    `instructions`, `responses`, `influence`: the stages (functions) that wrote each round's
+    candidates.jsonl, pairs.jsonl and influence.jsonl; the caller names them (this module is below the
+    generation stage, which steers by it, so it imports no stage)."""
     run_dir = Path(run_dir)
     store = RunStore(run_dir)
     seeds = seed_texts(run_dir)
     out, invalid = [], 0
     for round_ in store.rounds():
-        results = read_jsonl(store.stage(round_, "influence").path / "influence.jsonl")
+        results = read_jsonl(store.stage(round_, influence).path / "influence.jsonl")
         if not results:
             continue
-        pairs = {p["id"]: p for p in read_jsonl(store.stage(round_, "responses").path / "pairs.jsonl")}
-        candidates = {c["id"]: c for c in read_jsonl(store.stage(round_, "instructions").path / "candidates.jsonl")}
+        pairs = {p["id"]: p for p in read_jsonl(store.stage(round_, responses).path / "pairs.jsonl")}
+        candidates = {c["id"]: c for c in read_jsonl(store.stage(round_, instructions).path / "candidates.jsonl")}
         for r in results:
             # A measured candidate is a pair: without the responses stage's record there is nothing to describe.
             pair = pairs.get(r["id"])

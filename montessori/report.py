@@ -20,10 +20,17 @@ import statistics
 from pathlib import Path
 
 from montessori.errors import InputError, MontessoriError
+from montessori.evaluation.stage import run_eval
+from montessori.generation.stage import run_dataset, run_instructions, run_responses
+from montessori.influence.mechanism import run_mechanism
+from montessori.influence.stage import run_influence
+from montessori.preferences.stage import run_preferences
 from montessori.sections import ReportSection
 from montessori.sections import figure as _figure
 from montessori.sections import png as _png
 from montessori.store import RunStore, read_jsonl
+from montessori.training.dpo import run_dpo
+from montessori.training.sft import run_sft
 
 EXAMPLES = 5  # most / least influential instructions shown per round
 
@@ -36,8 +43,8 @@ def _fmt(v) -> str:
 
 def generation_table(store: RunStore, round_: int) -> ReportSection | None:
     rows = []
-    for name, label in (("instructions", "probing instructions"), ("dataset", "training data")):
-        sd = store.stage(round_, name)
+    for writer, label in ((run_instructions, "probing instructions"), (run_dataset, "training data")):
+        sd = store.stage(round_, writer)
         if not (sd.path / "candidates.jsonl").exists():
             continue
         kept = len(read_jsonl(sd.path / "candidates.jsonl"))
@@ -49,8 +56,8 @@ def generation_table(store: RunStore, round_: int) -> ReportSection | None:
     section = ReportSection("Generated candidates")
     section.tables.append((["stage", "generated", "filtered", "duplicate", "kept"], rows))
     reasons: dict[str, int] = {}
-    for name in ("instructions", "dataset"):
-        for d in read_jsonl(store.stage(round_, name).path / "dropped.jsonl"):
+    for writer in (run_instructions, run_dataset):
+        for d in read_jsonl(store.stage(round_, writer).path / "dropped.jsonl"):
             reasons[d.get("dropped") or "?"] = reasons.get(d.get("dropped") or "?", 0) + 1
     if reasons:
         section.notes.append("drop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
@@ -58,7 +65,7 @@ def generation_table(store: RunStore, round_: int) -> ReportSection | None:
 
 
 def influence_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
-    path = store.stage(round_, "influence").path / "influence.jsonl"
+    path = store.stage(round_, run_influence).path / "influence.jsonl"
     results = read_jsonl(path)
     if not results:
         return None, {}
@@ -80,14 +87,14 @@ def influence_section(store: RunStore, round_: int) -> tuple[ReportSection | Non
 
 
 def examples_section(store: RunStore, round_: int) -> ReportSection | None:
-    results = [r for r in read_jsonl(store.stage(round_, "influence").path / "influence.jsonl")
+    results = [r for r in read_jsonl(store.stage(round_, run_influence).path / "influence.jsonl")
                if r.get("status") == "ok" and r.get("influence") is not None]
     if not results:
         return None
     instructions = {c["id"]: c.get("instruction") or "" for c in
-                    read_jsonl(store.stage(round_, "instructions").path / "candidates.jsonl")}
+                    read_jsonl(store.stage(round_, run_instructions).path / "candidates.jsonl")}
     responses = {p.get("candidate_id") or p["id"]: p.get("instruction") or "" for p in
-                 read_jsonl(store.stage(round_, "responses").path / "pairs.jsonl")}
+                 read_jsonl(store.stage(round_, run_responses).path / "pairs.jsonl")}
     ranked = sorted(results, key=lambda r: r["influence"], reverse=True)
     section = ReportSection("Most and least influential instructions")
     for label, chosen in (("most", ranked[:EXAMPLES]), ("least", ranked[::-1][:EXAMPLES])):
@@ -98,7 +105,7 @@ def examples_section(store: RunStore, round_: int) -> ReportSection | None:
 
 
 def preferences_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
-    manifest = store.stage(round_, "preferences").manifest()
+    manifest = store.stage(round_, run_preferences).manifest()
     if manifest is None:
         return None, {}
     counts = manifest["counts"]
@@ -120,7 +127,7 @@ def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def dpo_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
-    sd = store.stage(round_, "dpo")
+    sd = store.stage(round_, run_dpo)
     history = read_jsonl(sd.path / "metrics.jsonl")
     if not history:
         return None, {}
@@ -147,7 +154,7 @@ def dpo_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dic
 
 
 def mechanism_section(store: RunStore, round_: int) -> ReportSection | None:
-    path = store.stage(round_, "mechanism").path / "summary.json"
+    path = store.stage(round_, run_mechanism).path / "summary.json"
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
@@ -170,7 +177,7 @@ def mechanism_section(store: RunStore, round_: int) -> ReportSection | None:
 
 
 def sft_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
-    sd = store.stage(round_, "sft")
+    sd = store.stage(round_, run_sft)
     history = read_jsonl(sd.path / "metrics.jsonl")
     if not history:
         return None, {}
@@ -198,7 +205,7 @@ def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def eval_section(store: RunStore, round_: int) -> tuple[ReportSection | None, dict]:
-    sd = store.stage(round_, "eval")
+    sd = store.stage(round_, run_eval)
     path = sd.path / "results.json"
     if not path.exists():
         return None, {}

@@ -300,8 +300,10 @@ class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def stage(self, round: int, stage: str) -> StageDir:
-        return StageDir(self.root, round, stage)
+    def stage(self, round: int, stage) -> StageDir:
+        """A stage's folder in a round, by the stage's name or by its function: views name the function
+        that writes what they read (`store.stage(1, run_influence)`), so it is one jump away."""
+        return StageDir(self.root, round, stage if isinstance(stage, str) else stage.stage.name)
 
     def rounds(self) -> list[int]:
         if not self.root.exists():

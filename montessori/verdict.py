@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from montessori.errors import InputError
+from montessori.evaluation.stage import RESULTS, run_eval
 from montessori.store import RunStore
 
 WEAK_SHARE = 0.25  # fewer than this share of candidates helped: the teacher does not write useful data
@@ -216,7 +217,7 @@ def last_eval(run_dir: str | Path) -> dict | None:
     """results.json of the last round that has one (None: no round was evaluated)."""
     store = RunStore(Path(run_dir))
     for round_ in sorted(store.rounds(), reverse=True):
-        path = store.stage(round_, "eval").path / "results.json"
+        path = store.stage(round_, run_eval).path / RESULTS
         if path.exists():
             return _read_json(path)
     return None

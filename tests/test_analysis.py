@@ -21,6 +21,7 @@ from montessori.generation.stage import derived_seed
 from montessori.pipeline import StageContext
 from montessori.readers import read_seeds
 from montessori.report import write_report
+from montessori.generation.stage import measured_by
 from montessori.generation.steer import steer_weights
 from montessori.store import RunStore, read_jsonl
 from shopfloor import make_measured_run
@@ -139,7 +140,7 @@ def test_steer_weights_from_a_measured_run(tmp_path):
     store = RunStore(tmp_path / "big")
     ctx = StageContext(config, store, 1, store.stage(1, "instructions"))
     seeds = [(s.id, s.text) for s in read_seeds(str(source / "seeds.jsonl")).records]
-    weights, record = steer_weights(ctx, seeds, this_round=False)
+    weights, record = steer_weights(ctx, seeds, this_round=False, measured_by=measured_by())
     by_id = dict(zip([s for s, _ in seeds], weights))
     # code seeds (task-008 Python, task-020 SQL) up, classification seeds down, others unchanged.
     assert by_id["task-008"] > 1.5 and by_id["task-020"] == by_id["task-008"]
@@ -148,9 +149,9 @@ def test_steer_weights_from_a_measured_run(tmp_path):
     assert record["steer"]["measured"] == 12 and record["steer"]["kinds"]["code"]["n"] == 4
     # by seed: the candidates attributed to each seed.
     config.generation.steer.by = "seed"
-    weights, record = steer_weights(ctx, seeds, this_round=False)
+    weights, record = steer_weights(ctx, seeds, this_round=False, measured_by=measured_by())
     assert dict(zip([s for s, _ in seeds], weights))["task-008"] > 1.5
     # This run's own earlier rounds: round 1 has none, so the seeds are drawn uniformly.
     config.generation.steer.source = None
-    weights, record = steer_weights(ctx, seeds, this_round=False)
+    weights, record = steer_weights(ctx, seeds, this_round=False, measured_by=measured_by())
     assert weights is None and record["steer"]["measured"] == 0

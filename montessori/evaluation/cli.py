@@ -43,6 +43,7 @@ def cmd_eval(args) -> int:
     from montessori.logs import setup_logging
     from montessori.evaluation.answers import read_questions
     from montessori.evaluation.evaluate import evaluate, make_configured_judge
+    from montessori.evaluation.stage import answers_dir
     from montessori.readers import read_pairs
     from montessori.store import atomic_write_json
     cfg = _eval_config(args)
@@ -59,7 +60,7 @@ def cmd_eval(args) -> int:
         raise InputError("--questions needs a judge (--judge SPEC, or --judge NAME --judge-url URL)")
     judge = make_configured_judge(cfg, args.device, args.dtype)
     results = evaluate(args.students, cfg, out, judge=judge, device=args.device, dtype=args.dtype,
-                       lenient=args.lenient, progress=not args.no_progress, seed=args.seed)
+                       lenient=args.lenient, run_answers=answers_dir, progress=not args.no_progress, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "eval.json", results)
     names = [s["name"] for s in results["students"]]

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from montessori.errors import InputError
+from montessori.evaluation.stage import RESULTS, run_eval
 from montessori.store import RunStore
 
 EVAL_JSON = "eval.json"
@@ -20,11 +21,11 @@ EVAL_JSON = "eval.json"
 def _results_file(source: Path) -> tuple[Path, bool]:
     """(file, is_run): where a source keeps its results."""
     if source.is_file():
-        return source, source.name == "results.json"
+        return source, source.name == RESULTS
     if (source / EVAL_JSON).exists():
         return source / EVAL_JSON, False
     for round_ in reversed(RunStore(source).rounds()):
-        path = source / f"round-{round_}" / "eval" / "results.json"
+        path = RunStore(source).stage(round_, run_eval).path / RESULTS
         if path.exists():
             return path, True
     if source.is_dir():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from montessori.config import EvalConfig
@@ -28,9 +28,10 @@ from montessori.evaluation.winrate import grade_answers, grade_summary, judge_pa
 log = logging.getLogger("montessori.eval")
 
 
-def answers_cache_dir(student: Student, fallback: Path) -> Path:
-    """A run's students keep their answers in the run store (RUN/eval/answers); others in `fallback`."""
-    return student.run_dir / "eval" / "answers" if student.run_dir is not None else fallback
+def answers_cache_dir(student: Student, fallback: Path, run_answers: Callable[[Path], Path] | None = None) -> Path:
+    """A run's students keep their answers in the run store (`run_answers(run_dir)`: the eval stage's
+    evaluation.stage.answers_dir, RUN/eval/answers); others in `fallback`."""
+    return run_answers(student.run_dir) if student.run_dir is not None and run_answers is not None else fallback
 
 
 def metric(name: str, student: str, value: float, low: float | None = None, high: float | None = None,
@@ -41,7 +42,9 @@ def metric(name: str, student: str, value: float, low: float | None = None, high
 
 def evaluate(students: Sequence[str | Student], cfg: EvalConfig, out_dir: str | Path, *, judge=None,
              device: str = "auto", dtype: str = "auto", lenient: bool = False, answers_dir: Path | None = None,
-             progress: bool = False, seed: int = 0) -> dict:
+             run_answers: Callable[[Path], Path] | None = None, progress: bool = False, seed: int = 0) -> dict:
+    """`answers_dir`: where answers are cached (default OUT/answers); `run_answers(run_dir)`: where the
+    students that are run directories keep theirs (evaluation.stage.answers_dir)."""
     from montessori.models import load_model
     from montessori.readers import read_pairs
     out_dir = Path(out_dir)
@@ -95,7 +98,8 @@ def evaluate(students: Sequence[str | Student], cfg: EvalConfig, out_dir: str | 
         judge_key = hashlib.sha256(getattr(judge, "name", type(judge).__name__).encode()).hexdigest()[:8]
         if len(students) >= 2:
             convs = conversations_from_pairs(pairs)
-            answers = {s.name: _answers(s, convs, settings, fallback, device, dtype, progress) for s in students}
+            answers = {s.name: _answers(s, convs, settings, answers_cache_dir(s, fallback, run_answers), device, dtype,
+                                        progress) for s in students}
             for s in students[1:]:
                 cache = out_dir / "judgements" / (f"{judge_key}-{model_fingerprint(s.spec)}-"
                                                   f"{model_fingerprint(baseline.spec)}-{prompt_set_hash(convs)}"
@@ -111,7 +115,8 @@ def evaluate(students: Sequence[str | Student], cfg: EvalConfig, out_dir: str | 
                                       wr["lc_win_rate_high"], baseline.name))
         if questions is not None:
             for s in students:
-                ans = _answers(s, questions, settings, fallback, device, dtype, progress)
+                ans = _answers(s, questions, settings, answers_cache_dir(s, fallback, run_answers), device, dtype,
+                               progress)
                 cache = out_dir / "grades" / (f"{judge_key}-{model_fingerprint(s.spec)}-{prompt_set_hash(questions)}"
                                               f"-{settings.key()}.jsonl")
                 summary = grade_summary(grade_answers(judge, questions, ans, cache, progress), samples=samples,
@@ -127,7 +132,7 @@ def evaluate(students: Sequence[str | Student], cfg: EvalConfig, out_dir: str | 
         per_prompt, answer_files = {}, {}
         for s in students:
             answers, answer_files[s.name] = student_answers(
-                s.spec, convs, settings, answers_cache_dir(s, answers_dir or out_dir / "answers"), device=device,
+                s.spec, convs, settings, answers_cache_dir(s, answers_dir or out_dir / "answers", run_answers), device=device,
                 dtype=dtype, progress=progress)
             per_prompt[s.name] = ifeval.score(ifeval_prompts, {k: a[0] for k, a in answers.items()})
         results["ifeval"] = ifeval_section(ifeval_prompts, per_prompt, cfg, samples, seed, answer_files)
@@ -172,9 +177,9 @@ def ifeval_metrics(section: dict, names: list[str]) -> list[dict]:
     return out
 
 
-def _answers(student: Student, convs: list[Conversation], settings: DecodeSettings, fallback: Path, device: str,
+def _answers(student: Student, convs: list[Conversation], settings: DecodeSettings, cache: Path, device: str,
              dtype: str, progress: bool) -> dict:
-    answers, path = student_answers(student.spec, convs, settings, answers_cache_dir(student, fallback),
+    answers, path = student_answers(student.spec, convs, settings, cache,
                                     device=device, dtype=dtype, progress=progress)
     log.info("%s: %d answers (%s)", student.name, len(answers), path)
     return answers

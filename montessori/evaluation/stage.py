@@ -8,13 +8,21 @@ stage folder, so re-running the stage with another judge does not regenerate the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from montessori.context import stage
 from montessori.keys import STUDENT
 from montessori.evaluation.evaluate import evaluate, make_configured_judge
 from montessori.evaluation.students import Student
-from montessori.store import atomic_write_json
+from montessori.store import StageDir, atomic_write_json
 
 RESULTS = "results.json"
+
+
+def answers_dir(run_dir: Path) -> Path:
+    """Where a run's students keep their sampled answers (RUN/eval/answers), shared by this stage and
+    `montessori eval` of the run directory: answers are sampled once per student and prompt set."""
+    return Path(run_dir) / run_eval.stage.name / "answers"
 
 
 @stage("eval", keys=STUDENT + tuple(f"eval.{k}" for k in (
@@ -23,13 +31,13 @@ RESULTS = "results.json"
            "ifeval_max_prompts", "ifeval_max_new_tokens")) + ("data.lenient", "method", "seed"),
        inputs=("sft",), files=("eval.prompts", "eval.questions", "eval.task_path", "eval.ifeval"),
        models=("student",), baseline=True)
-def run_eval(ctx) -> dict:
+def run_eval(ctx, sft: StageDir) -> dict:
     cfg, models = ctx.config.eval, ctx.config.models
-    trained = ctx.input("sft").path / "model"
+    trained = sft.path / "model"
     students = [Student("base", ctx.student_spec()), Student("trained", str(trained))]
     judge = make_configured_judge(cfg, models.device, models.dtype)
     results = evaluate(students, cfg, ctx.dir.path, judge=judge, device=models.device, dtype=models.dtype,
-                       lenient=ctx.config.data.lenient, answers_dir=ctx.store.root / "eval" / "answers",
+                       lenient=ctx.config.data.lenient, answers_dir=answers_dir(ctx.store.root), run_answers=answers_dir,
                        progress=ctx.progress, seed=ctx.config.seed)
     results["round"] = ctx.round
     results["method"] = ctx.config.method

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from montessori.errors import InputError
 from montessori.store import RunStore
+from montessori.training.sft import run_sft
 
 
 @dataclass
@@ -26,7 +27,7 @@ def is_run_dir(path: Path) -> bool:
 def latest_student(run_dir: Path) -> Path:
     """The run's final student: the latest round's sft/model (a run is evaluated by what it produced)."""
     for round_ in reversed(RunStore(run_dir).rounds()):
-        model = run_dir / f"round-{round_}" / "sft" / "model"
+        model = RunStore(run_dir).stage(round_, run_sft).path / "model"
         if (model / "config.json").exists():
             return model
     raise InputError(f"{run_dir}: run directory has no trained student yet (no round-*/sft/model); "

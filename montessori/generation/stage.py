@@ -35,7 +35,7 @@ from montessori.generation.prompts import (ENGLISH, answer_messages, build_promp
 from montessori.generation.steer import steer_weights
 from montessori.readers import read_seeds
 from montessori.records import Candidate, GenerationPrompt, Pair
-from montessori.store import JsonlAppender, read_jsonl
+from montessori.store import JsonlAppender, StageDir, read_jsonl
 
 
 CONTINUOUS_BATCHES = 8  # responses: batches of `generation.batch_size` per call to a continuous backend
@@ -281,6 +281,13 @@ def _backend(ctx, spec: str) -> Backend:
     return make_backend(spec, gen, ctx.config.models)
 
 
+def measured_by() -> tuple:
+    """The stages whose files hold what generation.steer reads: each round's candidates, their answers
+    and their influence (imported here, when steering runs: the influence stage imports torch)."""
+    from montessori.influence.stage import run_influence
+    return run_instructions, run_responses, run_influence
+
+
 def _extra(ctx, spec: str, language: str, prompted: bool = True) -> dict:
     """The manifest's labels; `prompted`: the stage wrote instructions from prompts (not responses)."""
     gen = ctx.config.generation
@@ -295,7 +302,7 @@ def run_instructions(ctx) -> dict:
     spec = ctx.teacher_spec()
     seeds = _seeds(cfg)
     language = run_language(cfg, seeds)
-    weights, steer = steer_weights(ctx, seeds, this_round=False)
+    weights, steer = steer_weights(ctx, seeds, this_round=False, measured_by=measured_by())
     backend = _backend(ctx, spec)
     try:
         counts = generate_instructions(backend, cfg.generation, seeds, ctx.dir.path, round=ctx.round,
@@ -311,15 +318,15 @@ def run_instructions(ctx) -> dict:
 
 @stage("responses", keys=TEACHER + BACKEND + ("generation.responses", "generation.language", "seed"),
        inputs=("instructions",), round_inputs=("dpo",), models=("teacher",), generates=True)
-def run_responses(ctx) -> dict:
+def run_responses(ctx, instructions: StageDir) -> dict:
     cfg = ctx.config
-    source = ctx.input("instructions").path / "candidates.jsonl"
+    source = instructions.path / "candidates.jsonl"
     if not source.exists():
         raise InputError(f"{source}: missing (run the instructions stage first)")
     candidates = read_jsonl(source, Candidate)
     spec = ctx.teacher_spec()
     # Answers in the language the instructions were asked in (their stage detected it from the seeds).
-    language = ctx.input("instructions").manifest()["language"]
+    language = instructions.manifest()["language"]
     backend = _backend(ctx, spec)
     try:
         counts = generate_responses(backend, cfg.generation, candidates, ctx.dir.file("pairs.jsonl"),
@@ -341,7 +348,7 @@ def run_dataset(ctx) -> dict:
     spec = ctx.teacher_spec(after_dpo=True)
     seeds = _seeds(cfg)
     language = run_language(cfg, seeds)
-    weights, steer = steer_weights(ctx, seeds, this_round=True)  # "generate more of what works"
+    weights, steer = steer_weights(ctx, seeds, this_round=True, measured_by=measured_by())  # "generate more of what works"
     backend = _backend(ctx, spec)
     max_prompts = max(1, math.ceil(gen.dataset_max_prompts_per_pair * wanted))
     try:

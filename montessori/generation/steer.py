@@ -41,8 +41,10 @@ def kind_weights(items, by: str, strength: float, min_count: int) -> dict[str, d
     return out
 
 
-def steer_weights(ctx, seeds: list[tuple[str, str]], *, this_round: bool) -> tuple[list[float] | None, dict]:
-    """(one weight per seed or None, the manifest's record); (None, {}) when steering is off."""
+def steer_weights(ctx, seeds: list[tuple[str, str]], *, this_round: bool,
+                  measured_by: tuple) -> tuple[list[float] | None, dict]:
+    """(one weight per seed or None, the manifest's record); (None, {}) when steering is off.
+    `measured_by`: the (instructions, responses, influence) stages whose files hold the measurements."""
     steer = ctx.config.generation.steer
     if not steer.enabled:
         return None, {}
@@ -50,18 +52,20 @@ def steer_weights(ctx, seeds: list[tuple[str, str]], *, this_round: bool) -> tup
         source = Path(steer.source)
         if not RunStore(source).rounds():
             raise InputError(f"generation.steer.source {source}: not a run directory (no round-N folders)")
-        items, _ = measured_candidates(source)
+        items, _ = measured_candidates(source, *measured_by)
     else:  # this run's measurements so far (the fingerprint chain makes them inputs of this stage)
         source = ctx.store.root
         last = ctx.round if this_round else ctx.round - 1
-        items = [c for c in measured_candidates(source)[0] if c.round <= last]
+        items = [c for c in measured_candidates(source, *measured_by)[0] if c.round <= last]
     kinds = kind_weights(items, steer.by, steer.strength, steer.min_count)
+    store, influence = RunStore(source), measured_by[-1]
+    influence_files = [store.stage(r, influence).path / "influence.jsonl" for r in store.rounds()]
     keys = [task_type(text) if steer.by == "task_type" else sid for sid, text in seeds]
     weights = [kinds.get(k, {}).get("weight", 1.0) for k in keys]
     record = {"steer": {"by": steer.by, "strength": steer.strength, "min_count": steer.min_count,
                         "source": str(source), "measured": len(items), "kinds": kinds,
                         "influence_files": {str(p.relative_to(source)): file_hash(p)
-                                            for p in sorted(source.glob("round-*/influence/influence.jsonl"))},
+                                            for p in influence_files if p.exists()},
                         "seed_weights": {sid: round(w, 6) for (sid, _), w in zip(seeds, weights)}}}
     if not kinds:
         ctx.log.info("generation.steer: no measurements yet in %s: seeds drawn uniformly", source)

@@ -34,7 +34,7 @@ from montessori.influence.settings import InfluenceSettings
 from montessori.influence.warmup import load_warmup
 from montessori.readers import read_pairs
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, Record
-from montessori.store import JsonlAppender, atomic_write_json, read_jsonl, resume
+from montessori.store import JsonlAppender, StageDir, atomic_write_json, read_jsonl, resume
 
 TEACHERS = ("updated", "original")  # after this round's DPO / the teacher DPO started from
 
@@ -50,13 +50,13 @@ class MechanismCandidate(Record):
     dropped: str | None = None  # why it is not scored: unparsed, or the filter's reason
 
 
-def mechanism_prompts(ctx) -> list[GenerationPrompt]:
-    """The same fresh generation prompts for both teachers."""
+def mechanism_prompts(ctx, instructions: StageDir) -> list[GenerationPrompt]:
+    """The same fresh generation prompts for both teachers (their synthetic examples: this round's
+    probing instructions)."""
     cfg, gen = ctx.config, ctx.config.generation
     seeds = _seeds(cfg)
     language = run_language(cfg, seeds)  # as the instructions stage asks
-    probing = [(c.id, c.instruction) for c in read_jsonl(ctx.input("instructions").path / "candidates.jsonl",
-                                                          Candidate)]
+    probing = [(c.id, c.instruction) for c in read_jsonl(instructions.path / "candidates.jsonl", Candidate)]
     prompts = []
     for i in range(cfg.mechanism.num_prompts):
         rng = random.Random(derived_seed(cfg.seed, ctx.round, "mechanism", i))
@@ -166,13 +166,13 @@ def summarize(records: list[MechanismCandidate], results: dict[str, InfluenceRes
            "generation.responses", "mechanism.enabled", "mechanism.num_prompts", "mechanism.bootstrap_samples"),
        inputs=("instructions", "warmup", "dpo"), round_inputs=("dpo",), files=("data.seeds", "data.reference"),
        models=("teacher", "student"), generates=True)
-def run_mechanism(ctx) -> dict:
+def run_mechanism(ctx, instructions: StageDir, warmup: StageDir, dpo: StageDir) -> dict:
     cfg, mcfg, icfg = ctx.config, ctx.config.mechanism, ctx.config.influence
     if not mcfg.enabled:
         return {"enabled": False}
-    prompts = mechanism_prompts(ctx)
+    prompts = mechanism_prompts(ctx, instructions)
     seed = cfg.seed
-    specs = {"updated": str(ctx.input("dpo").path / "model"), "original": ctx.teacher_spec()}
+    specs = {"updated": str(dpo.path / "model"), "original": ctx.teacher_spec()}
     with JsonlAppender(ctx.dir.file("candidates.jsonl"), MechanismCandidate) as out:
         for teacher in TEACHERS:
             backend = _backend(ctx, specs[teacher])
@@ -187,7 +187,7 @@ def run_mechanism(ctx) -> dict:
             ctx.log.info("scoring %d candidates of both teachers on the warm-up state (%s)", len(todo),
                          icfg.estimator)
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
-            model, tokenizer, state = load_warmup(ctx.input("warmup").path, cfg.models.device)
+            model, tokenizer, state = load_warmup(warmup.path, cfg.models.device)
             compute_influence(model, state, todo, reference.records, tokenizer=tokenizer,
                               settings=InfluenceSettings.from_config(cfg),
                               on_result=scored.append, progress=ctx.progress)

@@ -20,12 +20,13 @@ from montessori.influence.warmup import load_warmup
 from montessori.models.load import resolve_device
 from montessori.readers import read_pairs
 from montessori.records import InfluenceResult, Pair
-from montessori.store import read_jsonl, resume
+from montessori.store import StageDir, read_jsonl, resume
 
 
-def probing_pairs(ctx) -> list[Pair]:
-    source = ctx.input("responses").path / "pairs.jsonl"
-    split_file = ctx.input("warmup").path / "split.json"
+def probing_pairs(responses: StageDir, warmup: StageDir) -> list[Pair]:
+    """The candidates to score: the warm-up split's probing pairs, from the responses stage's pairs."""
+    source = responses.path / "pairs.jsonl"
+    split_file = warmup.path / "split.json"
     by_id = {p.id: p for p in read_jsonl(source, Pair)}
     ids = json.loads(split_file.read_text())["probing"]
     missing = [i for i in ids if i not in by_id]
@@ -36,23 +37,23 @@ def probing_pairs(ctx) -> list[Pair]:
 
 @stage("influence", keys=("models.teacher", "models.device") + REFERENCE + INFLUENCE,
        inputs=("responses", "warmup"), files=("data.reference",), models=("student",))
-def run_influence(ctx) -> dict:
+def run_influence(ctx, responses: StageDir, warmup: StageDir) -> dict:
     """Scores the candidates through `ctx.map`: in this process by default (one Scorer given every
     candidate), on the workers the executor chose otherwise (distributed.ray: one per GPU)."""
     if ctx.config.influence.utility != "influence":
-        return run_utility(ctx)
+        return run_utility(ctx, responses, warmup)
     from functools import partial
 
     from montessori.influence.scorer import build_scorer
     cfg, icfg = ctx.config, ctx.config.influence
     settings = InfluenceSettings.from_config(cfg)
-    candidates = probing_pairs(ctx)
+    candidates = probing_pairs(responses, warmup)
     with resume(ctx.dir.file("influence.jsonl"), InfluenceResult, candidates) as (out, todo):
         if todo:
             ctx.log.info("%d of %d candidates to score (%s, precision %s)", len(todo), len(candidates),
                          icfg.estimator, icfg.precision)
             reference = read_pairs(cfg.data.reference, lenient=cfg.data.lenient, limit=cfg.data.max_reference)
-            ctx.map(partial(build_scorer, str(ctx.input("warmup").path), reference.records, settings), "score",
+            ctx.map(partial(build_scorer, str(warmup.path), reference.records, settings), "score",
                     todo, out.append, desc=f"influence ({settings.estimator})")
         results = out.select(c.id for c in candidates)
     return influence_counts(results, icfg, settings.resolve(resolve_device(cfg.models.device)).grad_precision)
@@ -70,18 +71,18 @@ def influence_counts(results, icfg, grad_prec: str, **extra) -> dict:
                        "grad_precision": grad_prec, **extra}}
 
 
-def run_utility(ctx) -> dict:
+def run_utility(ctx, responses: StageDir, warmup: StageDir) -> dict:
     """The ablations `influence.utility: loss | judge`: the same candidates and output file, another
     signal (montessori.evaluation.utility). Appended per candidate and resumed by id, like influence."""
     from tqdm.auto import tqdm
     from montessori.evaluation.utility import judge_utility, loss_utility
     cfg, icfg = ctx.config, ctx.config.influence
-    candidates = probing_pairs(ctx)
+    candidates = probing_pairs(responses, warmup)
     with resume(ctx.dir.file("influence.jsonl"), InfluenceResult, candidates) as (out, todo):
         if todo:
             ctx.log.info("%d of %d candidates to score by %s", len(todo), len(candidates), icfg.utility)
             if icfg.utility == "loss":
-                model, tokenizer, _ = load_warmup(ctx.input("warmup").path, cfg.models.device)
+                model, tokenizer, _ = load_warmup(warmup.path, cfg.models.device)
                 step = icfg.eval_batch_size
                 for i in tqdm(range(0, len(todo), step), desc="utility (loss)", disable=not ctx.progress):
                     for r in loss_utility(model, tokenizer, todo[i:i + step], batch_size=step,

@@ -32,7 +32,7 @@ from montessori.models import load_model
 from montessori.models.batching import Example, encode_pairs, length_batches, precision_context, token_loss_sum
 from montessori.models.load import resolve_device
 from montessori.records import Pair
-from montessori.store import atomic_write_json, read_jsonl, write_jsonl
+from montessori.store import StageDir, atomic_write_json, read_jsonl, write_jsonl
 
 
 def split_pairs(pairs: list[Pair], warmup: int, probing: int) -> tuple[list[Pair], list[Pair]]:
@@ -130,9 +130,9 @@ def load_warmup(folder: Path, device: str = "auto"):
            "lr", "global_batch_size", "micro_batch_size", "weight_decay", "betas", "eps", "max_length", "seed",
            "precision", "gradient_checkpointing")),
        inputs=("responses",), round_inputs=("sft",), models=("student",))
-def run_warmup(ctx) -> dict:
+def run_warmup(ctx, responses: StageDir) -> dict:
     cfg = ctx.config
-    source = ctx.input("responses").path / "pairs.jsonl"
+    source = responses.path / "pairs.jsonl"
     if not source.exists():
         raise InputError(f"{source}: missing (run the responses stage first)")
     warm, probe = split_pairs(read_jsonl(source, Pair), cfg.split.warmup, cfg.split.probing)

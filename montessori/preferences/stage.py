@@ -17,7 +17,7 @@ from montessori.context import stage
 from montessori.errors import InputError, MontessoriError
 from montessori.preferences.rules import Scored, build_pairs, length_adjusted, starvation_hint
 from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair, PreferencePair
-from montessori.store import read_jsonl, write_jsonl
+from montessori.store import StageDir, read_jsonl, write_jsonl
 
 
 def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str, Candidate],
@@ -71,17 +71,15 @@ def make_preferences(prompts: dict[str, GenerationPrompt], candidates: dict[str,
 @stage("preferences", keys=tuple(f"preferences.{k}" for k in (
            "rule", "best_vs_worst", "min_gap", "max_per_prompt", "control_length")),
        inputs=("instructions", "responses", "influence"))
-def run_preferences(ctx) -> dict:
+def run_preferences(ctx, instructions: StageDir, responses: StageDir, influence: StageDir) -> dict:
     cfg = ctx.config.preferences
-    instructions, influence_dir = ctx.input("instructions"), ctx.input("influence")
     prompts = {p.id: p for p in read_jsonl(instructions.path / "prompts.jsonl", GenerationPrompt)}
     candidates = {c.id: c for c in read_jsonl(instructions.path / "candidates.jsonl", Candidate)}
-    influence = read_jsonl(influence_dir.path / "influence.jsonl", InfluenceResult)
-    # Which candidate each scored pair answers, and its length. Not a declared input: the influence
-    # stage's fingerprint, which this stage's includes, covers it.
-    source = ctx.input("responses").path / "pairs.jsonl"
-    responses = {p.id: p for p in read_jsonl(source, Pair)} if source.exists() else None
-    prefs, counts = make_preferences(prompts, candidates, influence, cfg, responses)
+    results = read_jsonl(influence.path / "influence.jsonl", InfluenceResult)
+    # Which candidate each scored pair answers, and its length.
+    source = responses.path / "pairs.jsonl"
+    answered = {p.id: p for p in read_jsonl(source, Pair)} if source.exists() else None
+    prefs, counts = make_preferences(prompts, candidates, results, cfg, answered)
     if not prefs:
         raise MontessoriError(f"preferences: rule '{cfg.rule}' built 0 preference pairs from {counts['prompts']} prompts, "
                               f"so DPO would train on nothing. {starvation_hint(counts, cfg)}")

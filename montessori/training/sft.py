@@ -24,7 +24,7 @@ from montessori.config import SFTConfig
 from montessori.errors import MontessoriError
 from montessori.models.chat import IGNORE_INDEX, encode_example, user_turn
 from montessori.records import Pair
-from montessori.store import read_jsonl
+from montessori.store import StageDir, read_jsonl
 from montessori.training.common import (check_wsd, common_args, grad_accum_steps, last_value, load_for_training,
                                         mean_value, quiet_callbacks, save_model_atomic, write_metrics)
 
@@ -100,9 +100,9 @@ def train_sft(model, tokenizer, pairs: list[Pair], cfg: SFTConfig, **kwargs):
            "global_batch_size", "micro_batch_size")),
        inputs=("dataset",), round_inputs=("sft",), models=("student",), launch=True, baseline=True,
        next_round="student")
-def run_sft(ctx) -> dict:
+def run_sft(ctx, dataset: StageDir) -> dict:
     cfg, models = ctx.config.sft, ctx.config.models
-    pairs = read_jsonl(ctx.input("dataset").path / "pairs.jsonl", Pair)
+    pairs = read_jsonl(dataset.path / "pairs.jsonl", Pair)
     if not pairs:
         raise MontessoriError("sft: dataset/pairs.jsonl holds no training pairs; re-run the dataset stage")
     spec = ctx.base_student_spec()
