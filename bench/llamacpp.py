@@ -8,6 +8,7 @@ Per --parallel P (sequences decoded at once, `generation.batch_size`) it generat
 
     python bench/llamacpp.py --model qwen2.5-coder-1.5b --threads 2 --parallel 1 4 8 16
     python bench/llamacpp.py --model smollm2 --threads 2 --parallel 4 16 --out bench/results/llamacpp-cpu.json
+    python bench/llamacpp.py --model RUN/round-1/dpo/model ...   # a DPO-trained GGUF teacher: base + LoRA
 
 --stage-like also times real chat prompts that end when the model ends its turn (the tokens a stage gets).
 """
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     import llama_cpp
-    from montessori.generation.backends.llamacpp import gguf_source
+    from montessori.generation.backends.llamacpp import adapters, gguf_source
     gguf, template = gguf_source(args.model)
     sampling = Sampling(n=args.n, temperature=1.0, top_p=0.9, presence_penalty=1.0, max_new_tokens=args.new_tokens)
     info = {"model": args.model, "file": gguf.name, "llama_cpp_python": llama_cpp.__version__,
@@ -68,7 +69,7 @@ def main() -> None:
     results = []
     rng = np.random.default_rng(0)
     for parallel in args.parallel:
-        backend = NoStop(gguf, chat_template=template, threads=args.threads, parallel=parallel)
+        backend = NoStop(gguf, chat_template=template, threads=args.threads, parallel=parallel, lora=adapters(args.model))
         vocab = backend.n_vocab
         prompts = rng.integers(vocab // 4, vocab // 2, (args.rows // args.n, args.prompt_len)).tolist()
         seeds = list(range(len(prompts)))
@@ -103,7 +104,8 @@ def stage_like(gguf: Path, template: str | None, args, parallel: int) -> dict:
     """Real instructions, answered as the responses stage asks (temperature 0.6), rows end at EOS."""
     from montessori.readers import builtin_path, read_seeds
     seeds = [s.text for s in read_seeds(str(builtin_path("seeds.jsonl"))).records][:args.rows]
-    backend = LlamaCppBackend(gguf, chat_template=template, threads=args.threads, parallel=parallel)
+    backend = LlamaCppBackend(gguf, chat_template=template, threads=args.threads, parallel=parallel,
+                              lora=adapters(args.model))
     requests = [Request([{"role": "user", "content": text}], seed=i) for i, text in enumerate(seeds)]
     sampling = Sampling(n=1, temperature=0.6, top_p=0.9, presence_penalty=1.0, max_new_tokens=args.new_tokens)
     t0 = time.perf_counter()

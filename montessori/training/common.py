@@ -82,14 +82,17 @@ def eval_split(records: list, fraction: float, seed: int, key=lambda r: r.prompt
     return [r for r in records if key(r) not in held], [r for r in records if key(r) in held]
 
 
-def save_model_atomic(model, tokenizer, target: Path) -> Path:
+def save_model_atomic(model, tokenizer, target: Path, also=None) -> Path:
     """Write an HF model directory under a temp name, then rename it into place: a stage killed while
-    saving leaves no half-written model that a later stage could load."""
+    saving leaves no half-written model that a later stage could load. `also(folder)` writes more
+    files into it before the rename (the dpo stage's llama.cpp adapters)."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True  # trainers switch the KV cache off; generation wants it back
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if also is not None:
+        also(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target

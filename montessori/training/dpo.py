@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from functools import cache
+from functools import cache, partial
+from pathlib import Path
 
 from montessori.config import Schedule
 from montessori.context import stage
@@ -27,8 +28,9 @@ from montessori.keys import TEACHER
 from montessori.config import DPOConfig
 from montessori.errors import MontessoriError
 from montessori.models.chat import prompt_text
+from montessori.models.lora_gguf import save_adapter
 from montessori.records import PreferencePair
-from montessori.store import atomic_write_json, read_jsonl
+from montessori.store import StageDir, atomic_write_json, read_jsonl
 from montessori.training.common import (check_wsd, common_args, eval_split, grad_accum_steps, last_value,
                                         load_for_training, mean_value, quiet_callbacks, save_model_atomic,
                                         write_metrics)
@@ -144,9 +146,11 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
     return trainer
 
 
-def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **kwargs):
+def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, *, adapter_dir: Path | None = None,
+              **kwargs):
     """Run DPO; returns (trained model, log history, pairs dropped as too long). With cfg.lora the
-    adapters are merged, so the returned model is a plain transformers model either way."""
+    adapters are merged, so the returned model is a plain transformers model either way; `adapter_dir`
+    keeps them unmerged too (PEFT's adapter files), for llama.cpp (models.lora_gguf)."""
     trainer = build_dpo_trainer(model, tokenizer, prefs, cfg, **kwargs)
     kwargs.clear()  # the reference model, if any: the trainer holds what it still needs
     trainer.train()
@@ -155,6 +159,8 @@ def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **k
     history = list(trainer.state.log_history)
     trained = trainer.model
     if cfg.lora:
+        if adapter_dir is not None:
+            trained.save_pretrained(adapter_dir)
         trained = trained.merge_and_unload()
     return trained, history, trainer.dropped_too_long
 
@@ -163,9 +169,9 @@ def train_dpo(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, **k
            "beta", "loss_type", "global_batch_size", "micro_batch_size", "eval_fraction", "lora", "lora_r",
            "lora_alpha")),
        inputs=("preferences",), round_inputs=("dpo",), models=("teacher",), launch=True, next_round="teacher")
-def run_dpo(ctx) -> dict:
+def run_dpo(ctx, preferences: StageDir) -> dict:
     cfg, models = ctx.config.dpo, ctx.config.models
-    prefs = read_jsonl(ctx.input("preferences").path / "preferences.jsonl", PreferencePair)
+    prefs = read_jsonl(preferences.path / "preferences.jsonl", PreferencePair)
     if not prefs:
         raise MontessoriError("dpo: preferences/preferences.jsonl holds no preference pairs, nothing to train on; "
                               "re-run the preferences stage with preferences.rule=rank")
@@ -174,18 +180,24 @@ def run_dpo(ctx) -> dict:
     ctx.log.info("dpo: teacher %s, %d train / %d eval pairs", spec, len(train), len(held))
     model, tokenizer, compute = load_for_training(spec, models, cfg.lora)
     work = ctx.dir.path / ".trainer"
+    # A teacher read from GGUF keeps running on llama.cpp once trained: its adapters, as GGUF over the
+    # same base file, go into model/ beside the merged weights (models.lora_gguf).
+    from montessori.generation.backends.llamacpp import is_gguf_spec  # here: it sets llama.cpp's OpenMP policy
+    on_llamacpp = cfg.lora and is_gguf_spec(spec)
     # The reference (loaded like the policy, so both start from the same log-probs) is passed without
     # a name: once the trainer has its log-probs, nothing holds it.
     trained, history, too_long = train_dpo(
         model, tokenizer, train, cfg, eval_prefs=held, output_dir=work, progress=ctx.progress, compute_dtype=compute,
-        ref_model=None if cfg.lora else load_for_training(spec, models, cfg.lora)[0].eval())
-    shutil.rmtree(work, ignore_errors=True)
+        ref_model=None if cfg.lora else load_for_training(spec, models, cfg.lora)[0].eval(),
+        adapter_dir=work / "adapter" if on_llamacpp else None)
     if too_long:
         ctx.log.warning("dpo: %d of %d pairs dropped: their prompt alone fills dpo.max_length=%d", too_long,
                         len(train), cfg.max_length)
     atomic_write_json(ctx.dir.file("split.json"), {"train": [p.id for p in train], "eval": [p.id for p in held]})
     write_metrics(ctx.dir.file("metrics.jsonl"), history)
-    save_model_atomic(trained, tokenizer, ctx.dir.path / "model")
+    save_model_atomic(trained, tokenizer, ctx.dir.path / "model",
+                      also=partial(save_adapter, work / "adapter", spec) if on_llamacpp else None)
+    shutil.rmtree(work, ignore_errors=True)
     counts = {"pairs_train": len(train), "pairs_eval": len(held), "steps": last_value(history, "step") or 0,
               "dropped_too_long": too_long,
               "loss": mean_value(history, "loss"),

@@ -28,6 +28,7 @@ import ctypes
 import logging
 import os
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +52,14 @@ def available() -> bool:
 
 def gguf_source(spec: str) -> tuple[Path, str | None] | None:
     """(GGUF file, chat template replacing the file's or None) when `spec` names a GGUF model, else None.
-    Assembles a named model's parts once (as the transformers path does); resolves nothing else."""
+    Assembles a named model's parts once (as the transformers path does); resolves nothing else. A
+    teacher the dpo stage trained from a GGUF one (models.lora_gguf) is its base's source: `adapters`
+    says what to apply over it."""
     from montessori.models.load import NAMED_MODELS, assemble_gguf
+    from montessori.models.lora_gguf import adapted_base
+    adapted = adapted_base(spec)
+    if adapted is not None:
+        return gguf_source(adapted[0])
     if spec in NAMED_MODELS:
         named = NAMED_MODELS[spec]
         return assemble_gguf(named), named.chat_template
@@ -66,9 +73,18 @@ def gguf_source(spec: str) -> tuple[Path, str | None] | None:
 
 
 def is_gguf_spec(spec: str) -> bool:
-    """Does `spec` name a GGUF model (a named model or a .gguf path)? Nothing is read or assembled."""
+    """Does `spec` name a GGUF model (a named model, a .gguf path, or a teacher trained from one and
+    saved with its adapters as GGUF)? Nothing is assembled."""
     from montessori.models.load import NAMED_MODELS
-    return spec in NAMED_MODELS or spec.endswith(".gguf")
+    from montessori.models.lora_gguf import adapted_base
+    return spec in NAMED_MODELS or spec.endswith(".gguf") or adapted_base(spec) is not None
+
+
+def adapters(spec: str) -> list[Path]:
+    """The LoRA adapter files llama.cpp applies over the base GGUF of `spec` (none for a plain GGUF)."""
+    from montessori.models.lora_gguf import adapted_base
+    adapted = adapted_base(spec)
+    return [] if adapted is None else adapted[1]
 
 
 def default_threads() -> int:
@@ -97,9 +113,10 @@ class LlamaCppBackend(Backend):
     continuous = True
 
     def __init__(self, gguf: str | Path, *, chat_template: str | None = None, threads: int | None = None,
-                 parallel: int = 16):
+                 parallel: int = 16, lora: Sequence[str | Path] = ()):
         """`parallel`: sequences decoded at once (`generation.batch_size`); `threads`: CPU threads
-        (`generation.threads`; None = every core this process may use)."""
+        (`generation.threads`; None = every core this process may use); `lora`: LoRA adapter GGUF
+        files applied over the model, each at scale 1 (a DPO-trained teacher: models.lora_gguf)."""
         import llama_cpp
         _quiet(llama_cpp)
         self.lib, self.path = llama_cpp, Path(gguf)
@@ -110,6 +127,12 @@ class LlamaCppBackend(Backend):
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
             raise InputError(f"{self.path}: llama.cpp could not load this GGUF file")
+        self.lora = []
+        for path in lora:
+            adapter = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
+            if not adapter:
+                raise InputError(f"{path}: llama.cpp could not load this LoRA adapter over {self.path}")
+            self.lora.append(adapter)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
@@ -127,7 +150,7 @@ class LlamaCppBackend(Backend):
             raise InputError(f"model '{spec}': the llamacpp backend runs GGUF models (a named model such as "
                              f"qwen2.5-coder-1.5b or a .gguf file)")
         gguf, template = source
-        return cls(gguf, chat_template=template, **options)
+        return cls(gguf, chat_template=template, lora=adapters(spec), **options)
 
     # -- text in, text out --------------------------------------------------------------------------
 
@@ -213,6 +236,11 @@ class LlamaCppBackend(Backend):
         if not self.ctx:
             raise InputError(f"{self.path}: llama.cpp could not create a context of {self.slots} x "
                              f"{self.per_seq} tokens (lower generation.batch_size)")
+        if self.lora:
+            handles = (self.lib.llama_adapter_lora_p_ctypes * len(self.lora))(*self.lora)
+            scales = (ctypes.c_float * len(self.lora))(*[1.0] * len(self.lora))
+            if self.lib.llama_set_adapters_lora(self.ctx, handles, len(self.lora), scales):
+                raise InputError(f"{self.path}: llama.cpp could not apply the LoRA adapters")
         self.memory = self.lib.llama_get_memory(self.ctx)
         self.batch = self.lib.llama_batch_init(params.n_batch, 0, 1)
 
@@ -224,6 +252,9 @@ class LlamaCppBackend(Backend):
 
     def close(self) -> None:
         self._free_context()
+        for adapter in getattr(self, "lora", []):
+            self.lib.llama_adapter_lora_free(adapter)
+        self.lora = []
         if getattr(self, "model", None):
             self.lib.llama_model_free(self.model)
             self.model = None
