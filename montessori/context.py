@@ -6,9 +6,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from montessori.config import Config
 from montessori.store import RunStore, StageDir
@@ -66,24 +67,79 @@ def stage(name: str, **declaration) -> Callable[[Callable], Callable]:
     return declare
 
 
-# ctx.map's implementation: (factory, method, items, on_result, *, key, desc, progress) -> None.
-Mapper = Callable[..., None]
+# The environment variable through which an executor tells a worker process how many GPUs it was given
+# (executors.ray sets it; a generation engine runs vLLM tensor-parallel over them).
+WORKER_GPUS = "MONTESSORI_WORKER_GPUS"
+
+
+class Session(Protocol):
+    """Workers an executor started for one (factory, method): each built factory() once."""
+
+    def map(self, items: list, on_result: Callable[[Any], None], *, key: Callable[[Any], Hashable],
+            desc: str, progress: bool, batch: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Mapper(Protocol):
+    """What an executor implements: `open(factory, method)` starts the workers of a session
+    (executors.local: processes; executors.ray: actors; `InProcess`, the default: this process)."""
+
+    def open(self, factory: Callable[[], Any], method: str) -> Session: ...
+
+
+class InProcessSession:
+    """factory() built once, here; each map gives its method every item in one call (an engine batches
+    them itself), and passes each result on as it is yielded, once per key."""
+
+    def __init__(self, factory: Callable[[], Any], method: str):
+        self.worker = factory()
+        self.fn = getattr(self.worker, method)
+
+    def map(self, items: list, on_result: Callable[[Any], None], *, key: Callable[[Any], Hashable],
+            desc: str = "items", progress: bool = False, batch: bool = False) -> None:
+        from tqdm.auto import tqdm
+        seen = set()
+        for result in tqdm(self.fn(list(items)), total=len(items), desc=desc, unit="item", disable=not progress):
+            if key(result) not in seen:
+                seen.add(key(result))
+                on_result(result)
+
+    def close(self) -> None:
+        close = getattr(self.worker, "close", None)  # an engine frees its model
+        if close is not None:
+            close()
+
+
+class InProcess:
+    def open(self, factory: Callable[[], Any], method: str) -> InProcessSession:
+        return InProcessSession(factory, method)
 
 
 def map_in_process(factory: Callable[[], Any], method: str, items: Sequence, on_result: Callable[[Any], None], *,
                    key: Callable[[Any], Hashable], desc: str = "items", progress: bool = False) -> None:
-    """ctx.map here: factory() once, its method called once on every item (an engine batches them
-    itself), each result passed on as it is yielded."""
-    from tqdm.auto import tqdm
+    """ctx.map in this process, as one call (nothing is built when there are no items)."""
     items = list(items)
     if not items:
         return
-    seen = set()
-    for result in tqdm(getattr(factory(), method)(items), total=len(items), desc=desc, unit="item",
-                       disable=not progress):
-        if key(result) not in seen:
-            seen.add(key(result))
-            on_result(result)
+    session = InProcess().open(factory, method)
+    try:
+        session.map(items, on_result, key=key, desc=desc, progress=progress)
+    finally:
+        session.close()
+
+
+@dataclass
+class Workers:
+    """A stage's handle on a session (StageContext.workers)."""
+    session: Session
+    progress: bool = False
+
+    def map(self, items: Sequence, on_result: Callable[[Any], None], *,
+            key: Callable[[Any], Hashable] = lambda result: result.id, desc: str = "items", batch: bool = False) -> None:
+        items = list(items)
+        if items:
+            self.session.map(items, on_result, key=key, desc=desc, progress=self.progress, batch=batch)
 
 
 @dataclass
@@ -99,8 +155,17 @@ class StageContext:
       their results, one per item, in any order;
     on_result(result): called in this process, once per `key(result)`, as each result arrives (only
       the driver writes: an item sent twice, or re-run after its worker died, is written once).
-    In this process (`map_in_process`, the default) factory() is built once and given all items in one
-    call; an executor sets `mapper` to spread them over workers (executors.local, executors.ray)."""
+    In this process (`InProcess`, the default) factory() is built once and given all items in one
+    call; an executor sets `mapper` to spread them over workers (executors.local, executors.ray).
+
+    A stage that maps many times over the same workers (generation: one call per batch of prompts, each
+    waiting for the last) opens them once:
+
+        with ctx.workers(factory, "generate") as engine:
+            engine.map(items, on_result, key=..., batch=True)   # as often as it needs
+
+    `batch=True` says the items are computed best together (a batch of prompts): a pool sends them in
+    tasks of several items instead of one by one; every result is the same either way."""
 
     config: Config
     store: RunStore
@@ -108,17 +173,27 @@ class StageContext:
     dir: StageDir  # the stage's folder in the run store (RUN/round-R/STAGE, or its pending re-run)
     active: tuple[str, ...] = field(default_factory=tuple)
     progress: bool = True
-    # The generation backend for a model spec, when an executor runs generation elsewhere (Ray engines:
-    # executors.launcher); None: the stage builds generation.backend in this process.
-    make_backend: Callable[[str], Any] | None = None
-    # How `map` runs its items (see above); None: map_in_process. Set by an executor, never by a stage.
+    # Where `map` and `workers` run their items (see above); None: InProcess. Set by an executor, never
+    # by a stage.
     mapper: Mapper | None = None
+
+    @contextmanager
+    def workers(self, factory: Callable[[], Any], method: str) -> Iterator[Workers]:
+        """Workers that each build factory() once and serve every `map` of the block; closed after it."""
+        session = (self.mapper or InProcess()).open(factory, method)
+        try:
+            yield Workers(session, self.progress)
+        finally:
+            session.close()
 
     def map(self, factory: Callable[[], Any], method: str, items: Sequence, on_result: Callable[[Any], None], *,
             key: Callable[[Any], Hashable] = lambda result: result.id, desc: str = "items") -> None:
         """Run `getattr(factory(), method)` over `items`, each result to `on_result` once per key."""
-        (self.mapper or map_in_process)(factory, method, items, on_result, key=key, desc=desc,
-                                        progress=self.progress)
+        items = list(items)
+        if not items:  # nothing is built
+            return
+        with self.workers(factory, method) as workers:
+            workers.map(items, on_result, key=key, desc=desc)
 
     @property
     def log(self) -> logging.Logger:

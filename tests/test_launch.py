@@ -107,15 +107,14 @@ def test_maybe_launch_runs_in_process_without_a_launcher_or_for_stages_that_are_
     assert json.loads(json.dumps(ctx.config.model_dump(mode="json")))["distributed"]["launcher"] == "torchrun"
 
 
-def test_distributed_ray_alone_chooses_the_executor_and_hands_generation_ray_engines(tmp_path):
-    from montessori.executors.ray import RayBackend
+def test_distributed_ray_alone_chooses_the_executor_and_gives_the_stage_ray_workers(tmp_path):
     from montessori.pipeline import default_executor, run_in_process
     ctx = sft_run(tmp_path, "none")
     assert default_executor(ctx.config) is run_in_process
     ctx.config.distributed.ray = True  # no launcher: still not this process for influence and generation
     assert default_executor(ctx.config) is maybe_launch
-    seen = maybe_launch(SimpleNamespace(name="responses", launch=False,
-                                        function=lambda c: {"backend": c.make_backend, "mapper": c.mapper}), ctx)
-    assert seen["backend"].func is RayBackend and seen["backend"].keywords["config"] is ctx.config
+    seen = maybe_launch(SimpleNamespace(name="responses", launch=False, function=lambda c: {"mapper": c.mapper}), ctx)
+    # One contract: the mapper is all the executor hands over (generation's engines open through it too).
     assert seen["mapper"].name == "ray" and seen["mapper"].stats == []  # Ray starts when a stage maps
+    assert seen["mapper"].batch_size == ctx.config.distributed.generation_chunk
     assert maybe_launch(here("sft", launch=True), ctx) == {"ran": "here"}

@@ -56,15 +56,46 @@ def test_ctx_map_uses_the_mapper_the_executor_chose(tmp_path, tiny_config):
     store = RunStore(tmp_path)
     seen = []
 
-    def mapper(factory, method, items, on_result, *, key, desc, progress):
-        seen.append((method, list(items), desc, progress))
-        for item in items:
-            on_result(item)
+    class Session:
+        def __init__(self, method):
+            self.method = method
+
+        def map(self, items, on_result, *, key, desc, progress, batch):
+            seen.append((self.method, list(items), desc, progress, batch))
+            for item in items:
+                on_result(item)
+
+        def close(self):
+            seen.append("closed")
+
+    class Mapper:
+        def open(self, factory, method):
+            return Session(method)
 
     out = []
-    ctx = StageContext(tiny_config, store, 1, store.stage(1, "influence"), progress=False, mapper=mapper)
+    ctx = StageContext(tiny_config, store, 1, store.stage(1, "influence"), progress=False, mapper=Mapper())
     ctx.map(Recorder, "double", [1, 2], out.append, desc="things")
-    assert seen == [("double", [1, 2], "things", False)] and out == [1, 2]
+    assert seen == [("double", [1, 2], "things", False, False), "closed"] and out == [1, 2]
+
+
+def test_workers_build_once_serve_every_map_of_the_block_and_close_after_it(tmp_path, tiny_config):
+    class Closing(Recorder):
+        closed = 0
+
+        def close(self):
+            Closing.closed += 1
+
+    BUILT.clear()
+    store = RunStore(tmp_path)
+    ctx = StageContext(tiny_config, store, 1, store.stage(1, "responses"), progress=False)
+    got = []
+    with ctx.workers(partial(Closing, "engine"), "double") as workers:
+        workers.map([1, 2], got.append, key=lambda r: r["id"], batch=True)
+        workers.map([3], got.append, key=lambda r: r["id"])
+        workers.map([], got.append, key=lambda r: r["id"])  # nothing to do: no call
+        assert Closing.closed == 0
+    assert BUILT == ["engine"] and Closing.closed == 1  # one build for the block, closed when it ends
+    assert [r["value"] for r in got] == [2, 4, 6]
 
 
 def test_resume_yields_what_is_left_and_selects_the_wanted_records(tmp_path):

@@ -1,6 +1,7 @@
 """Generation on a local Ray cluster of 2 transformers engines (tiny random Llama, CPU): the
-responses stage's own function, fed through RayBackend, writes the pairs a single-process backend
-writes, with both engines taking chunks from the shared queue."""
+responses stage's own function, its teacher opened through `ctx.workers` on the Ray executor's mapper
+(the one executor contract), writes the pairs a single-process backend writes, with both engines
+taking chunks from the shared queue."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'montessori[ray]')")
 
-from montessori.executors.ray import RayBackend  # noqa: E402
+from montessori.context import StageContext  # noqa: E402
+from montessori.executors.ray import ray_map  # noqa: E402
 from montessori.generation.backends.hf import TransformersBackend  # noqa: E402
-from montessori.generation.stage import generate_responses  # noqa: E402
+from montessori.generation.stage import generate_responses, teacher  # noqa: E402
 from montessori.records import Candidate, Pair  # noqa: E402
-from montessori.store import read_jsonl  # noqa: E402
+from montessori.store import RunStore, read_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,14 +43,14 @@ def test_ray_engines_write_the_single_process_pairs(tmp_path, tiny_config):
 
     # Ray: the stage passes 4 prompts per call; each call is cut into 2 chunks of 2 for 2 engines.
     tiny_config.generation.batch_size = 4
-    backend = RayBackend("tiny-random:0", tiny_config)
-    try:
+    mapper = ray_map(tiny_config.distributed)
+    store = RunStore(tmp_path / "run")
+    ctx = StageContext(tiny_config, store, 1, store.stage(1, "responses"), progress=False, mapper=mapper)
+    with teacher(ctx, "tiny-random:0") as backend:  # the two engines start once, for both calls
         counts = generate_responses(backend, tiny_config.generation, cands, tmp_path / "ray.jsonl", round=1, seed=0)
-    finally:
-        backend.close()
     expected, got = read_jsonl(tmp_path / "local.jsonl", Pair), read_jsonl(tmp_path / "ray.jsonl", Pair)
     assert counts["pairs"] == 8 and [p.id for p in got] == [c.id for c in cands]
     assert [p.response for p in got] == [p.response for p in expected]
     assert len({p.response for p in got}) > 1  # really sampled, per prompt
-    assert len(backend.stats) == 2 and all(s.tasks == 2 for s in backend.stats)
-    assert {w for s in backend.stats for w in s.per_worker} == {0, 1}  # both engines took chunks
+    assert len(mapper.stats) == 2 and all(s.tasks == 2 for s in mapper.stats)
+    assert {w for s in mapper.stats for w in s.per_worker} == {0, 1}  # both engines took chunks

@@ -6,7 +6,7 @@ docs/scaling.md says when to use which.
 
     launcher.py   maybe_launch: the pipeline's executor (Ray maps for distributed.ray; accelerate /
                   torchrun ranks for stages with launch=True); local_executor: a local process pool
-    ray.py        ray_map, RayPool (Ray's ActorPool over restartable actors), RayBackend for generation
+    ray.py        ray_map, RayPool (Ray's ActorPool over restartable actors), for influence and generation
     local.py      local_map, LocalPool (processes on this host, no Ray), and what the pools share (PoolMap)
 
     from functools import partial

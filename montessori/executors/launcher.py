@@ -1,6 +1,7 @@
 """Where a stage runs (`maybe_launch(stage, ctx)`, the pipeline's executor when distributed.* asks for
-more than this process): with distributed.ray, what a stage hands to `ctx.map` runs on Ray actors
-(ray.ray_map) and generation on Ray engines (ray.RayBackend); a stage declared with `launch=True`
+more than this process): with distributed.ray, what a stage hands to `ctx.map` / `ctx.workers` runs on
+Ray actors (ray.ray_map: the influence stage's candidates, the generation stages' prompts on one engine
+per GPU); a stage declared with `launch=True`
 (TRL's trainers: dpo, sft) runs on several GPUs, which `montessori run` starts through
 `accelerate launch` or `torchrun` itself, with a DDP or FSDP preset chosen by model size. No stage is
 named here: what the executor does follows the Stage's attributes.
@@ -35,7 +36,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
-from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -132,14 +132,13 @@ def run_launched(stage, ctx) -> dict:
 
 
 def maybe_launch(stage, ctx) -> dict:
-    """The pipeline's executor for distributed.*: with distributed.ray, the stage's `ctx.map` on Ray
-    actors and its generation on Ray engines (handed over through the context); a stage with
+    """The pipeline's executor for distributed.*: with distributed.ray, the stage's `ctx.map` and
+    `ctx.workers` on Ray actors (its candidates, its generation engines); a stage with
     `launch` set under distributed.launcher on several ranks (unless we are already one of them);
     else the stage function in this process. Stages import no executor."""
     if ctx.config.distributed.ray:
-        from montessori.executors.ray import RayBackend, ray_map
-        ctx = replace(ctx, mapper=ray_map(ctx.config.distributed),
-                      make_backend=partial(RayBackend, config=ctx.config, progress=ctx.progress))
+        from montessori.executors.ray import ray_map
+        ctx = replace(ctx, mapper=ray_map(ctx.config.distributed))
     if ctx.config.distributed.launcher == "none" or not stage.launch or "LOCAL_RANK" in os.environ:
         return run_here(stage, ctx)
     return run_launched(stage, ctx)

@@ -11,9 +11,10 @@ dies breaks the pool and the call fails with WorkerLost (on one host a dead work
 bug, not a lost node; the stages resume from what was written). Ray's pool (ray.py) re-runs them.
 It exists for hosts without Ray: the GPU image bench/scale.py runs on has none.
 
-A stage sees none of this: it calls `ctx.map(factory, method, items, on_result)` (context.py), and
-an executor sets the context's `mapper` to a PoolMap over a pool (`local_map` here, `ray_map` in
-ray.py), which opens the pool for the call, sends one item per task and closes it.
+A stage sees none of this: it calls `ctx.map(factory, method, items, on_result)` or maps several
+times inside `with ctx.workers(factory, method)` (context.py), and an executor sets the context's
+`mapper` to a PoolMap over a pool (`local_map` here, `ray_map` in ray.py), which opens the pool for
+the block, sends one item per task (or `batch_size` for generation's prompts) and closes it.
 """
 
 from __future__ import annotations
@@ -72,25 +73,49 @@ def deliver(done: Iterable[TaskResult], stats: PoolStats, on_result: Callable[[A
 
 
 @dataclass
+class PoolSession:
+    """A pool's workers for one (factory, method), open for the maps of a stage's `ctx.workers` block."""
+    pool: Any
+    stats: list[PoolStats]
+    batch_size: int
+
+    def map(self, items: Sequence, on_result: Callable[[Any], None], *, key: Callable[[Any], Any],
+            desc: str = "items", progress: bool = False, batch: bool = False) -> None:
+        # One item per task (the next goes to whichever worker is free), or `batch_size` items per task
+        # for items computed best together (generation's prompts).
+        tasks = chunks(list(items), self.batch_size if batch else 1)
+        self.stats.append(self.pool.map(tasks, on_result, key, progress=progress, desc=desc))
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+@dataclass
 class PoolMap:
-    """`ctx.map` over a pool of workers (context.StageContext): each call opens `open_pool(factory,
-    method)` (every worker builds factory() once), sends the items one per task to whichever worker is
-    free, delivers each key once, and closes the pool. `stats`: one PoolStats per call, which the
-    executor adds to the stage's counts as `{name}_workers`, `{name}_workers_lost`."""
+    """The executors' side of `ctx.map` / `ctx.workers` (context.StageContext): `open(factory, method)`
+    starts a pool (`open_pool`: every worker builds factory() once); each map sends its items to
+    whichever worker is free and delivers each key once; the stage's block closes it. `stats`: one
+    PoolStats per map, which the executor adds to the stage's counts as `{name}_workers`,
+    `{name}_workers_lost`."""
     open_pool: Callable[[Callable[[], Any], str], Any]
     name: str = "pool"
+    batch_size: int = 1  # items per task for maps of items computed together (batch=True)
     stats: list[PoolStats] = field(default_factory=list)
+
+    def open(self, factory: Callable[[], Any], method: str) -> PoolSession:
+        return PoolSession(self.open_pool(factory, method), self.stats, self.batch_size)
 
     def __call__(self, factory: Callable[[], Any], method: str, items: Sequence, on_result: Callable[[Any], None],
                  *, key: Callable[[Any], Any], desc: str = "items", progress: bool = False) -> None:
+        """One map on a pool opened for it (what ctx.map does through `open`)."""
         items = list(items)
         if not items:
             return
-        pool = self.open_pool(factory, method)
+        session = self.open(factory, method)
         try:
-            self.stats.append(pool.map(chunks(items, 1), on_result, key, progress=progress, desc=desc))
+            session.map(items, on_result, key=key, desc=desc, progress=progress)
         finally:
-            pool.close()
+            session.close()
 
     def counts(self) -> dict:
         """What the stage's manifest records of its workers (nothing when the stage mapped nothing)."""
@@ -100,9 +125,9 @@ class PoolMap:
                 f"{self.name}_workers_lost": sum(len(s.restarted) for s in self.stats)}
 
 
-def local_map(num_workers: int | None = None) -> PoolMap:
+def local_map(num_workers: int | None = None, batch_size: int = 8) -> PoolMap:
     """ctx.map on this host's processes: one per visible GPU (CUDA_VISIBLE_DEVICES=k), or
-    `num_workers` (CPU processes without GPUs)."""
+    `num_workers` (CPU processes without GPUs); `batch_size` prompts per generation task."""
 
     def open_pool(factory: Callable[[], Any], method: str) -> LocalPool:
         import torch
@@ -110,7 +135,7 @@ def local_map(num_workers: int | None = None) -> PoolMap:
         n = num_workers or max(1, gpus)
         return LocalPool(factory, n, method, [str(k % gpus) for k in range(n)] if gpus else None)
 
-    return PoolMap(open_pool, "local")
+    return PoolMap(open_pool, "local", batch_size)
 
 
 _worker: dict = {}  # this process's worker: its index and the method it runs

@@ -21,27 +21,28 @@ per actor against 6.1 / 22.8-23.2 ms for its two-deep queue; with two slots per 
 (Ray places it on any node with free resources) instead of going to the survivors at once; after
 a node loss with no spare GPU they wait until the node (or the autoscaler) brings one back.
 
-Generation: RayBackend implements the same `generate(requests, sampling)` as every backend, so
-the generation stages use it unchanged (the executor hands it to them: launcher.maybe_launch).
-Each call is cut into chunks of `distributed.generation_chunk` prompts and reassembled in request
-order. The chunks are fixed by the request order, and a chunk is sampled exactly as a
-single-process backend samples a batch of those prompts (the transformers backend seeds a batch
-from its first request, vLLM seeds each request), so the output does not depend on how many
-engines there are or which one ran a chunk. With chunks at least as large as a call, it equals the
-single-process run (vLLM: with any chunk size). A call must hold several chunks to keep every
-engine busy: raise generation.batch_size (the stages pass batch_size // n prompts per call) to
-about workers x generation_chunk x n.
+Generation runs through the same pool: a generation stage opens `ctx.workers(engine, "generate")`
+(generation/backends: each actor builds the engine `generation.backend` names once) and maps each
+call's prompts with batch=True, which sends them in tasks of `distributed.generation_chunk` prompts,
+reassembled in request order by the stage. The chunks are fixed by the request order, and a chunk is
+sampled exactly as a single-process backend samples a batch of those prompts (the transformers backend
+seeds a batch from its first request, vLLM seeds each request), so the output does not depend on how
+many engines there are or which one ran a chunk. With chunks at least as large as a call, it equals the
+single-process run (vLLM: with any chunk size). A call must hold several chunks to keep every engine
+busy: raise generation.batch_size (the stages pass batch_size // n prompts per call) to about
+workers x generation_chunk x n. An actor given several GPUs (distributed.gpus_per_worker) runs vLLM
+tensor-parallel over them (WORKER_GPUS).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
+from montessori.context import WORKER_GPUS
 from montessori.errors import MontessoriError
-from montessori.executors.local import PoolMap, PoolStats, TaskResult, WorkerLost, chunks, deliver
-from montessori.generation.backends.base import Backend, Completion, Request, Sampling
+from montessori.executors.local import PoolMap, PoolStats, TaskResult, WorkerLost, deliver
 
 RESTARTS = 3  # per actor: a few node losses or preemptions in a run; more means something is broken
 SLOTS = 2  # tasks in flight per actor: one running, one queued on the actor
@@ -79,9 +80,10 @@ def worker_count(num_workers: int | None, gpus_per_worker: int, cpus_per_worker:
 class Worker:
     """The actor: builds `factory()` once (again after a restart), then runs its `method` on tasks."""
 
-    def __init__(self, factory: Callable[[], Any], worker: int, method: str, threads: int = 1):
+    def __init__(self, factory: Callable[[], Any], worker: int, method: str, threads: int = 1, gpus: int = 0):
         import ray
         import torch
+        os.environ[WORKER_GPUS] = str(gpus)  # before factory(): a generation engine spans them (tensor parallel)
         # As many torch threads as CPUs reserved: Ray leaves an inherited OMP_NUM_THREADS alone, and
         # actors that each take every core oversubscribe the machine (and sum in another order).
         torch.set_num_threads(max(1, threads))
@@ -103,7 +105,7 @@ class RayPool:
         remote = ray.remote(Worker).options(num_gpus=gpus, num_cpus=cpus_per_worker,
                                             max_restarts=RESTARTS, max_task_retries=RESTARTS)
         self.ray, self.workers = ray, n
-        self.actors = [remote.remote(factory, k, method, cpus_per_worker) for k in range(n)]
+        self.actors = [remote.remote(factory, k, method, cpus_per_worker, gpus) for k in range(n)]
         self.pool = ActorPool(self.actors * SLOTS)  # an actor's tasks run in order, one at a time
 
     def map(self, tasks: list[list], on_result: Callable[[Any], None], key: Callable[[Any], Any], *,
@@ -123,18 +125,16 @@ class RayPool:
 
 def ray_map(dcfg) -> PoolMap:
     """ctx.map on Ray actors (config distributed.*: address, num_workers, gpus_per_worker,
-    cpus_per_worker); Ray starts only when a stage maps something. (gpus_per_worker > 1 is for
-    generation's tensor-parallel engines, RayBackend.)"""
+    cpus_per_worker, generation_chunk); Ray starts only when a stage maps something. An actor gets
+    gpus_per_worker GPUs: generation's vLLM engines run tensor-parallel over them; the influence scorer
+    uses one, so keep it 1 unless the teacher needs several (docs/scaling.md)."""
 
     def open_pool(factory: Callable[[], Any], method: str) -> RayPool:
-        if dcfg.gpus_per_worker != 1:
-            raise ValueError("ctx.map's workers use one GPU each (influence: an 8B student's fp32 θ, m, v and "
-                             "shadow, 16 bytes per parameter, fit one 141 GB H200); set distributed.gpus_per_worker=1")
         init_ray(dcfg.address)
-        return RayPool(factory, worker_count(dcfg.num_workers, 1, dcfg.cpus_per_worker), method,
-                       gpus_per_worker=1, cpus_per_worker=dcfg.cpus_per_worker)
+        return RayPool(factory, worker_count(dcfg.num_workers, dcfg.gpus_per_worker, dcfg.cpus_per_worker), method,
+                       gpus_per_worker=dcfg.gpus_per_worker, cpus_per_worker=dcfg.cpus_per_worker)
 
-    return PoolMap(open_pool, "ray")
+    return PoolMap(open_pool, "ray", dcfg.generation_chunk)
 
 
 def _last_line(err: BaseException) -> str:
@@ -142,56 +142,3 @@ def _last_line(err: BaseException) -> str:
     to start, else why it died)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:400]
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-
-
-class ChunkGenerator:
-    """One engine, built once: the backend `generation.backend` names, on this actor's GPU(s)."""
-
-    def __init__(self, spec: str, generation: dict, models: dict, tensor_parallel: int = 1):
-        from montessori.config import GenerationConfig, ModelsConfig
-        from montessori.generation.backends import choose_backend, make_backend
-        gen_cfg, models_cfg = GenerationConfig(**generation), ModelsConfig(**models)
-        if tensor_parallel > 1:
-            if choose_backend(gen_cfg) != "vllm":
-                raise ValueError("distributed.gpus_per_worker > 1 needs generation.backend=vllm (tensor parallel)")
-            from montessori.generation.backends.vllm import VLLMBackend
-            # Ray gave this actor `tensor_parallel` GPUs; vLLM's own workers run as local processes on them.
-            self.backend = VLLMBackend(spec, dtype=models_cfg.dtype, tensor_parallel_size=tensor_parallel,
-                                       distributed_executor_backend="mp")
-        else:
-            self.backend = make_backend(spec, gen_cfg, models_cfg)
-
-    def generate(self, items: list[tuple[int, Request, Sampling]]) -> list[tuple[int, list[Completion]]]:
-        sampling = items[0][2]
-        completions = self.backend.generate([r for _, r, _ in items], sampling)
-        return [(i, c) for (i, _, _), c in zip(items, completions)]
-
-
-class RayBackend(Backend):
-    name = "ray"
-
-    def __init__(self, spec: str, config, *, progress: bool = False):
-        dcfg, gen = config.distributed, config.generation
-        if gen.backend == "http" or (gen.backend == "auto" and gen.base_url):
-            raise ValueError("distributed.ray with generation.backend=http: the server already spreads the "
-                             "work; use it without Ray")
-        init_ray(dcfg.address)
-        factory = partial(ChunkGenerator, spec, gen.model_dump(), config.models.model_dump(), dcfg.gpus_per_worker)
-        self.pool = RayPool(factory, worker_count(dcfg.num_workers, dcfg.gpus_per_worker, dcfg.cpus_per_worker),
-                            "generate", gpus_per_worker=dcfg.gpus_per_worker, cpus_per_worker=dcfg.cpus_per_worker)
-        self.chunk, self.progress = dcfg.generation_chunk, progress
-        self.stats: list[PoolStats] = []  # one per call
-
-    def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
-        out: dict[int, list[Completion]] = {}
-        tasks = chunks([(i, r, sampling) for i, r in enumerate(requests)], self.chunk)
-        self.stats.append(self.pool.map(tasks, lambda r: out.__setitem__(*r), key=lambda r: r[0],
-                                        progress=self.progress, desc="generation"))
-        return [out[i] for i in range(len(requests))]
-
-    def close(self) -> None:
-        self.pool.close()

@@ -18,8 +18,10 @@ import random
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -27,7 +29,8 @@ from tqdm.auto import tqdm
 from montessori.context import stage
 from montessori.keys import BACKEND, PROMPTS, SEEDS, TEACHER
 from montessori.errors import InputError
-from montessori.generation.backends import Backend, Request, Sampling, choose_backend, make_backend
+from montessori.generation.backends import (Backend, Engine, MappedBackend, Request, Sampling, choose_backend,
+                                            engine_settings)
 from montessori.generation.dedup import RougeDeduper
 from montessori.generation.filters import filter_reason
 from montessori.generation.prompts import (ENGLISH, answer_messages, build_prompt, choose_examples, parse_completion,
@@ -273,12 +276,15 @@ def run_language(cfg, seeds: list[tuple[str, str]] | None = None) -> str:
     return resolve_language("auto", [t for _, t in (seeds if seeds is not None else _seeds(cfg))])
 
 
-def _backend(ctx, spec: str) -> Backend:
-    if ctx.make_backend is not None:  # the executor's (Ray: one engine per GPU behind the same interface)
-        return ctx.make_backend(spec)
+@contextmanager
+def teacher(ctx, spec: str) -> Iterator[Backend]:
+    """The teacher `spec` as a backend whose calls run on the executor's engines (`ctx.workers`: one in
+    this process by default, one per GPU under Ray), built once for the block."""
     gen = ctx.config.generation
-    ctx.log.info("teacher %s on backend %s", spec, choose_backend(gen, spec, ctx.config.models))
-    return make_backend(spec, gen, ctx.config.models)
+    name = choose_backend(gen, spec, ctx.config.models)
+    ctx.log.info("teacher %s on backend %s", spec, name)
+    with ctx.workers(partial(Engine, spec, *engine_settings(gen, ctx.config.models)), "generate") as engines:
+        yield MappedBackend(engines, name)
 
 
 def measured_by() -> tuple:
@@ -303,14 +309,11 @@ def run_instructions(ctx) -> dict:
     seeds = _seeds(cfg)
     language = run_language(cfg, seeds)
     weights, steer = steer_weights(ctx, seeds, this_round=False, measured_by=measured_by())
-    backend = _backend(ctx, spec)
-    try:
+    with teacher(ctx, spec) as backend:
         counts = generate_instructions(backend, cfg.generation, seeds, ctx.dir.path, round=ctx.round,
                                        prefix=f"r{ctx.round}", seed=cfg.seed,
                                        num_prompts=cfg.generation.num_prompts, progress=ctx.progress,
                                        seed_weights=weights, language=language)
-    finally:
-        backend.close()
     ctx.log.info("format compliance %.0f%% (%s style), %d of %d samples kept", 100 * counts.parsed /
                  max(counts.samples, 1), cfg.generation.prompt_style, counts.kept, counts.samples)
     return counts.manifest() | {"_extra": _extra(ctx, spec, language) | steer}
@@ -327,13 +330,10 @@ def run_responses(ctx, instructions: StageDir) -> dict:
     spec = ctx.teacher_spec()
     # Answers in the language the instructions were asked in (their stage detected it from the seeds).
     language = instructions.manifest()["language"]
-    backend = _backend(ctx, spec)
-    try:
+    with teacher(ctx, spec) as backend:
         counts = generate_responses(backend, cfg.generation, candidates, ctx.dir.file("pairs.jsonl"),
                                     round=ctx.round, seed=cfg.seed, progress=ctx.progress,
                                     answers=cfg.generation.responses.n, language=language)
-    finally:
-        backend.close()
     return counts | {"_extra": _extra(ctx, spec, language, prompted=False)}
 
 
@@ -349,9 +349,8 @@ def run_dataset(ctx) -> dict:
     seeds = _seeds(cfg)
     language = run_language(cfg, seeds)
     weights, steer = steer_weights(ctx, seeds, this_round=True, measured_by=measured_by())  # "generate more of what works"
-    backend = _backend(ctx, spec)
     max_prompts = max(1, math.ceil(gen.dataset_max_prompts_per_pair * wanted))
-    try:
+    with teacher(ctx, spec) as backend:
         counts = generate_instructions(backend, gen, seeds, ctx.dir.path, round=ctx.round,
                                        prefix=f"r{ctx.round}-data", seed=cfg.seed,  # ids as in 0.1
                                        target_kept=wanted, max_prompts=max_prompts, progress=ctx.progress,
@@ -363,8 +362,6 @@ def run_dataset(ctx) -> dict:
                             len(kept), wanted, counts.prompts, len(kept))
         answered = generate_responses(backend, gen, kept, ctx.dir.file("pairs.jsonl"), round=ctx.round,
                                       seed=cfg.seed, progress=ctx.progress, language=language)
-    finally:
-        backend.close()
     result = counts.manifest()
     result |= {"pairs": answered["pairs"], "short": wanted - answered["pairs"],
                "response_tokens": answered["tokens"], "response_tokens_per_s": answered["tokens_per_s"]}

@@ -28,7 +28,8 @@ from montessori.keys import BACKEND, INFLUENCE, PROMPTS, REFERENCE, SEEDS, STUDE
 from montessori.generation.backends import Request, Sampling
 from montessori.generation.filters import filter_reason
 from montessori.generation.prompts import ENGLISH, answer_messages, build_prompt, choose_examples, parse_completion
-from montessori.generation.stage import _backend, _seeds, derived_seed, run_language
+from montessori.generation.stage import _seeds, derived_seed, run_language
+from montessori.generation.stage import teacher as generating_teacher
 from montessori.influence.engine import compute_influence
 from montessori.influence.settings import InfluenceSettings
 from montessori.influence.warmup import load_warmup
@@ -175,11 +176,8 @@ def run_mechanism(ctx, instructions: StageDir, warmup: StageDir, dpo: StageDir) 
     specs = {"updated": str(dpo.path / "model"), "original": ctx.teacher_spec()}
     with JsonlAppender(ctx.dir.file("candidates.jsonl"), MechanismCandidate) as out:
         for teacher in TEACHERS:
-            backend = _backend(ctx, specs[teacher])
-            try:
+            with generating_teacher(ctx, specs[teacher]) as backend:
                 write_candidates(backend, cfg.generation, prompts, teacher, seed, out, run_language(cfg))
-            finally:
-                backend.close()
         candidates = [c for c in out.records if c.dropped is None]
     with resume(ctx.dir.file("influence.jsonl"), InfluenceResult,
                 [Pair(c.id, c.instruction, c.response or "") for c in candidates]) as (scored, todo):

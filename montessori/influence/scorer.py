@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from montessori.context import WORKER_GPUS
 from montessori.influence.settings import InfluenceSettings
 from montessori.models.batching import encode_pairs
 from montessori.records import InfluenceResult, Pair
@@ -47,6 +48,11 @@ def build_scorer(warmup_dir: str, reference: list[Pair], settings: InfluenceSett
     padding id, same precision), so values equal its values."""
     from montessori.influence.engine import AdamWState, InfluenceEngine
     from montessori.influence.warmup import load_warmup
+    if int(os.environ.get(WORKER_GPUS, "0")) > 1:
+        # An 8B student's fp32 θ, m, v and shadow (16 bytes a parameter) fit one 141 GB H200; a scorer
+        # sharded over a group of GPUs is not implemented.
+        raise ValueError("an influence worker uses one GPU; set distributed.gpus_per_worker=1 (more is for "
+                         "generation's tensor-parallel vLLM engines)")
     model, tokenizer, state = load_warmup(Path(warmup_dir), settings.device)
     if settings.compile == "on":  # the forward passes; the engine compiles the rest itself
         model.base_model.compile(dynamic=True)

@@ -8,10 +8,14 @@ teacher when llama-cpp-python is installed and no GPU is used) and any OpenAI-co
 
 from __future__ import annotations
 
+import os
+
+from montessori.context import WORKER_GPUS
 from montessori.errors import InputError
 from montessori.generation.backends.base import Backend, Completion, Request, Sampling
 
-__all__ = ["Backend", "Completion", "Request", "Sampling", "choose_backend", "make_backend"]
+__all__ = ["Backend", "Completion", "Engine", "MappedBackend", "Request", "Sampling", "choose_backend",
+           "engine_settings", "make_backend"]
 
 
 def choose_backend(gen_cfg, spec: str | None = None, models_cfg=None) -> str:
@@ -69,3 +73,68 @@ def make_backend(spec: str, gen_cfg, models_cfg) -> Backend:
     from montessori.generation.backends.hf import TransformersBackend
     return TransformersBackend.load(spec, device=models_cfg.device, dtype=models_cfg.dtype, engine=gen_cfg.engine,
                                     compile=gen_cfg.compile, slots=gen_cfg.batch_size)
+
+
+def continuous(name: str) -> bool:
+    """Does backend `name` refill ended rows within a call (its text not depending on the batching)?"""
+    if name == "llamacpp":
+        from montessori.generation.backends.llamacpp import LlamaCppBackend
+        return LlamaCppBackend.continuous
+    return False
+
+
+# The generation.* and models.* keys make_backend builds a backend from: all an engine is given
+# (a stage reads no more of its config than it declares: tests/test_stage_keys.py).
+ENGINE_KEYS = ("backend", "engine", "compile", "base_url", "batch_size", "threads", "api_key_env",
+               "http_concurrency", "http_timeout", "http_max_retries")
+
+
+def engine_settings(gen_cfg, models_cfg) -> tuple[dict, dict]:
+    """(generation settings, models settings) of the backend, picklable for an engine elsewhere."""
+    return ({k: getattr(gen_cfg, k) for k in ENGINE_KEYS},
+            {"device": models_cfg.device, "dtype": models_cfg.dtype})
+
+
+class Engine:
+    """A generation worker of `ctx.workers`: the backend `generation.backend` names for `spec`, built
+    once where the executor runs it (this process, or a Ray actor per GPU). `generate` samples a
+    task's prompts of one call: items (index in the call, request, sampling). `generation`, `models`:
+    engine_settings()."""
+
+    def __init__(self, spec: str, generation: dict, models: dict):
+        from montessori.config import GenerationConfig, ModelsConfig
+        gen_cfg, models_cfg = GenerationConfig(**generation), ModelsConfig(**models)
+        gpus = int(os.environ.get(WORKER_GPUS, "0"))
+        if gpus > 1:  # the executor gave this worker several GPUs: one vLLM engine over all of them
+            if choose_backend(gen_cfg, spec, models_cfg) != "vllm":
+                raise ValueError("distributed.gpus_per_worker > 1 needs generation.backend=vllm (tensor parallel)")
+            from montessori.generation.backends.vllm import VLLMBackend
+            self.backend = VLLMBackend(spec, dtype=models_cfg.dtype, tensor_parallel_size=gpus,
+                                       distributed_executor_backend="mp")
+        else:
+            self.backend = make_backend(spec, gen_cfg, models_cfg)
+
+    def generate(self, items: list[tuple[int, Request, Sampling]]) -> list[tuple[int, list[Completion]]]:
+        completions = self.backend.generate([r for _, r, _ in items], items[0][2])
+        return [(i, c) for (i, _, _), c in zip(items, completions)]
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class MappedBackend(Backend):
+    """The generation stages' backend: each call's requests go to the engines of a `ctx.workers` block
+    (context.Workers), which runs them in this process or spreads them over workers in tasks of several
+    prompts (batch=True), and come back in request order."""
+
+    def __init__(self, engines, name: str):
+        self.engines, self.name, self.continuous = engines, name, continuous(name)
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
+        out: dict[int, list[Completion]] = {}
+        self.engines.map([(i, r, sampling) for i, r in enumerate(requests)], lambda r: out.__setitem__(*r),
+                         key=lambda r: r[0], desc="generation", batch=True)
+        return [out[i] for i in range(len(requests))]
+
+    def close(self) -> None:
+        pass  # the ctx.workers block closes the engines
