@@ -44,7 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from montessori.config import load_preset
 from experiments.common import publish
-from montessori.store import JsonlAppender, atomic_write_json, read_jsonl
+from montessori.store import JsonlAppender, RunStore, atomic_write_json, read_jsonl
+from montessori.generation.stage import run_instructions, run_responses  # noqa: E402
+from montessori.influence.stage import run_influence  # noqa: E402
 
 # Pairing rules (preferences.* overrides on top of the preset's rank rule).
 VARIANTS = {
@@ -58,11 +60,11 @@ log = logging.getLogger("dpo_study")
 
 def load_round(run: Path):
     from montessori.records import Candidate, GenerationPrompt, InfluenceResult, Pair
-    r1 = run / "round-1"
-    prompts = {p.id: p for p in read_jsonl(r1 / "instructions" / "prompts.jsonl", GenerationPrompt)}
-    candidates = {c.id: c for c in read_jsonl(r1 / "instructions" / "candidates.jsonl", Candidate)}
-    influence = read_jsonl(r1 / "influence" / "influence.jsonl", InfluenceResult)
-    responses = {p.id: p for p in read_jsonl(r1 / "responses" / "pairs.jsonl", Pair)}
+    r1 = RunStore(run)
+    prompts = {p.id: p for p in read_jsonl(r1.stage(1, run_instructions).path / "prompts.jsonl", GenerationPrompt)}
+    candidates = {c.id: c for c in read_jsonl(r1.stage(1, run_instructions).path / "candidates.jsonl", Candidate)}
+    influence = read_jsonl(r1.stage(1, run_influence).path / "influence.jsonl", InfluenceResult)
+    responses = {p.id: p for p in read_jsonl(r1.stage(1, run_responses).path / "pairs.jsonl", Pair)}
     return prompts, candidates, influence, responses
 
 

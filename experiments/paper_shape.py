@@ -55,7 +55,13 @@ sys.path.insert(0, str(ROOT))
 
 from montessori.config import load_preset
 from experiments import common
-from montessori.store import atomic_write_json, atomic_write_text
+from montessori.store import RunStore, atomic_write_json, atomic_write_text
+from montessori.generation.stage import run_dataset, run_instructions, run_responses  # noqa: E402
+from montessori.influence.mechanism import run_mechanism  # noqa: E402
+from montessori.influence.stage import run_influence  # noqa: E402
+from montessori.preferences.stage import run_preferences  # noqa: E402
+from montessori.training.dpo import run_dpo  # noqa: E402
+from montessori.training.sft import run_sft  # noqa: E402
 
 # Each arm's method and what it adds to the preset. `montessori-n4` probes the same number of pairs as
 # `montessori` (split.* counts pairs) from a quarter of the instructions, 4 answers each, and ranks
@@ -97,7 +103,7 @@ def run_arms(args, teacher_only: bool = False) -> None:
             cfg = load_preset(args.preset, arm_overrides(args, arm, seed))
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run / "config.yaml", cfg.to_yaml())  # `montessori run run/config.yaml` = this
-            if (run / f"round-{args.rounds}" / "sft" / "manifest.json").exists() and args.trust_done:
+            if RunStore(run).stage(args.rounds, run_sft).manifest_path.exists() and args.trust_done:
                 log.info("seed %d %s: done, skipped", seed, arm)
                 continue
             started = time.time()
@@ -123,7 +129,7 @@ def style_check(args) -> list[dict]:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", cfg.to_yaml())
         run_pipeline(cfg, run, until="instructions", progress=not args.quiet)
-        counts = json.loads((run / "round-1" / "instructions" / "manifest.json").read_text())["counts"]
+        counts = json.loads(RunStore(run).stage(1, run_instructions).manifest_path.read_text())["counts"]
         rows.append({"style": style, "teacher": cfg.models.teacher, "prompts": counts["prompts"],
                      "samples": counts["samples"], "well_formed": counts["format_compliance"],
                      "kept": counts["kept"], "kept_share": counts["kept"] / max(counts["samples"], 1),
@@ -139,7 +145,7 @@ def students(args, seed: int) -> dict[str, str]:
     base = load_preset(args.preset, args.set).models.student
     out = {"untrained": base}
     for arm in args.arms:
-        model = args.out / f"seed-{seed}" / arm / f"round-{args.rounds}" / "sft" / "model"
+        model = RunStore(args.out / f"seed-{seed}" / arm).stage(args.rounds, run_sft).path / "model"
         if (model / "config.json").exists():
             out[arm] = str(model)
     return out
@@ -151,7 +157,7 @@ def heldout_pairs(args):
 
 
 def losses_file(args, seed: int | None, name: str) -> Path:
-    return args.out / "eval" / (f"loss-{name}.json" if seed is None else f"loss-seed-{seed}-{name}.json")
+    return args.out / "held-out" / (f"loss-{name}.json" if seed is None else f"loss-seed-{seed}-{name}.json")
 
 
 def answers_file(args, seed: int | None, name: str) -> Path:
@@ -368,11 +374,11 @@ def diagnose(args) -> list[dict]:
     from montessori.store import read_jsonl
     rows = []
     for seed in args.seeds:
-        r1 = args.out / f"seed-{seed}" / "montessori" / "round-1"
-        if not (r1 / "influence" / "influence.jsonl").exists():
+        r1 = RunStore(args.out / f"seed-{seed}" / "montessori")
+        if not (r1.stage(1, run_influence).path / "influence.jsonl").exists():
             continue
-        pairs = {p.id: p for p in read_jsonl(r1 / "responses" / "pairs.jsonl", Pair)}
-        scored = [(r.influence, pairs[r.id]) for r in read_jsonl(r1 / "influence" / "influence.jsonl", InfluenceResult)
+        pairs = {p.id: p for p in read_jsonl(r1.stage(1, run_responses).path / "pairs.jsonl", Pair)}
+        scored = [(r.influence, pairs[r.id]) for r in read_jsonl(r1.stage(1, run_influence).path / "influence.jsonl", InfluenceResult)
                   if r.influence is not None and r.id in pairs]
         infl = [v for v, _ in scored]
         row = {"seed": seed, "candidates": len(scored), "share_positive": sum(v > 0 for v in infl) / len(infl),
@@ -380,12 +386,12 @@ def diagnose(args) -> list[dict]:
                "spearman_instruction_chars": spearman(infl, [len(p.instruction) for _, p in scored])}
         # DPO sees only the instructions; how often the chosen one's response was the longer one says how
         # much of the preference is about the answer's length.
-        prefs = read_jsonl(r1 / "preferences" / "preferences.jsonl", PreferencePair)
+        prefs = read_jsonl(r1.stage(1, run_preferences).path / "preferences.jsonl", PreferencePair)
         row["chosen_response_longer"] = statistics.fmean(
             len(pairs[q.chosen_id].response) > len(pairs[q.rejected_id].response) for q in prefs) if prefs else None
         for arm in args.arms:
-            data = read_jsonl(args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "pairs.jsonl", Pair)
-            counts = json.loads((args.out / f"seed-{seed}" / arm / "round-1" / "dataset" / "manifest.json")
+            data = read_jsonl(RunStore(args.out / f"seed-{seed}" / arm).stage(1, run_dataset).path / "pairs.jsonl", Pair)
+            counts = json.loads(RunStore(args.out / f"seed-{seed}" / arm).stage(1, run_dataset).manifest_path
                                 .read_text())["counts"]
             answers = answers_file(args, seed, arm)
             row[arm] = {"pairs": len(data), "instruction_chars": statistics.fmean(len(p.instruction) for p in data),
@@ -424,8 +430,8 @@ def fmt(value, low=None, high=None, digits=4) -> str:
 def mechanism_rows(args) -> list[str]:
     rows = []
     for seed in args.seeds:
-        path = args.out / f"seed-{seed}" / "montessori" / "round-1" / "mechanism" / "summary.json"
-        dpo = args.out / f"seed-{seed}" / "montessori" / "round-1" / "dpo" / "manifest.json"
+        path = RunStore(args.out / f"seed-{seed}" / "montessori").stage(1, run_mechanism).path / "summary.json"
+        dpo = RunStore(args.out / f"seed-{seed}" / "montessori").stage(1, run_dpo).manifest_path
         if not path.exists():
             continue
         m = json.loads(path.read_text())

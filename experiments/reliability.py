@@ -42,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from montessori.config import load_config, load_preset
 from experiments.common import publish
-from montessori.store import JsonlAppender, read_jsonl
+from montessori.store import JsonlAppender, RunStore, read_jsonl
+from montessori.generation.stage import run_responses  # noqa: E402
+from montessori.influence.warmup import run_warmup  # noqa: E402
 
 log = logging.getLogger("reliability")
 SCORES = ("y1_A", "y1_B", "y2_A", "y2_B")  # answer (original / retest) x reference half
@@ -82,7 +84,7 @@ def score(cfg, run: Path, first, second, out_dir: Path, progress: bool) -> dict[
             if not todo:
                 continue
             if model is None:
-                model, tokenizer, state = load_warmup(run / "round-1" / "warmup", cfg.models.device)
+                model, tokenizer, state = load_warmup(RunStore(run).stage(1, run_warmup).path, cfg.models.device)
             log.info("scoring %d pairs, %s (reference half of %d)", len(todo), name, len(half))
 
             def keep(res, name=name):  # appended as each is measured: a killed run resumes where it stopped
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
     if args.tiny:
         from montessori.pipeline import run_pipeline
         args.run, args.bootstrap = args.out / "tiny-run", 200
-        if not (args.run / "round-1" / "warmup" / "manifest.json").exists():
+        if not RunStore(args.run).stage(1, run_warmup).manifest_path.exists():
             args.run.mkdir(parents=True, exist_ok=True)
             tiny = load_preset("tiny", ["split.warmup=4", "split.probing=24", "generation.num_prompts=10"])
             (args.run / "config.yaml").write_text(tiny.to_yaml())
@@ -201,9 +203,9 @@ def main(argv=None) -> int:
     if args.run is None:
         raise SystemExit("reliability: --run RUN (or --tiny)")
     cfg = load_config(args.run / "config.yaml", args.set)
-    r1 = args.run / "round-1"
-    probing = set(__import__("json").loads((r1 / "warmup" / "split.json").read_text())["probing"])
-    first = [p for p in read_jsonl(r1 / "responses" / "pairs.jsonl", Pair) if p.id in probing][:args.candidates]
+    r1 = RunStore(args.run)
+    probing = set(__import__("json").loads((r1.stage(1, run_warmup).path / "split.json").read_text())["probing"])
+    first = [p for p in read_jsonl(r1.stage(1, run_responses).path / "pairs.jsonl", Pair) if p.id in probing][:args.candidates]
     second = second_answers(cfg, first, args.out, not args.quiet)
     scores, halves = score(cfg, args.run, first, second, args.out, not args.quiet)
     report(args, first, second, scores, half_weights(cfg, halves))

@@ -87,8 +87,10 @@ def summarize(root: Path, seeds: list[int]) -> dict:
                 label = f"{e['metric']} {student}" + (" vs self-instruct" if e.get("baseline") else "")
                 rows.setdefault(label, {})[seed] = e
         # The runs' own eval stage: the trained student vs the base one on the builtin reference set.
+        from montessori.evaluation.stage import run_eval
+        from montessori.store import RunStore
         for run_name, student in names.items():
-            m = root / run_name / "round-1" / "eval" / "manifest.json"
+            m = RunStore(root / run_name).stage(1, run_eval).manifest_path
             if m.exists():
                 c = json.loads(m.read_text())["counts"]
                 rows.setdefault(f"builtin-reference loss {student}", {})[seed] = {

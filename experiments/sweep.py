@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from montessori.config import load_preset
-from montessori.store import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl
+from montessori.generation.stage import run_responses  # noqa: E402
+from montessori.preferences.stage import run_preferences  # noqa: E402
+from montessori.store import JsonlAppender, RunStore, atomic_write_json, atomic_write_text, read_jsonl
 
 REFERENCE = ROOT.parent / "shared" / "data" / "reference_alpaca_eval_gpt4_256.jsonl"
 log = logging.getLogger("sweep")
@@ -67,7 +69,7 @@ def sft_sweep(args, cfg, run: Path) -> list[dict]:
     from montessori.records import Pair
     from montessori.training.common import eval_split
     from montessori.training.sft import train_sft
-    pairs = read_jsonl(run / "round-1" / "responses" / "pairs.jsonl", Pair)
+    pairs = read_jsonl(RunStore(run).stage(1, run_responses).path / "pairs.jsonl", Pair)
     # Split by generation prompt: the instructions sampled from one prompt land on the same side.
     train, val = eval_split(pairs, args.val_fraction, 0, key=lambda p: p.prompt_id or p.id)
     train = train[:args.max_train]
@@ -104,7 +106,7 @@ def dpo_sweep(args, cfg, run: Path) -> list[dict]:
     from montessori.records import PreferencePair
     from montessori.training.common import last_value, mean_value
     from montessori.training.dpo import eval_split, train_dpo
-    prefs = read_jsonl(run / "round-1" / "preferences" / "preferences.jsonl", PreferencePair)
+    prefs = read_jsonl(RunStore(run).stage(1, run_preferences).path / "preferences.jsonl", PreferencePair)
     train, held = eval_split(prefs, args.val_fraction, 0)
     train = train[:args.max_train]
     if not held:

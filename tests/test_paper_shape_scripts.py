@@ -66,7 +66,7 @@ def test_paper_shape_second_round_tiny(tmp_path):
     assert ps.main(["--out", str(out), *TINY, "--seeds", "0", "--rounds", "2", "--quiet"]) == 0
     for arm in ps.ARMS:
         assert (out / "seed-0" / arm / "round-2" / "sft" / "manifest.json").exists()
-        spec = json.loads((out / "eval" / f"loss-seed-0-{arm}.json").read_text())["spec"]
+        spec = json.loads((out / "held-out" / f"loss-seed-0-{arm}.json").read_text())["spec"]
         assert spec.endswith(f"{arm}/round-2/sft/model")
     r1, r2 = (set((out / "seed-0" / "self-instruct" / f"round-{r}" / "dataset" / "pairs.jsonl").read_text()
                   .splitlines()) for r in (1, 2))
@@ -125,9 +125,10 @@ def test_reliability_tiny_dry_run_and_the_halves_make_the_whole(tmp_path):
     wa, wb = result["reference_tokens"]
     for pair, res in zip(pairs, whole):
         a, b = scores[f"y1_A:{pair.id}"], scores[f"y1_B:{pair.id}"]
-        # fp32 dot products over all weights: agreement to ~1e-6; the plain mean of the halves is off by
-        # up to 2e-4 here (5 of 6 pairs beyond the tolerance, measured): the tolerance tells the two apart.
-        assert (wa * a + wb * b) / (wa + wb) == pytest.approx(res.influence, rel=1e-3, abs=2e-6)
+        # fp32 dot products over all weights: agreement to a few 1e-6 (2.9e-6 measured with one torch
+        # thread, whose sums run in another order); the plain mean of the halves is off by up to 2e-4 here
+        # (5 of 6 pairs beyond the tolerance, measured): the tolerance tells the two apart.
+        assert (wa * a + wb * b) / (wa + wb) == pytest.approx(res.influence, rel=1e-3, abs=5e-6)
     lines = (out / "scores.jsonl").read_text()
     assert rel.main(["--out", str(out), "--tiny", "--quiet"]) == 0  # resumed: nothing scored twice
     assert (out / "scores.jsonl").read_text() == lines
