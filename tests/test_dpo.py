@@ -16,7 +16,8 @@ from montessori.pipeline import StageContext
 from montessori.records import PreferencePair
 from montessori.store import RunStore, read_jsonl, write_jsonl
 from montessori.training.common import eval_split
-from montessori.training.dpo import build_dpo_trainer, preference_features, run_dpo, train_dpo
+from montessori.training.dpo import (build_dpo_trainer, preference_features, reference_batch_size, run_dpo,
+                                    train_dpo)
 from montessori.training.schedules import wsd_factor, wsd_phases, wsd_scheduler
 
 
@@ -113,6 +114,10 @@ def test_dpo_batch_keys_are_sfts_global_and_micro_batch(tiny_model, tmp_path):
     cfg = load_preset("tiny", ["dpo.global_batch_size=4", "dpo.micro_batch_size=2"]).dpo
     trainer = build_dpo_trainer(model, tokenizer, make_prefs(8), cfg, output_dir=tmp_path)
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 2)
+    # The reference pass on the CPU runs at the micro batch (its logits are the stage's memory peak);
+    # an accelerator batches 16 pairs.
+    assert trainer.args.precompute_ref_batch_size == 2
+    assert reference_batch_size(torch.nn.Linear(2, 2, device="meta"), cfg) == 16
     assert grad_accum_steps(cfg, "dpo", world_size=2) == 1
     default = load_preset("tiny").dpo  # the paper's batch 2: one forward of 2 pairs per step
     assert (default.global_batch_size, default.micro_batch_size, grad_accum_steps(default, "dpo")) == (2, 2, 1)

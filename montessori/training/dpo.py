@@ -103,6 +103,15 @@ def _trainer_class():
     return PretokenizedDPOTrainer
 
 
+def reference_batch_size(model, cfg: DPOConfig) -> int:
+    """Pairs per forward of the no-grad reference pass. On a GPU 16: a batch of 2 leaves it mostly idle.
+    On the CPU the training micro batch: the CPU is compute-bound, so a larger batch gains nothing, and
+    its logits over a 152K vocabulary are what the stage's memory peaks on (own-tasks, 11 pairs of ~500
+    tokens: the whole set in one batch of 16, bench/dpo_memory.py, docs/benchmarks.md)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return cfg.micro_batch_size if on_cpu else max(16, cfg.micro_batch_size)
+
+
 def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOConfig, *, ref_model=None,
                       eval_prefs: list[PreferencePair] = (), output_dir, callbacks=(), progress: bool = False,
                       precompute_ref: bool = True, compute_dtype=None):
@@ -127,8 +136,7 @@ def build_dpo_trainer(model, tokenizer, prefs: list[PreferencePair], cfg: DPOCon
                       grad_accum=grad_accum, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
                       compute_dtype=compute_dtype),
         beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length, truncation_mode="keep_start",
-        # batches of 16 pairs for the no-grad reference pass: a batch of 2 leaves a GPU mostly idle
-        precompute_ref_log_probs=precompute_ref, precompute_ref_batch_size=max(16, cfg.micro_batch_size),
+        precompute_ref_log_probs=precompute_ref, precompute_ref_batch_size=reference_batch_size(model, cfg),
     )
     peft_config = None
     if cfg.lora:
