@@ -22,6 +22,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -107,7 +108,6 @@ def main(argv=None) -> int:
     feats = [preference_features(tokenizer, p) for p in prefs]
     lengths = [len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"])) for f in feats]
     rss.phase = "reference pass"
-    import tempfile
     with tempfile.TemporaryDirectory() as work:
         trainer = build_dpo_trainer(model, tokenizer, prefs, cfg.dpo, output_dir=Path(work), compute_dtype=compute,
                                     ref_model=None if cfg.dpo.lora else
